@@ -1,0 +1,8 @@
+"""pretune: pre-train, then fine-tune, transformer language models."""
+
+from .config import ModelConfig, count_params, preset, PRESETS
+from .errors import PretuneError
+from .model import Transformer
+
+__all__ = ["ModelConfig", "count_params", "preset", "PRESETS", "PretuneError", "Transformer"]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""The objectives, named as in the papers.
+
+L1   next-token log-likelihood (Radford et al. 2018, eq. 1)
+MLM  masked-LM: 15% of tokens, 80% [MASK] / 10% random / 10% unchanged (Devlin et al. 2019, sec. 3.1)
+NSP  next-sentence prediction on the pooled [CLS]
+L2   log-likelihood of the label (Radford et al. 2018, eq. 4)
+L3   L2 + lambda * L1 (Radford et al. 2018, eq. 5; lambda = 0.5 there)
+
+Losses are means over the predicted positions; IGNORE marks positions that
+predict nothing (padding, unmasked tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
+    """L1 = -sum_i log P(u_i | u_{i-k}..u_{i-1}), as a mean over the target tokens.
+    `targets` are the inputs shifted left by one, IGNORE where there is none."""
+    h = model(input_ids, attention_mask=attention_mask)
+    logits = model.logits(h)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+
+
+def shift_targets(input_ids, attention_mask=None) -> torch.Tensor:
+    """Next-token targets for a padded batch: u_{i+1} at position i, IGNORE past the last real token."""
+    t = torch.full_like(input_ids, IGNORE)
+    t[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        nxt = torch.zeros_like(attention_mask, dtype=torch.bool)
+        nxt[:, :-1] = attention_mask[:, 1:].bool()
+        t[~nxt] = IGNORE
+    return t
+
+
+def mlm_mask(input_ids, special_mask, mask_id: int, vocab_size: int, generator: torch.Generator,
+             p: float = 0.15, p_mask: float = 0.8, p_random: float = 0.1):
+    """BERT's masking. Each non-special token is chosen independently with
+    probability p (Bernoulli, as Hugging Face's collator does; BERT's own script
+    draws exactly round(15% of n) per sequence); a chosen token becomes [MASK]
+    with probability 0.8, a token drawn uniformly from the vocabulary with 0.1,
+    and stays unchanged with 0.1. Returns (masked input ids, labels), labels
+    IGNORE where nothing is predicted. Special tokens are never chosen."""
+    u = torch.rand(input_ids.shape, generator=generator)
+    chosen = (u < p) & ~special_mask
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    r = torch.rand(input_ids.shape, generator=generator)
+    to_mask = chosen & (r < p_mask)
+    to_random = chosen & (r >= p_mask) & (r < p_mask + p_random)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+    out = torch.where(to_mask, torch.full_like(input_ids, mask_id), input_ids)
+    out = torch.where(to_random, random_ids, out)
+    return out, labels
+
+
+def mlm_loss(model, h, labels) -> torch.Tensor:
+    """Cross-entropy at the masked positions only: the MLM head runs on those
+    rows alone (about 15% of them), not on every position."""
+    sel = labels != IGNORE
+    logits = model.logits(h[sel])
+    return F.cross_entropy(logits.float(), labels[sel])
+
+
+def nsp_loss(model, h, nsp_labels) -> torch.Tensor:
+    """Is B the sentence that followed A? 0 = IsNext, 1 = NotNext (BERT's convention)."""
+    return F.cross_entropy(model.nsp_head(h).float(), nsp_labels)
+
+
+def mlm_nsp_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """BERT pre-training: MLM + NSP on one batch of sentence pairs."""
+    h = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), attention_mask=batch.get("attention_mask"))
+    mlm = mlm_loss(model, h, batch["labels"])
+    parts = {"mlm": mlm}
+    loss = mlm
+    if model.nsp_head is not None and "nsp_labels" in batch:
+        nsp = nsp_loss(model, h, batch["nsp_labels"])
+        parts["nsp"] = nsp
+        loss = loss + nsp
+    return loss, parts
+
+
+def l2_loss(class_logits, labels) -> torch.Tensor:
+    """L2 = sum log P(y | x^1..x^m): cross-entropy of the label."""
+    return F.cross_entropy(class_logits.float(), labels)
+
+
+def l3_loss(l2: torch.Tensor, l1: torch.Tensor | float, lam: float) -> torch.Tensor:
+    """L3 = L2 + lambda * L1."""
+    return l2 + lam * l1
+
+
+def pretrain_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """The pre-training objective the model's family uses: L1 for a decoder, MLM (+ NSP) for an encoder.
+    A mixture-of-experts model adds its routers' auxiliary losses."""
+    if model.config.causal:
+        loss = l1_loss(model, batch["input_ids"], batch["targets"], batch.get("attention_mask"))
+        parts = {"l1": loss}
+    else:
+        loss, parts = mlm_nsp_loss(model, batch)
+    aux = model.moe_losses()
+    if torch.is_tensor(aux):
+        parts["moe_aux"] = aux
+        loss = loss + aux
+    return loss, parts
