@@ -1,0 +1,251 @@
+"""Checkpoints that cannot be half-written, and the run directory around them.
+
+    RUN/config.json                     the full resolved config ({"model": ..., "train": ..., ...})
+    RUN/tokenizer.json                  the tokenizer (Hugging Face `tokenizers` format)
+    RUN/metrics.jsonl                   one JSON object per logged step
+    RUN/checkpoints/step-NNNNNN/
+        model.safetensors               weights (the tied W_e stored once, re-tied on load)
+        optimizer.safetensors           optimizer moments, as tensors
+        rng.safetensors                 torch CPU (and CUDA) RNG states, as uint8 tensors
+        state.json                      step, scheduler, loss scaler, data position, optimizer hyper-params
+        manifest.json                   SHA-256 of every file above; written last
+
+A checkpoint is assembled in `checkpoints/.tmp-step-NNNNNN/`, every file
+fsynced, the manifest written last, then the folder is renamed into place.
+A folder without a valid manifest is never loaded: a crash at any moment
+leaves the previous checkpoint as the latest good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .errors import PretuneError
+from .fileio import atomic_write_json, fsync_dir
+
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fault_point(name: str) -> None:
+    """A named place where a test can make the process die (PRETUNE_FAULT=name[:count])."""
+    spec = os.environ.get("PRETUNE_FAULT")
+    if not spec:
+        return
+    want, _, count = spec.partition(":")
+    if want != name:
+        return
+    key = f"_pretune_fault_{name}"
+    n = int(os.environ.get(key, "0")) + 1
+    os.environ[key] = str(n)
+    if n >= int(count or 1):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---- optimizer and RNG state as tensors + JSON ----------------------------
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def restore_rng(t: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(t["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [t[k] for k in sorted(t) if k.startswith("torch_cuda_")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+# ---- save -----------------------------------------------------------------
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
+                    keep_last: int = 3, keep: set[int] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically and prune all but the newest
+    `keep_last` (and the steps in `keep`, e.g. the best by validation loss)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    final = ckdir / f"step-{step:06d}"
+    tmp = ckdir / f".tmp-step-{step:06d}"
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        fault_point("after_weights")
+        if optimizer is not None:
+            tensors, meta = optimizer_to_tensors(optimizer)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            state = {**(state or {}), "optimizer": meta}
+        save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
+        files = sorted(p.name for p in tmp.iterdir())
+        for name in files:
+            _fsync(tmp / name)
+        fault_point("before_manifest")
+        atomic_write_json(tmp / MANIFEST, {"step": step, "files": {n: _sha256(tmp / n) for n in files}})
+        fault_point("before_rename")
+        if final.exists():  # a re-save of the same step (e.g. after a rollback)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(ckdir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PretuneError(f"cannot write checkpoint step {step}: {e.strerror or e}", str(ckdir),
+                           "free disk space or fix permissions; the previous checkpoint is intact") from e
+    prune(run_dir, keep_last, keep or set())
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    ckdir = Path(run_dir) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    return sorted((p for p in ckdir.iterdir() if STEP_RE.match(p.name) and p.is_dir()),
+                  key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def prune(run_dir: str | Path, keep_last: int, keep: set[int]) -> None:
+    cks = list_checkpoints(run_dir)
+    for p in cks[:-keep_last] if keep_last > 0 else []:
+        if int(STEP_RE.match(p.name).group(1)) not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ---- verify and load ------------------------------------------------------
+
+def verify(path: str | Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        return "no manifest (incomplete write)"
+    try:
+        manifest = json.loads(mf.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, OSError):
+        return "unreadable manifest"
+    root = path.resolve()
+    for name, digest in files.items():
+        f = (path / name).resolve()
+        if f.parent != root:
+            return f"manifest names a path outside the checkpoint: {name}"
+        if not f.is_file():
+            return f"missing file {name}"
+        if _sha256(f) != digest:
+            return f"checksum mismatch in {name}"
+    if "model.safetensors" not in files:
+        return "no model.safetensors"
+    return None
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; each broken newer one is named in a warning."""
+    for p in reversed(list_checkpoints(run_dir)):
+        problem = verify(p)
+        if problem is None:
+            return p
+        warnings.warn(f"checkpoint {p} is unusable ({problem}); falling back to the previous one")
+    return None
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
+    try:
+        missing, unexpected = load_model(model, str(Path(ckpt) / "model.safetensors"), strict=False)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise PretuneError(f"cannot read weights: {e}", str(ckpt), "the checkpoint is damaged") from e
+    if missing or unexpected:
+        raise PretuneError(f"weights do not fit the model (missing {sorted(missing)[:3]}, "
+                           f"unexpected {sorted(unexpected)[:3]})", str(ckpt),
+                           "the checkpoint was written by a different model config")
+
+
+def load_training_state(ckpt: str | Path, optimizer=None) -> dict:
+    """state.json, with the optimizer and RNG states restored in place."""
+    ckpt = Path(ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    if optimizer is not None and (ckpt / "optimizer.safetensors").exists():
+        optimizer_from_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+    if (ckpt / "rng.safetensors").exists():
+        restore_rng(load_file(str(ckpt / "rng.safetensors")))
+    return state
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / "config.json"
+    if not p.is_file():
+        raise PretuneError("not a run directory (no config.json)", str(run_dir),
+                           "pass a folder made by `pretune pretrain`, `finetune` or `import`")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise PretuneError(f"config.json is not valid JSON: {e}", str(p), "restore it or start a new run")
+
+
+def load_model(run_dir: str | Path, device: str = "cpu"):
+    """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint."""
+    from .config import ModelConfig
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    cfg_d = read_run_config(run_dir)
+    cfg = ModelConfig.from_dict(cfg_d["model"], str(Path(run_dir) / "config.json"))
+    model = Transformer(cfg)
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise PretuneError("no usable checkpoint", str(Path(run_dir) / "checkpoints"),
+                           "train the run first, or import weights into it")
+    load_weights(model, ck)
+    tok = Tokenizer.load(run_dir) if (Path(run_dir) / "tokenizer.json").exists() else None
+    return model.to(device).eval(), cfg, tok
