@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_into
 
 from .errors import PretuneError
 from .fileio import atomic_write_json, fsync_dir
@@ -202,7 +203,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     try:
-        missing, unexpected = load_model(model, str(Path(ckpt) / "model.safetensors"), strict=False)
+        missing, unexpected = load_safetensors_into(model, str(Path(ckpt) / "model.safetensors"), strict=False)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise PretuneError(f"cannot read weights: {e}", str(ckpt), "the checkpoint is damaged") from e
     if missing or unexpected:

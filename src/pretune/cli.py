@@ -152,7 +152,7 @@ def build_parser(verb: str, fn: Callable) -> tuple[argparse.ArgumentParser, list
         if default is _MISSING and is_list:
             ap.add_argument(dest, nargs="*", default=_MISSING, help=help_)
             continue
-        d = "" if default in (None, _MISSING) else f" (default: {default})"
+        d = "" if default in (None, _MISSING) or _parent else f" (default: {default})"
         if base is bool:
             ap.add_argument(flag, dest=dest, nargs="?", const="true", default=_MISSING, help=help_ + d)
         else:

@@ -1,0 +1,153 @@
+"""Using a pre-trained model: sampling with a KV cache (decoders), fill-mask (encoders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .errors import PretuneError
+from .model import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from (B, V) logits. temperature 0 = greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:  # nucleus sampling (Holtzman et al. 2020)
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = None, eos_id: int | None = None,
+             seed: int | None = None) -> torch.Tensor:
+    """Continue each row of `prompt_ids` (B, T0): one prefill pass, then one token
+    at a time against a static KV cache. Returns (B, T0 + new) ids."""
+    c = model.config
+    if not c.causal:
+        raise PretuneError("generation needs a decoder (causal) model", None, "use fill-mask for an encoder")
+    B, T0 = prompt_ids.shape
+    if T0 > model.max_positions:
+        raise PretuneError(f"the prompt has {T0} tokens, more than the model's window of {model.max_positions}",
+                           None, "shorten the prompt")
+    max_new_tokens = min(max_new_tokens, model.max_positions - T0)
+    p = next(model.parameters())
+    cache = KVCache(c, B, T0 + max_new_tokens, p.device, p.dtype)
+    gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
+    model.eval()
+    out = [prompt_ids]
+    logits = model.logits(model(prompt_ids, cache=cache)[:, -1])[:, :c.vocab_size]
+    done = torch.zeros(B, dtype=torch.bool, device=p.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits.float(), temperature, top_k, top_p, gen)
+        if eos_id is not None:
+            nxt = torch.where(done[:, None], torch.full_like(nxt, eos_id), nxt)
+            done |= nxt[:, 0] == eos_id
+        out.append(nxt)
+        if eos_id is not None and bool(done.all()):
+            break
+        if cache.pos >= cache.length:
+            break
+        logits = model.logits(model(nxt, cache=cache)[:, -1])[:, :c.vocab_size]
+    return torch.cat(out, 1)
+
+
+def _load(run: Path):
+    from .checkpoint import load_model
+
+    model, cfg, tok = load_model(run)
+    if tok is None:
+        raise PretuneError("the run has no tokenizer.json", str(run), "re-create the run with pretrain or import")
+    return model, cfg, tok
+
+
+def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens: int = 100,
+                 temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, num_samples: int = 1,
+                 seed: int = 1337) -> list[str]:
+    """Continue a prompt with a decoder (temperature, top-k, top-p sampling, KV cache).
+
+    Args:
+        prompt: the text to continue
+        run: a run directory (pretrain, finetune or import)
+        max_new_tokens: tokens to generate
+        temperature: 0 = greedy; higher = more random
+        top_k: sample among the k most likely tokens (0 = all)
+        top_p: nucleus sampling: the smallest set of tokens with this much probability
+        num_samples: independent continuations
+        seed: sampling seed
+    """
+    model, cfg, tok = _load(run)
+    if not cfg.causal:
+        raise PretuneError(f"{run} holds an encoder, which does not generate text", None,
+                           "use `pretune fill-mask` with it, or a decoder run")
+    ids = tok.encode(prompt)
+    if not ids:
+        raise PretuneError("the prompt is empty", None, "give some text to continue")
+    if len(ids) >= model.max_positions:
+        raise PretuneError(f"the prompt has {len(ids)} tokens; the model's window is {model.max_positions}",
+                           None, "shorten the prompt")
+    x = torch.tensor([ids] * num_samples)
+    y = generate(model, x, max_new_tokens, temperature, top_k or None, top_p, eos_id=tok.eos_id, seed=seed)
+    texts = [tok.decode(row[len(ids):].tolist()) for row in y]
+    for i, t in enumerate(texts):
+        if num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(prompt + t)
+    return texts
+
+
+@torch.no_grad()
+def fill_mask(model: Transformer, tok, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each [MASK] in `text`, the top-k tokens with their probabilities."""
+    if model.config.causal or model.lm_head is None:
+        raise PretuneError("fill-mask needs an encoder with an MLM head", None,
+                           "use a BERT run pre-trained with MLM (an imported encoder without its head cannot)")
+    if tok.mask_id is None:
+        raise PretuneError("the tokenizer has no [MASK] token", None, "use a BERT WordPiece tokenizer")
+    enc = tok.encode(text)
+    ids = torch.tensor([enc])
+    if ids.shape[1] > model.max_positions:
+        raise PretuneError(f"the text has {ids.shape[1]} tokens; the model's window is {model.max_positions}",
+                           None, "shorten it")
+    where = (ids[0] == tok.mask_id).nonzero().flatten()
+    if len(where) == 0:
+        raise PretuneError("the text holds no [MASK]", None, 'write e.g. "Paris is the [MASK] of France."')
+    model.eval()
+    h = model(ids)
+    probs = model.logits(h[0, where])[:, :model.config.vocab_size].float().softmax(-1)
+    top = probs.topk(top_k, dim=-1)
+    return [[(tok.decode([i]).strip(), float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
+            for ps, ix in zip(top.values, top.indices)]
+
+
+def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5, json_out: bool = False):
+    """Fill each [MASK] in a text with an encoder's most likely tokens and their probabilities.
+
+    Args:
+        text: e.g. "Washington is the [MASK] of the US."
+        run: a BERT run directory with an MLM head
+        top_k: candidates per [MASK]
+        json_out: print JSON instead of a table
+    """
+    model, cfg, tok = _load(run)
+    answers = fill_mask(model, tok, text, top_k)
+    if json_out:
+        print(json.dumps(answers))
+    else:
+        for i, cands in enumerate(answers):
+            print(f"[MASK] #{i + 1}: " + ", ".join(f"{w} ({p:.3f})" for w, p in cands))
+    return answers

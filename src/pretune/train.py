@@ -1,0 +1,465 @@
+"""The one training loop, for every objective (L1, MLM + NSP, L2, L3).
+
+The loop owns the order of things: lr from the schedule, forward under
+autocast, backward (scaled for fp16), clip, step, log, evaluate, checkpoint.
+Everything else plugs in through hooks (`Hook`): MFU logging, the loss-spike
+guard, MoE statistics, fine-tuning metrics. What a hook may rely on is
+written in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ModelConfig
+from .errors import PretuneError
+from .fileio import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    """How to train: the optimiser, the schedule, precision, logging and checkpoints."""
+
+    steps: int = 1000  # optimizer steps in all
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int | None = None  # tokens per sequence; None = the model's window
+    lr: float = 6e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup: int = 100  # linear warmup steps
+    decay: str = "cosine"  # cosine | linear (BERT) | constant
+    weight_decay: float = 0.1  # AdamW; never on biases, norms or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with dynamic loss scaling)
+    eval_every: int = 100  # steps between validation-loss estimates; 0 = only at the end
+    eval_batches: int = 10  # batches per validation estimate
+    log_every: int = 10  # steps between metrics.jsonl lines (the loss is read only then)
+    ckpt_every: int = 200  # steps between checkpoints; a final one is always written
+    keep_last: int = 3  # checkpoints kept (plus the best by validation loss)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model (opt-in)
+
+    def __post_init__(self):
+        def bad(msg, fix):
+            raise PretuneError(f"bad training option: {msg}", None, fix)
+        for f in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, f) <= 0:
+                bad(f"{f}={getattr(self, f)} must be positive", f"set --train.{f.replace('_', '-')} to 1 or more")
+        if self.seq_len is not None and self.seq_len <= 1:
+            bad(f"seq_len={self.seq_len} must be at least 2", "use the model's window or a smaller positive value")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            bad(f"lr={self.lr} must be a positive number", "use e.g. 3e-4")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            bad(f"precision={self.precision!r} is unknown", "use fp32, bf16 or fp16")
+        if self.decay not in ("cosine", "linear", "constant"):
+            bad(f"decay={self.decay!r} is unknown", "use cosine, linear or constant")
+        if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            bad("warmup must be >= 0 and min_lr_ratio in [0, 1]", "fix the schedule options")
+
+    @classmethod
+    def from_overrides(cls, d: dict | None, **defaults) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        for k in d or {}:
+            if k not in known:
+                raise PretuneError(f"unknown training option '{k}'", None, f"known: {', '.join(sorted(known))}")
+        return cls(**{**defaults, **(d or {})})
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to the peak, then cosine or linear decay to lr * min_lr_ratio.
+    A pure function of the step, so a resumed run needs no scheduler state."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    if tc.decay == "constant":
+        return tc.lr
+    progress = min(1.0, (step - tc.warmup) / max(1, tc.steps - tc.warmup))
+    floor = tc.lr * tc.min_lr_ratio
+    if tc.decay == "linear":
+        return tc.lr - (tc.lr - floor) * progress
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases, norm gains and embedding tables get none
+    (as in GPT-2/3 and BERT's `exclude_from_weight_decay`)."""
+    decay, no_decay, seen = [], [], set()
+    for mod_name, mod in model.named_modules():
+        for name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            is_matrix = p.dim() >= 2 and not isinstance(mod, torch.nn.Embedding)
+            (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
+    try:  # fused AdamW: one kernel for all parameters (CPU and CUDA in torch >= 2.4)
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay), fused=True, **kw)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay), foreach=True, **kw)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PretuneError("device 'cuda' asked for, but no CUDA device is available", None, "use --train.device cpu")
+    return torch.device(name)
+
+
+class Hook:
+    """A plug-in point of the loop. Override what you need; every method may read
+    `trainer.step`, `trainer.model`, `trainer.optimizer`, `trainer.tc`, `trainer.run_dir`."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+    def before_step(self, trainer: "Trainer") -> None: ...
+    def after_step(self, trainer: "Trainer", loss: torch.Tensor, parts: dict) -> None:
+        """`loss` is a device tensor: read it (`.item()`) only when you must."""
+    def on_log(self, trainer: "Trainer", record: dict) -> None:
+        """May add fields to `record` before it is written to metrics.jsonl."""
+    def on_eval(self, trainer: "Trainer", metrics: dict) -> None: ...
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+class Trainer:
+    """Runs `loss_fn(model, batch) -> (loss, parts)` over `batches` for tc.steps optimizer steps."""
+
+    def __init__(self, model: torch.nn.Module, tc: TrainConfig, batches, loss_fn: Callable,
+                 run_dir: str | Path, eval_fn: Callable[[], dict] | None = None,
+                 hooks: list[Hook] | None = None, run_config: dict | None = None,
+                 progress: bool = True, tokens_per_batch: int | None = None):
+        self.tc, self.run_dir = tc, Path(run_dir)
+        self.device = resolve_device(tc.device)
+        self.model = model.to(self.device)
+        self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
+        self.hooks = list(hooks or [])
+        self.run_config = run_config or {}
+        self.progress = progress
+        self.tokens_per_batch = tokens_per_batch
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.step = 0
+        self.tokens = 0
+        self.best_val = float("inf")
+        self.best_step: int | None = None
+        self.skipped_steps = 0
+        self.stop_requested = False
+        self.last_eval: dict = {}
+        self._forward = torch.compile(self.model) if tc.compile else self.model
+
+    # ---- pieces ----------------------------------------------------------
+    def autocast(self):
+        if self.tc.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_device(self, batch: dict) -> dict:
+        nb = self.device.type == "cuda"
+        return {k: (v.pin_memory().to(self.device, non_blocking=True) if nb else v.to(self.device))
+                if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        with open(self._metrics_path(), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- resume ------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the latest good checkpoint, if any. True if resumed."""
+        ck = ckpt.latest_checkpoint(self.run_dir)
+        if ck is None:
+            return False
+        ckpt.load_weights(self.model, ck)
+        state = ckpt.load_training_state(ck, self.optimizer)
+        self.step = state["step"]
+        self.tokens = state.get("tokens", 0)
+        self.best_val = state.get("best_val", float("inf"))
+        self.best_step = state.get("best_step")
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("data") is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state["data"])
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+        # metrics logged after this checkpoint belong to a future that did not happen
+        mp = self._metrics_path()
+        if mp.exists():
+            keep = [line for line in mp.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= self.step]
+            atomic_write_text(mp, "".join(line + "\n" for line in keep))
+        return True
+
+    def save(self) -> Path:
+        state = {
+            "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
+            "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+            "hooks": [h.state_dict() for h in self.hooks],
+        }
+        keep = {self.best_step} if self.best_step is not None else set()
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                    keep_last=self.tc.keep_last, keep=keep)
+        for h in self.hooks:
+            h.on_checkpoint(self, path)
+        return path
+
+    # ---- evaluation --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_fn is None:
+            return {}
+        self.model.eval()
+        with self.autocast():
+            metrics = self.eval_fn()
+        self.model.train()
+        val = metrics.get("val_loss")
+        if val is not None and val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+        for h in self.hooks:
+            h.on_eval(self, metrics)
+        self.last_eval = metrics
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, dict]:
+        """One optimizer step over grad_accum micro-batches. Returns the mean loss (a device tensor)."""
+        tc = self.tc
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.step, tc) * g.get("lr_scale", 1.0)
+        total = torch.zeros((), device=self.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        for _ in range(tc.grad_accum):
+            batch = self._to_device(next(self.batches))
+            with self.autocast():
+                loss, parts = self.loss_fn(self._forward, batch)
+            ckpt.fault_point("after_forward")
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v.detach() / tc.grad_accum
+            if self.tokens_per_batch:
+                self.tokens += self.tokens_per_batch
+            else:
+                self.tokens += batch["input_ids"].numel()
+        self.scaler.unscale_(self.optimizer)
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        else:
+            gnorm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.model.parameters()
+                                   if p.grad is not None))
+        parts_sum["grad_norm"] = gnorm.detach()
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        ckpt.fault_point("in_optimizer_step")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1  # inf/nan gradients: GradScaler skipped this step
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, parts_sum
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        tc = self.tc
+        torch.manual_seed(tc.seed)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume()
+        if resumed:
+            print(f"resuming {self.run_dir} from step {self.step}")
+        self.model.train()
+        for h in self.hooks:
+            h.on_start(self)
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=self.run_dir.name)
+        t0, tok0, last = time.perf_counter(), self.tokens, None
+        while self.step < tc.steps and not self.stop_requested:
+            for h in self.hooks:
+                h.before_step(self)
+            loss, parts = self.train_step()
+            self.step += 1
+            for h in self.hooks:
+                h.after_step(self, loss, parts)
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                dt = time.perf_counter() - t0
+                record = {"step": self.step, "loss": loss.item(), "lr": lr_at(self.step - 1, tc),
+                          "tokens": self.tokens, "tok_per_s": (self.tokens - tok0) / max(dt, 1e-9)}
+                record.update({k: float(v) for k, v in parts.items()})
+                if self.skipped_steps:
+                    record["skipped_steps"] = self.skipped_steps
+                if self.scaler.is_enabled():
+                    record["loss_scale"] = self.scaler.get_scale()
+                for h in self.hooks:
+                    h.on_log(self, record)
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
+                                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                t0, tok0 = time.perf_counter(), self.tokens
+                last = record
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                m = self.evaluate()
+                if m:
+                    self.log({"step": self.step, **m})
+            if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                self.save()
+        bar.close()
+        final = {}
+        if self.step >= tc.steps:
+            m = self.evaluate()
+            if m:
+                self.log({"step": self.step, **m})
+            final = {**(last or {}), **m}
+        self.save()
+        try:
+            from .plots import plot_metrics
+            plot_metrics(self.run_dir)
+        except Exception as e:  # a plot must never lose a run
+            print(f"note: could not draw the loss plot: {e}")
+        return final
+
+
+# --------------------------------------------------------------------------
+# Pre-training: the `pretune pretrain` verb
+# --------------------------------------------------------------------------
+
+def check_same_model(run_dir: Path, cfg_dict: dict) -> None:
+    """Resuming a run with a changed model config is refused."""
+    p = run_dir / "config.json"
+    if not p.exists() or not ckpt.list_checkpoints(run_dir):
+        return
+    old = json.loads(p.read_text()).get("model", {})
+    diff = sorted(k for k in set(old) | set(cfg_dict) if old.get(k) != cfg_dict.get(k))
+    if diff:
+        k = diff[0]
+        raise PretuneError(f"the run was started with {k}={old.get(k)!r}, now {k}={cfg_dict.get(k)!r}",
+                           str(run_dir), "use the original model options, or a new --out folder")
+
+
+def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
+    """(train batches, eval function) for the model's family."""
+    from .data.shards import LMBatches, PairBatches, eval_batches
+    from .objectives import pretrain_loss
+
+    kind = "lm" if model_cfg.causal else "pairs"
+    if kind == "lm":
+        train = LMBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed)
+    else:
+        from .tokenizer import Tokenizer
+        tok = Tokenizer.load(data_dir)
+        train = PairBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed,
+                            tokenizer_special=tok.special_dict(), vocab_size=tok.vocab_size)
+
+    def eval_fn_for(model):
+        def eval_fn():
+            losses, parts_sum, n = 0.0, {}, 0
+            for batch in eval_batches(data_dir, "val", tc.batch_size, seq_len, n_batches=tc.eval_batches,
+                                      causal=model_cfg.causal):
+                batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                loss, parts = pretrain_loss(model, batch)
+                losses += loss.item()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                n += 1
+            out = {"val_loss": losses / max(n, 1)}
+            out.update({f"val_{k}": v / max(n, 1) for k, v in parts_sum.items()})
+            return out
+        return eval_fn
+
+    return train, eval_fn_for, pretrain_loss
+
+
+def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bool = True,
+             hooks: list[Hook] | None = None, extra_config: dict | None = None) -> dict:
+    """Pre-train a fresh model (or resume `out`), returning the final metrics."""
+    from .model import Transformer
+    from .tokenizer import Tokenizer
+
+    out = Path(out)
+    seq_len = tc.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise PretuneError(f"seq_len={seq_len} exceeds the model's window max_seq_len={model_cfg.max_seq_len}",
+                           None, "lower --train.seq-len or raise --arch.max-seq-len")
+    tok = Tokenizer.load(data_dir)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise PretuneError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model_cfg.vocab_size}", str(data_dir),
+                           f"set --arch.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
+    check_same_model(out, model_cfg.to_dict())
+    torch.manual_seed(tc.seed)
+    model = Transformer(model_cfg)
+    train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len)
+    run_config = {"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
+                  "objective": "L1" if model_cfg.causal else "MLM+NSP", **(extra_config or {})}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", run_config)
+    if not (out / "tokenizer.json").exists():
+        tok.save(out)
+    all_hooks = list(hooks or [])
+    try:
+        from .compute import MFUHook  # the cost planner's live MFU, where it is available
+        all_hooks.insert(0, MFUHook(model_cfg, seq_len, tc.precision))
+    except ImportError:
+        pass
+    trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
+                      run_config=run_config, progress=progress,
+                      tokens_per_batch=tc.batch_size * seq_len)
+    trainer.eval_fn = eval_fn_for(trainer.model)
+    return trainer.fit()
+
+
+def default_data_dir(tokenizer: str, root: Path = Path("runs/data")) -> Path:
+    return root / f"builtin-{tokenizer}"
+
+
+def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: TrainConfig = None,
+                 data: Path | None = None, out: Path | None = None) -> dict:
+    """Pre-train a GPT (L1) or BERT (MLM + NSP) from scratch; rerun the same command to resume.
+
+    Args:
+        model: a preset name (gpt-mini, bert-mini, gpt2, bert-base, ...) or a config.json path
+        data: a folder made by `pretune prepare` (default: the built-in corpus, prepared on first use)
+        out: the run directory (default: runs/<model>)
+    """
+    from .config import preset
+
+    if model.endswith(".json"):
+        cfg = ModelConfig.load(model)
+        cfg = cfg.replace(**(arch or {})) if arch else cfg
+    else:
+        cfg = preset(model, **(arch or {}))
+    tc = TrainConfig.from_overrides(train)
+    if data is None:
+        from .data.shards import prepare
+        data = default_data_dir(cfg.tokenizer)
+        if not (data / "meta.json").exists():
+            prepare(["builtin"], cfg.tokenizer, data)
+    out = Path(out or f"runs/{cfg.name}")
+    final = pretrain(cfg, tc, Path(data), out)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
+    print(f"run directory: {out}")
+    return final
+

@@ -1,0 +1,125 @@
+import json
+import math
+
+import pytest
+import torch
+
+from pretune import Transformer
+from pretune.checkpoint import latest_checkpoint, list_checkpoints
+from pretune.config import ModelConfig
+from pretune.objectives import IGNORE, mlm_mask, pretrain_loss
+from pretune.train import Hook, Trainer, TrainConfig, lr_at, param_groups
+
+
+class Synthetic:
+    """Batch k is a pure function of (seed, k): the loader contract of data/shards.py."""
+
+    def __init__(self, causal, seed=0, B=4, T=16, V=50):
+        self.causal, self.seed, self.B, self.T, self.V, self.k = causal, seed, B, T, V, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.k)
+        self.k += 1
+        x = torch.randint(5, self.V, (self.B, self.T + 1), generator=g)
+        if self.causal:
+            return {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+        ids = x[:, :-1]
+        ids[:, 0] = 1
+        special = ids < 5
+        inp, labels = mlm_mask(ids, special, 4, self.V, g)
+        labels[:, 1] = ids[:, 1]  # at least one prediction per row
+        return {"input_ids": inp, "segment_ids": torch.zeros_like(ids),
+                "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels,
+                "nsp_labels": torch.randint(0, 2, (self.B,), generator=g)}
+
+    def state_dict(self):
+        return {"k": self.k}
+
+    def load_state_dict(self, d):
+        self.k = d["k"]
+
+
+def cfg(causal):
+    kw = dict(name="t", vocab_size=50, max_seq_len=16, n_layer=2, n_head=2, d_model=32, dropout=0.1)
+    if not causal:
+        kw.update(causal=False, type_vocab_size=2, nsp_head=True, norm_placement="post", embedding_norm=True)
+    return ModelConfig(**kw)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["gpt-L1", "bert-MLM+NSP"])
+def test_resume_is_bit_identical(tmp_path, causal):
+    tc = dict(batch_size=4, lr=1e-2, warmup=3, log_every=5, eval_every=0, ckpt_every=100, seed=3)
+
+    class StopAt(Hook):  # an interruption after step 10 of the same 20-step command
+        def after_step(self, trainer, loss, parts):
+            if trainer.step == 10:
+                trainer.stop_requested = True
+
+    def trainer(d, hooks=()):
+        torch.manual_seed(123)
+        return Trainer(Transformer(cfg(causal)), TrainConfig(steps=20, **tc), Synthetic(causal),
+                       pretrain_loss, d, progress=False, hooks=list(hooks))
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    first = trainer(tmp_path / "b", [StopAt()])
+    first.fit()
+    assert first.step == 10
+    torch.manual_seed(999)  # the resumed process starts from another RNG state: the checkpoint restores it
+    second = trainer(tmp_path / "b")
+    second.fit()
+    assert second.step == 20
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n
+    # the metrics of the two runs agree line by line
+    a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+def test_lr_schedule_by_hand():
+    tc = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1, decay="cosine")
+    assert lr_at(0, tc) == pytest.approx(0.1)
+    assert lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(60, tc) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))  # halfway: 0.55
+    assert lr_at(110, tc) == pytest.approx(0.1)
+    lin = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.0, decay="linear")
+    assert lr_at(35, lin) == pytest.approx(0.75)
+
+
+def test_no_weight_decay_on_biases_norms_embeddings():
+    m = Transformer(cfg(True))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
+    assert any("wte" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_checkpoints_pruned_and_loss_plot_written(tmp_path):
+    t = Trainer(Transformer(cfg(True)), TrainConfig(steps=20, batch_size=4, ckpt_every=5, keep_last=2,
+                                                   eval_every=0, log_every=5), Synthetic(True),
+                pretrain_loss, tmp_path, progress=False)
+    t.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-000015", "step-000020"]
+    assert latest_checkpoint(tmp_path).name == "step-000020"
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_training_lowers_the_loss_with_grad_accumulation(tmp_path):
+    class Repeat(Synthetic):
+        def __next__(self):
+            self.k += 1
+            x = torch.arange(17).repeat(4, 1) % 7 + 5
+            return {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+
+    t = Trainer(Transformer(cfg(True)), TrainConfig(steps=60, batch_size=4, grad_accum=2, lr=1e-2, warmup=5,
+                                                   eval_every=0, log_every=1), Repeat(True),
+                pretrain_loss, tmp_path, progress=False)
+    t.fit()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.2 * rows[0]["loss"]
+    assert rows[-1]["tokens"] == 60 * 2 * 4 * 16
