@@ -1,0 +1,35 @@
+import torch
+
+from pretune import Transformer
+from pretune.config import ModelConfig
+from pretune.generate import generate, sample_next
+
+
+def test_top_k_and_top_p_by_hand():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.7 keeps {0, 1} (0.5 < 0.7 <= 0.8); top-k 1 keeps {0}
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(logits, 1.0, None, 0.7, g) for _ in range(2000)])
+    counts = torch.bincount(draws.flatten(), minlength=4)
+    assert counts[2] == 0 and counts[3] == 0
+    assert abs(counts[0] / 2000 - 0.5 / 0.8) < 0.04  # renormalised over the kept set
+    assert (torch.cat([sample_next(logits, 1.0, 1, None, g) for _ in range(50)]) == 0).all()
+    assert sample_next(logits, 0.0, None, None, g).item() == 0  # greedy
+
+
+def test_greedy_generation_equals_argmax_without_cache():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, max_seq_len=32, n_layer=2, n_head=2, d_model=32, dropout=0.0)).eval()
+    x = torch.randint(0, 50, (2, 5))
+    y = generate(m, x, 10, temperature=0.0)
+    ref = x
+    for _ in range(10):  # the slow way: the whole sequence every step, no cache
+        nxt = m.logits(m(ref))[:, -1, :50].argmax(-1, keepdim=True)
+        ref = torch.cat([ref, nxt], 1)
+    assert torch.equal(y, ref)
+
+
+def test_generation_stops_at_the_window():
+    m = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, n_layer=1, n_head=2, d_model=16)).eval()
+    y = generate(m, torch.zeros(1, 5, dtype=torch.long), 100, temperature=1.0, seed=1)
+    assert y.shape == (1, 8)
