@@ -33,6 +33,8 @@ VERBS: dict[str, str] = {
     "generate": "pretune.generate:generate_cmd",
     "fill-mask": "pretune.generate:fill_mask_cmd",
     "demo": "pretune.demo:demo_cmd",
+    "cost": "pretune.compute:cost_cmd",
+    "bench": "pretune.bench:bench_cmd",
 }
 
 _MISSING = object()

@@ -201,6 +201,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a Llama-style shape of the same size, for the architecture options
     "llama-mini": dict(_LLAMA, n_layer=4, d_model=256, n_head=4, n_kv_head=2, d_ff=688, max_seq_len=256,
                        vocab_size=8192, tokenizer="bpe-8192"),
+    # GPT-4 as rumoured (SemiAnalysis, July 2023; not published by OpenAI): 120 layers, 16 experts
+    # of ~111B each, top-2, ~55B shared (attention), ~1.8T total, ~280B active. Solving for d:
+    # an expert is a GELU MLP d -> 4d -> d in every layer, 120 * 8 d^2 = 111e9 -> d ~ 10,750, so
+    # d = 10,752 = 84 heads x 128; attention 120 * 4 d^2 = 55.5B. With the cl100k vocabulary
+    # (100,277) and an 8k window count_params gives 1.832T total, 278.7B active (docs/compute.md).
+    "gpt4-moe": dict(_GPT3, n_layer=120, d_model=10752, n_head=84, max_seq_len=8192, vocab_size=100277,
+                     n_expert=16, top_k=2, moe_every=1, dropout=0.0, tokenizer="cl100k_base"),
 }
 
 # Published parameter totals, for the tests (and `pretune cost`). GPT-2 XL: the

@@ -1,0 +1,58 @@
+"""`pretune bench`: measurements of this machine. `--peak` times large matrix multiplies.
+
+The peak is what MFU on a CPU (or on a GPU the hardware table does not know)
+is measured against; it is cached (peak.py) so training runs reuse it.
+"""
+
+from __future__ import annotations
+
+import json as _json
+
+from .errors import PretuneError
+
+
+def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None = None,
+              seconds: float = 3.0, json: bool = False) -> dict:
+    """Benchmark this machine; `--peak` measures the matmul FLOP/s per dtype and caches it for MFU.
+
+    Args:
+        peak: time large square matrix multiplies (2·n³ FLOPs each) per dtype and cache the best rate
+        device: cpu or cuda[:i]
+        dtypes: comma-separated dtypes to time (default fp32,bf16; also fp16, tf32 on a GPU)
+        seconds: time budget for all dtypes together
+        json: print JSON instead of a table
+    """
+    if not peak:
+        raise PretuneError("nothing to benchmark", "pretune bench", "use --peak (matmul peak per dtype)")
+    if not (seconds > 0):
+        raise PretuneError(f"--seconds must be positive, got {seconds!r}", None, "e.g. --seconds 3")
+    from .hardware import from_device_name
+    from .peak import TORCH_DTYPES, cache_file, machine_key, measure_peaks
+
+    dtypes = dtypes or ["fp32", "bf16"]
+    for d in dtypes:
+        if d not in TORCH_DTYPES:
+            raise PretuneError(f"unknown dtype '{d}'", "--dtypes", f"use {', '.join(TORCH_DTYPES)}")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise PretuneError(f"unknown device '{device}'", "--device", "use cpu or cuda")
+    res = measure_peaks(tuple(dtypes), device, seconds, progress=not json)
+    key = machine_key(device)
+    published = None
+    if device.startswith("cuda"):
+        import torch
+        published = from_device_name(torch.cuda.get_device_name(torch.device(device)))
+    out = {"machine": key, "device": device, "cache": str(cache_file()),
+           "peaks": {d: {**r, "published_dense": (published.peak.get(d) if published else None)}
+                     for d, r in res.items()}}
+    if json:
+        print(_json.dumps(out, indent=2))
+        return out
+    print(f"matmul peak on {key}")
+    for d, r in out["peaks"].items():
+        line = f"  {d:<5} {r['flops'] / 1e12:9.4g} TFLOP/s   (n={r['n']}, best of {r['repeats']})"
+        if r["published_dense"]:
+            line += f"   {r['flops'] / r['published_dense']:.0%} of the datasheet's {r['published_dense'] / 1e12:.4g}"
+        print(line)
+    print(f"cached in {cache_file()}: MFU on this {'CPU' if device == 'cpu' else 'device'} is measured "
+          f"against these figures")
+    return out

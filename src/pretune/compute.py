@@ -1,0 +1,552 @@
+"""Compute and cost from a config alone: parameters, FLOPs, PF-days, devices, dollars, kWh, MFU.
+
+Nothing here allocates a weight: counting is `config.count_params` (closed
+form), so a 1.8T-parameter config costs in microseconds. The formulas, with
+their sources (the derivations are in docs/compute.md):
+
+  training FLOPs   C = 6·N·D  +  12·L·T·d_attn·D
+      6·N·D: a forward pass costs 2 FLOPs per parameter per token (one
+      multiply-add), the backward pass twice that (Kaplan et al. 2020, sec. 2.1;
+      Brown et al. 2020, app. D). N here is what a token multiplies through:
+      the active non-embedding weights plus the output projection (tied or
+      not; the input lookup costs nothing).
+      12·L·T·d_attn: attention's two context-sized matmuls, QKᵀ and A·V, cost
+      2·T·d_attn FLOPs each per token per layer forward, ×3 for training
+      (Chowdhery et al. 2022, PaLM, app. B, the MFU convention). Kaplan's
+      table 1 has half (6·L·T·d per token) because a causal token sees T/2
+      keys on average; we follow PaLM, as MFU figures do.
+  inference        2·N_active + 4·L·c·d_attn  per generated token at context c.
+  memory           weights + gradients + Adam (m, v) by precision (Rajbhandari
+      et al. 2020, ZeRO, sec. 3.1: 16 bytes/parameter in mixed precision), and
+      activations per token per layer 34·d + 5·a·T bytes with 16-bit
+      activations (Korthikanti et al. 2022, sec. 4.1).
+
+Units: 1 PF-day = 1e15 FLOP/s × 86,400 s = 8.64e19 FLOPs (Brown et al. 2020).
+"""
+
+from __future__ import annotations
+
+import json as _json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, ModelConfig, count_params, preset
+from .errors import PretuneError
+from .hardware import Hardware, from_device_name, get_hardware
+
+PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
+SECONDS_PER_DAY = 86400.0
+MFU_PLAUSIBLE = 0.6  # above this, a claimed run is suspicious (PaLM reports 46%, MT-NLG ~30%)
+
+# bytes per parameter of (weights, gradients, optimizer state) when training with Adam
+TRAIN_STATE_BYTES = {
+    # fp32 weights and gradients, Adam m and v in fp32
+    "fp32": (4, 4, 8),
+    # mixed precision (ZeRO sec. 3.1): 16-bit weights and gradients; fp32 master copy, m and v (K = 12)
+    "bf16": (2, 2, 12),
+    "fp16": (2, 2, 12),
+}
+INFERENCE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+
+
+# --------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------
+
+def flop_params(cfg: ModelConfig) -> int:
+    """N of 6·N·D: the weights one token multiplies through (active non-embedding + output projection)."""
+    p = count_params(cfg)
+    out = cfg.padded_vocab_size * cfg.d_model if cfg.lm_head else 0
+    return p["active_non_embedding"] + out
+
+
+def d_attn(cfg: ModelConfig) -> int:
+    return cfg.n_head * cfg.head_dim
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Model FLOPs per trained token, 6·N + 12·L·T·d_attn (PaLM app. B): what MFU is counted in.
+
+    Recomputed activations are not counted (that would be hardware FLOPs, HFU)."""
+    T = seq_len or cfg.max_seq_len
+    return 6.0 * flop_params(cfg) + 12.0 * cfg.n_layer * T * d_attn(cfg)
+
+
+def training_flops(cfg: ModelConfig, tokens: float, seq_len: int | None = None) -> dict[str, float]:
+    """{'six_nd', 'attention', 'total', 'n', 'per_token'} for `tokens` training tokens."""
+    T = seq_len or cfg.max_seq_len
+    n = flop_params(cfg)
+    six_nd = 6.0 * n * tokens
+    attn = 12.0 * cfg.n_layer * T * d_attn(cfg) * tokens
+    return {"n": n, "six_nd": six_nd, "attention": attn, "total": six_nd + attn,
+            "per_token": (six_nd + attn) / tokens, "seq_len": T}
+
+
+def inference_flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, float]:
+    """Forward FLOPs to generate one token with `context` tokens already in the KV cache."""
+    c = cfg.max_seq_len if context is None else context
+    weights = 2.0 * flop_params(cfg)
+    attn = 4.0 * cfg.n_layer * c * d_attn(cfg)
+    return {"weights": weights, "attention": attn, "total": weights + attn, "context": c}
+
+
+def _activation_bytes_per_token_layer(cfg: ModelConfig, T: int, flash: bool) -> float:
+    """Korthikanti et al. 2022 sec. 4.1: per layer, per token, 16-bit activations, no parallelism:
+    attention 11·d + 5·a·T (the T×T scores, softmax, dropout mask), MLP 19·d, norms 4·d = 34·d + 5·a·T.
+    The MLP's 16·d of it are its two 4d-wide tensors (GELU input, second matmul input), scaled here
+    to the width a token actually passes through (top-k experts, SwiGLU's third tensor).
+    With fused (flash) attention the 5·a·T term is not stored."""
+    d = cfg.d_model
+    if cfg.n_expert:
+        ff = cfg.top_k * cfg.expert_ffn_dim + (cfg.ffn_dim if cfg.shared_expert else 0)
+    else:
+        ff = cfg.ffn_dim
+    per_ff = 6 if cfg.mlp == "swiglu" else 4
+    b = 18 * d + per_ff * ff
+    if not flash:
+        b += 5 * cfg.n_head * T
+    return b
+
+
+def memory(cfg: ModelConfig, precision: str = "bf16", seq_len: int | None = None) -> dict[str, Any]:
+    """Bytes: training states (weights, grads, Adam) by precision; activations and KV cache per token."""
+    if precision not in TRAIN_STATE_BYTES:
+        raise PretuneError(f"unknown training precision '{precision}'", None,
+                           f"use one of {', '.join(TRAIN_STATE_BYTES)}")
+    p = count_params(cfg)
+    N = p["total"]  # every expert needs its weights and optimizer state
+    w, g, o = TRAIN_STATE_BYTES[precision]
+    T = seq_len or cfg.max_seq_len
+    scale = 2.0 if precision == "fp32" else 1.0  # the paper's figures are for 16-bit activations
+    layers = {flash: cfg.n_layer * _activation_bytes_per_token_layer(cfg, T, flash) * scale
+              for flash in (False, True)}
+    logits = 4.0 * cfg.padded_vocab_size if cfg.lm_head else 0.0  # fp32 logits for the loss
+    kv_bytes = INFERENCE_BYTES["bf16"] if precision != "fp32" else 4
+    return {
+        "precision": precision,
+        "bytes_per_param": w + g + o,
+        "weights": N * w, "gradients": N * g, "optimizer": N * o, "train_states": N * (w + g + o),
+        "activations_per_token": layers[False] + logits,
+        "activations_per_token_flash": layers[True] + logits,
+        "seq_len": T,
+        "inference_weights": {k: N * v for k, v in INFERENCE_BYTES.items()},
+        "kv_cache_per_token": 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * kv_bytes,
+    }
+
+
+# --------------------------------------------------------------------------
+# FLOPs -> time, money, energy (and back)
+# --------------------------------------------------------------------------
+
+def pf_days(flops: float) -> float:
+    return flops / PF_DAY
+
+
+def flops_from_pf_days(pfd: float) -> float:
+    return pfd * PF_DAY
+
+
+def device_seconds(flops: float, peak_flops: float, mfu: float = 1.0) -> float:
+    """Seconds one device needs at `mfu` of its peak."""
+    return flops / (peak_flops * mfu)
+
+
+def wall_clock_days(flops: float, devices: int, peak_flops: float, mfu: float) -> float:
+    return device_seconds(flops, peak_flops, mfu) / devices / SECONDS_PER_DAY
+
+
+def implied_mfu(flops: float, devices: int, days: float, peak_flops: float) -> float:
+    """The utilisation a claim 'C FLOPs on `devices` in `days`' needs."""
+    return flops / (devices * peak_flops * days * SECONDS_PER_DAY)
+
+
+def mfu_flag(mfu: float) -> str | None:
+    """None if plausible; otherwise why not."""
+    if mfu > 1.0:
+        return f"impossible: MFU {mfu:.0%} exceeds the hardware's peak"
+    if mfu > MFU_PLAUSIBLE:
+        return f"implausible: MFU {mfu:.0%} > {MFU_PLAUSIBLE:.0%} (large runs report 30-50%)"
+    return None
+
+
+def dollars(device_hours: float, usd_per_device_hour: float | None = None,
+            usd_per_instance_hour: float | None = None, devices_per_instance: int = 8) -> float | None:
+    """Cost at a per-device or a per-instance hourly price (None if neither is given)."""
+    if usd_per_instance_hour is not None:
+        return device_hours / devices_per_instance * usd_per_instance_hour
+    if usd_per_device_hour is not None:
+        return device_hours * usd_per_device_hour
+    return None
+
+
+def energy_kwh(device_hours: float, watts: float, pue: float = 1.1) -> float:
+    """kWh at the wall: device power × hours × the data centre's PUE (Patterson et al. 2021)."""
+    return device_hours * watts / 1000.0 * pue
+
+
+def energy_cost(kwh: float, usd_per_kwh: float) -> float:
+    return kwh * usd_per_kwh
+
+
+# --------------------------------------------------------------------------
+# MFU during training
+# --------------------------------------------------------------------------
+
+def _precision_dtype(device_type: str, precision: str) -> str:
+    if precision == "fp32" and device_type == "cuda":
+        import torch
+        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+            return "tf32"
+    return precision
+
+
+def device_peak(device, precision: str = "fp32", measure: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s, which peak it is) for a torch device (or a hardware-table name) and precision.
+
+    A CUDA device uses its datasheet's dense peak (TF32 if fp32 matmuls are allowed to use it); a
+    CPU, or a GPU not in the table, uses the matmul rate measured by `pretune bench --peak`."""
+    from .peak import measured_peak
+
+    dtype = precision
+    name = str(device)
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        hw = get_hardware(name, measure=measure)
+        return hw.peak_for(dtype), f"{hw.label} {dtype} dense peak {hw.peak_for(dtype) / 1e12:.4g} TFLOP/s"
+    dev_type = name.split(":")[0]
+    dtype = _precision_dtype(dev_type, precision)
+    if dev_type == "cuda":
+        import torch
+        gpu = torch.cuda.get_device_name(torch.device(name))
+        hw = from_device_name(gpu)
+        if hw is not None and dtype in hw.peak:
+            return hw.peak[dtype], f"{hw.label} {dtype} dense peak {hw.peak[dtype] / 1e12:.4g} TFLOP/s (datasheet)"
+    v = measured_peak(dtype, name, measure=measure)
+    if v is None:
+        raise PretuneError(f"no measured {dtype} peak for {name}", None, "run `pretune bench --peak`")
+    return v, f"{name} {dtype} matmul peak {v / 1e12:.4g} TFLOP/s (measured by `pretune bench --peak`)"
+
+
+def mfu(model_flops_per_s: float, device="cpu", dtype: str = "fp32") -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak for `dtype`."""
+    return model_flops_per_s / device_peak(device, dtype)[0]
+
+
+class MFUHook:
+    """Adds `model_flops_per_s` and `mfu` to every logged record (a `train.Hook`, duck-typed so
+    this module stays free of torch at import). FLOP/s = tokens/s × train_flops_per_token; the peak
+    is the one `device_peak` names, printed once at the start."""
+
+    def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32"):
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
+        self.precision = precision
+        self.peak: float | None = None
+        self.peak_label = ""
+
+    def on_start(self, trainer) -> None:
+        try:
+            self.peak, self.peak_label = device_peak(getattr(trainer, "device", "cpu"), self.precision)
+        except PretuneError as e:  # no peak: log FLOP/s without an MFU
+            self.peak, self.peak_label = None, str(e)
+        if getattr(trainer, "progress", False):
+            print(f"MFU against: {self.peak_label}")
+
+    def on_log(self, trainer, record: dict) -> None:
+        if "tok_per_s" not in record:
+            return
+        fps = record["tok_per_s"] * self.flops_per_token
+        record["model_flops_per_s"] = fps
+        if self.peak:
+            record["mfu"] = fps / self.peak
+            record["peak_flops"] = self.peak
+
+    def before_step(self, trainer) -> None: ...
+    def after_step(self, trainer, loss, parts) -> None: ...
+    def on_eval(self, trainer, metrics) -> None: ...
+    def on_checkpoint(self, trainer, path) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+# --------------------------------------------------------------------------
+# A plan: one model, one token budget, one cluster
+# --------------------------------------------------------------------------
+
+def load_model(spec: str | Path | ModelConfig) -> ModelConfig:
+    """A preset name, a model/run config file (JSON or YAML), or a run directory holding config.json."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    s = str(spec)
+    if s in PRESETS:
+        return preset(s)
+    p = Path(s)
+    if p.is_dir():
+        p = p / "config.json"
+    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise PretuneError(f"cannot read model config: {e.strerror}", str(p), "check the path")
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+                d = yaml.safe_load(text)
+            else:
+                d = _json.loads(text)
+        except Exception as e:  # JSON or YAML syntax
+            raise PretuneError(f"model config is not valid {p.suffix[1:].upper()}: {str(e).splitlines()[0]}",
+                               str(p), "fix its syntax")
+        if isinstance(d, dict) and isinstance(d.get("model"), dict):
+            d = d["model"]
+        if not isinstance(d, dict):
+            raise PretuneError("model config must be a mapping of field: value", str(p),
+                               "write it as {\"n_layer\": 12, ...}")
+        d = {"name": p.stem if p.name != "config.json" else p.parent.name, **d}
+        try:
+            return ModelConfig.from_dict(d, str(p))
+        except (TypeError, ValueError) as e:
+            raise PretuneError(f"cannot count this model config: {e}", str(p), "fix the field's value")
+    return preset(s)  # unknown name: the error lists the near presets
+
+
+def plan(cfg: ModelConfig, tokens: float, hardware: str | Hardware = "a100", devices: int = 1,
+         mfu: float | None = 0.4, days: float | None = None, precision: str | None = None,
+         seq_len: int | None = None, usd_per_device_hour: float | None = None,
+         usd_per_instance_hour: float | None = None, devices_per_instance: int = 8,
+         pue: float = 1.1, usd_per_kwh: float | None = None, power_w: float | None = None,
+         context: int | None = None) -> dict[str, Any]:
+    """Everything `pretune cost` reports for one model, as a JSON-ready dict.
+
+    Given `days`, the run length is fixed and the MFU it implies is reported (and flagged if
+    implausible); otherwise the run length follows from `mfu`."""
+    _check_positive("tokens", tokens)
+    _check_positive("gpus", devices)
+    hw = hardware if isinstance(hardware, Hardware) else get_hardware(hardware)
+    dtype = precision or hw.default_dtype
+    peak = hw.peak_for(dtype)
+    try:
+        params = count_params(cfg)
+        fl = training_flops(cfg, tokens, seq_len)
+        mem = memory(cfg, "fp32" if dtype == "fp32" else "bf16", seq_len)
+        inf = inference_flops_per_token(cfg, context)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise PretuneError(f"cannot count model '{cfg.name}': {e}", None, "check its config fields")
+    C = fl["total"]
+    if days is not None:
+        _check_positive("days", days)
+        use_mfu = implied_mfu(C, devices, days, peak)
+        wall = days
+    else:
+        use_mfu = 0.4 if mfu is None else mfu
+        _check_mfu(use_mfu)
+        wall = wall_clock_days(C, devices, peak, use_mfu)
+    dev_days = wall * devices
+    dev_hours = dev_days * 24
+    watts = power_w if power_w is not None else hw.power_w
+    kwh = energy_kwh(dev_hours, watts, pue) if watts else None
+    return {
+        "model": cfg.name,
+        "params": {**params, "flop_params": fl["n"]},
+        "tokens": tokens,
+        "flops": {"six_nd": fl["six_nd"], "attention": fl["attention"], "total": C,
+                  "per_token": fl["per_token"], "seq_len": fl["seq_len"]},
+        "pf_days": pf_days(C),
+        "hardware": hw.name, "precision": dtype, "peak_flops_per_device": peak,
+        "devices": devices,
+        "mfu": use_mfu, "mfu_given": days is None, "mfu_flag": mfu_flag(use_mfu),
+        "device_days": dev_days, "wall_clock_days": wall,
+        "usd": dollars(dev_hours, usd_per_device_hour, usd_per_instance_hour, devices_per_instance),
+        "energy_kwh": kwh, "pue": pue,
+        "energy_usd": energy_cost(kwh, usd_per_kwh) if (kwh is not None and usd_per_kwh is not None) else None,
+        "memory_bytes": {k: mem[k] for k in ("bytes_per_param", "train_states", "weights", "gradients",
+                                             "optimizer", "activations_per_token",
+                                             "activations_per_token_flash", "kv_cache_per_token")},
+        "train_states_per_device_sharded": mem["train_states"] / devices,
+        "inference_flops_per_token": inf,
+    }
+
+
+def _check_positive(name: str, v) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise PretuneError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}", None,
+                           f"e.g. --{name.replace('_', '-')} {'300e9' if name == 'tokens' else '8'}")
+
+
+def _check_mfu(v) -> None:
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 1:
+        raise PretuneError(f"--mfu must be in (0, 1], got {v!r}", None,
+                           "give a fraction of the peak, e.g. --mfu 0.4 (40%)")
+
+
+# --------------------------------------------------------------------------
+# Presentation
+# --------------------------------------------------------------------------
+
+def _si(x: float | None, unit: str = "", digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.{digits}g} {prefix}{unit}".rstrip()
+    return f"{x:.{digits}g} {unit}".rstrip()
+
+
+def _count(x: float) -> str:
+    for factor, s in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if x >= factor:
+            return f"{x / factor:.4g}{s}"
+    return f"{x:.0f}"
+
+
+def _usd(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for factor, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if x >= factor:
+            return f"${x / factor:.3g}{s}"
+    return f"${x:,.0f}"
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def format_table(plans: list[dict]) -> str:
+    """Rows are quantities, columns the models, side by side."""
+    rows = [
+        ("parameters (total)", lambda p: _count(p["params"]["total"])),
+        ("  active per token", lambda p: _count(p["params"]["active"])),
+        ("  non-embedding (Kaplan N)", lambda p: _count(p["params"]["non_embedding"])),
+        ("  N in 6ND (active + output)", lambda p: _count(p["params"]["flop_params"])),
+        ("tokens D", lambda p: _count(p["tokens"])),
+        ("FLOPs 6ND", lambda p: f"{p['flops']['six_nd']:.3g}"),
+        ("  + attention 12LTd·D", lambda p: f"{p['flops']['attention']:.3g} (T={p['flops']['seq_len']})"),
+        ("  = training FLOPs", lambda p: f"{p['flops']['total']:.3g}"),
+        ("PF-days", lambda p: _num(p["pf_days"])),
+        ("MFU" , lambda p: f"{p['mfu']:.1%}" + ("" if p["mfu_given"] else " (implied)")
+                           + (" !" if p["mfu_flag"] else "")),
+        ("device-days", lambda p: _num(p["device_days"])),
+        ("wall-clock days", lambda p: _num(p["wall_clock_days"])),
+        ("cost", lambda p: _usd(p["usd"])),
+        ("energy (kWh at the wall)", lambda p: "-" if p["energy_kwh"] is None else _si(p["energy_kwh"] * 1e3, "Wh")),
+        ("  energy cost", lambda p: _usd(p["energy_usd"])),
+        ("train states (weights+grads+Adam)", lambda p: _si(p["memory_bytes"]["train_states"], "B")
+                                                        + f" ({p['memory_bytes']['bytes_per_param']} B/param)"),
+        ("  per device, fully sharded", lambda p: _si(p["train_states_per_device_sharded"], "B")),
+        ("activations per token", lambda p: _si(p["memory_bytes"]["activations_per_token"], "B")
+                                            + " / flash " + _si(p["memory_bytes"]["activations_per_token_flash"], "B")),
+        ("KV cache per token", lambda p: _si(p["memory_bytes"]["kv_cache_per_token"], "B")),
+        ("inference FLOPs/token", lambda p: f"{p['inference_flops_per_token']['total']:.3g}"
+                                            f" (2N {p['inference_flops_per_token']['weights']:.3g})"),
+    ]
+    header = [""] + [p["model"] for p in plans]
+    body = [[name] + [fn(p) for p in plans] for name, fn in rows]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
+    lines = [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in body]
+    return "\n".join(lines)
+
+
+def plot_compute(plans: list[dict], path: str | Path) -> Path:
+    """A log-scale bar chart of training compute per model in PF-days (like GPT-3's fig. 2.2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    names = [p["model"] for p in plans]
+    six = [pf_days(p["flops"]["six_nd"]) for p in plans]
+    tot = [p["pf_days"] for p in plans]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(plans) + 2), 4.5))
+    ax.bar(names, tot, color="#9ecae1", label="+ attention (12·L·T·d per token)")
+    ax.bar(names, six, color="#3182bd", label="6·N·D")
+    for i, v in enumerate(tot):
+        ax.annotate(_num(v), (i, v), ha="center", va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("training compute (petaflop/s-days, log scale)")
+    ax.set_title(f"{_count(plans[0]['tokens'])} tokens each" if len({p['tokens'] for p in plans}) == 1
+                 else "training compute")
+    ax.grid(axis="y", alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    path = Path(path)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", gpus: int = 1024,
+             mfu: float = 0.4, days: float | None = None, precision: str | None = None,
+             seq_len: int | None = None, price: float | None = None, instance_price: float | None = None,
+             per_instance: int = 8, power: float | None = None, pue: float = 1.1,
+             kwh_price: float | None = None, context: int | None = None, json: bool = False,
+             plot: Path | None = None) -> list[dict]:
+    """What training a model costs: parameters, FLOPs, PF-days, device-days, wall-clock, $, kWh, memory.
+
+    Args:
+        models: presets (gpt1 gpt2-xl gpt3-175b gpt4-moe ...) or model/run config files
+        tokens: training tokens D (e.g. 300e9)
+        hardware: a100, h100, h100-pcie, h200, v100, a10g, tpu-v2, tpu-v3, tpu-v4, or cpu (measured)
+        gpus: number of devices (GPUs or TPU chips)
+        mfu: model FLOPs utilisation, in (0, 1]: the fraction of the dense peak the run sustains
+        days: instead of --mfu: the run's length; reports the MFU it implies and flags implausible ones
+        precision: the peak to use (bf16, fp16, fp32, tf32, fp8); default: the hardware's usual one
+        seq_len: training sequence length T of the attention term (default: the model's window)
+        price: US dollars per device-hour
+        instance_price: US dollars per instance-hour (instead of --price), with --per-instance devices each
+        per_instance: devices per instance (8 for an 8-GPU node)
+        power: watts per device (default: the hardware table's)
+        pue: the data centre's power usage effectiveness (energy at the wall / energy of the IT load)
+        kwh_price: US dollars per kWh, for the energy bill
+        context: context length for the inference FLOPs per token (default: the model's window)
+        json: print JSON instead of a table
+        plot: write a log-scale bar chart of compute per model to this PNG file
+    """
+    if not models:
+        raise PretuneError("no model given", "pretune cost", "name presets or config files, e.g. gpt2 gpt3-175b")
+    _check_positive("tokens", tokens)
+    _check_positive("gpus", gpus)
+    if days is None:
+        _check_mfu(mfu)
+    for name, v in (("price", price), ("instance-price", instance_price), ("kwh-price", kwh_price),
+                    ("power", power)):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise PretuneError(f"--{name} must be >= 0, got {v!r}", None, "give a non-negative number")
+    if not (math.isfinite(pue) and pue >= 1.0):
+        raise PretuneError(f"--pue must be >= 1, got {pue!r}", None, "e.g. 1.1 for a modern data centre")
+    _check_positive("per_instance", per_instance)
+    hw = get_hardware(hardware)
+    cfgs = [load_model(m) for m in models]
+    plans = [plan(c, tokens, hw, gpus, mfu, days, precision, seq_len, price, instance_price, per_instance,
+                  pue, kwh_price, power, context) for c in cfgs]
+    if plot:
+        plot_compute(plans, plot)
+    if json:
+        print(_json.dumps({"hardware": {"name": hw.name, "label": hw.label, "peak": hw.peak, "sparse": hw.sparse,
+                                        "power_w": hw.power_w, "note": hw.note, "source": hw.source},
+                           "plans": plans}, indent=2))
+        return plans
+    dtype = plans[0]["precision"]
+    kind = "matmul peak (measured)" if hw.name == "cpu" else "dense peak (datasheet)"
+    print(f"hardware: {gpus:,} x {hw.label}, {dtype} {kind} {hw.peak_for(dtype) / 1e12:,.4g} TFLOP/s each"
+          + (f"; {hw.note}" if hw.note else ""))
+    if days is None:
+        print(f"assumed MFU {mfu:.0%} of that peak; PUE {pue}")
+    else:
+        print(f"run length fixed at {days:g} days: the MFU row is what that implies; PUE {pue}")
+    print()
+    print(format_table(plans))
+    print()
+    print("6ND: Kaplan et al. 2020 sec. 2.1 (N = active non-embedding + output projection); attention term "
+          "12·L·T·d_attn per token: Chowdhery et al. 2022 app. B; 1 PF-day = 8.64e19 FLOPs.")
+    if price is None and instance_price is None:
+        print("add --price USD_PER_DEVICE_HOUR (or --instance-price) for dollars, --kwh-price for the energy bill")
+    for p in plans:
+        if p["mfu_flag"]:
+            print(f"! {p['model']}: {p['mfu_flag']}")
+    if plot:
+        print(f"chart: {plot}")
+    return plans

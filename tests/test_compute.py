@@ -1,0 +1,267 @@
+"""The cost planner against hand-computed figures and the lecture's worked examples.
+
+Every expected value is written out here from the papers' formulas or the
+quoted claims, not taken from the code (docs/compute.md walks through each).
+"""
+
+import json
+import math
+import tracemalloc
+
+import pytest
+
+from pretune.cli import main
+from pretune.compute import (
+    MFUHook, PF_DAY, device_peak, device_seconds, dollars, energy_cost, energy_kwh, flop_params,
+    flops_from_pf_days, implied_mfu, inference_flops_per_token, memory, mfu, mfu_flag, pf_days, plan,
+    train_flops_per_token, training_flops, wall_clock_days,
+)
+from pretune.config import count_params, preset
+from pretune.errors import PretuneError
+from pretune.hardware import HARDWARE, get_hardware
+from pretune import peak as peak_mod
+
+DAY = 86400
+
+
+def close(a, b, rel):
+    return abs(a / b - 1) <= rel
+
+
+# ---- counting and FLOPs, by hand -------------------------------------------------
+
+def test_train_flops_per_token_gpt2_by_hand():
+    # GPT-2 small, vocab 50,257 unpadded. Non-embedding (Kaplan's N): 124,439,808 - 50,257*768
+    # - 1,024*768 = 85,056,000. N in 6N adds the (tied) output projection 50,257*768 = 38,597,376:
+    # 123,653,376 -> 6N = 741,920,256. Attention: 12 * L * T * d = 12*12*1024*768 = 113,246,208.
+    cfg = preset("gpt2", vocab_multiple=1)
+    assert flop_params(cfg) == 123_653_376
+    assert train_flops_per_token(cfg, 1024) == 741_920_256 + 113_246_208
+    # inference at a 1,024-token context: 2N + 4*L*c*d = 247,306,752 + 37,748,736
+    inf = inference_flops_per_token(cfg, 1024)
+    assert inf["total"] == 285_055_488
+
+
+def test_gpt3_175b_on_300b_tokens_is_3_14e23_flops_3640_pf_days():
+    # Brown et al. 2020, table D.1: 3.14e23 FLOPs = 3.64e3 PF-days. N = 12*L*d^2 + V*d
+    # = 12*96*12288^2 + 50257*12288 = 173.95e9 + 0.62e9 ~ 174.6e9; 6*174.6e9*300e9 = 3.143e23.
+    f = training_flops(preset("gpt3-175b"), 300e9)
+    assert close(f["n"], 12 * 96 * 12288 ** 2 + 50257 * 12288, 0.001)
+    assert close(f["six_nd"], 3.14e23, 0.005)
+    assert close(pf_days(f["six_nd"]), 3640, 0.005)
+    # the attention term at T = 2048 adds 12*96*2048*12288*300e9 = 8.70e21 (2.8%)
+    assert close(f["attention"], 12 * 96 * 2048 * 12288 * 300e9, 1e-9)
+    assert PF_DAY == 8.64e19
+
+
+def test_activation_and_state_memory_by_hand():
+    # Korthikanti et al. 2022: per layer per token 34*d + 5*a*T bytes (16-bit activations).
+    # GPT-3 175B at T = 2048: 96 * (34*12288 + 5*96*2048) = 134,479,872, plus fp32 logits 4*50,304.
+    m = memory(preset("gpt3-175b"), "bf16", 2048)
+    assert m["activations_per_token"] == 134_479_872 + 4 * 50304
+    # mixed precision with Adam: 2 + 2 + 12 = 16 bytes per parameter (ZeRO sec. 3.1)
+    total = count_params(preset("gpt3-175b"))["total"]
+    assert m["train_states"] == 16 * total
+    assert close(m["train_states"], 2.79e12, 0.01)
+    # KV cache: 2 (K and V) * L * d * 2 bytes = 2*96*12288*2 = 4,718,592 bytes per token
+    assert m["kv_cache_per_token"] == 4_718_592
+
+
+def test_costing_a_1_8t_config_allocates_nothing():
+    tracemalloc.start()
+    plan(preset("gpt4-moe"), 13e12, "a100", 25000, 0.35)
+    _, peak_bytes = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak_bytes < 1_000_000  # a few kB of dicts, not 1.8T weights
+
+
+# ---- the lecture's figures ------------------------------------------------------
+
+def test_a10g_instances_3000_pf_days_cost_360k_and_why_2_pf_per_s_is_sparse():
+    a10g = HARDWARE["a10g"]
+    # "8-GPU A10G instances counted at 2 PF/s each": 8 * 250 TFLOP/s, the *sparse* bf16 figure.
+    assert 8 * a10g.sparse["bf16"] == 2e15
+    assert 8 * a10g.peak["bf16"] == 1e15  # dense
+    # 3,000 PF-days at 2 PF/s = 1,500 instance-days; at $240 per instance-day = $360,000.
+    inst_days = device_seconds(flops_from_pf_days(3000), 2e15) / DAY
+    assert inst_days == pytest.approx(1500)
+    usd = dollars(device_hours=inst_days * 24 * 8, usd_per_instance_hour=240 / 24, devices_per_instance=8)
+    assert usd == pytest.approx(360_000)
+    # dense peak at 100% utilisation doubles it; at a realistic 40% MFU it is $1.8M.
+    dense_days = device_seconds(flops_from_pf_days(3000), 1e15, 0.4) / DAY
+    assert dense_days * 240 == pytest.approx(1_800_000)
+
+
+def test_25000_a100_for_100_days_at_1_dollar_is_60m():
+    assert dollars(25_000 * 100 * 24, usd_per_device_hour=1.0) == pytest.approx(60e6)
+
+
+def test_energy_190000_kwh_at_22_cents_and_patterson_gpt3():
+    assert energy_cost(190_000, 0.22) == pytest.approx(41_800)
+    # Patterson et al. 2021, table 4, GPT-3: 10,000 V100 for 14.8 days at 330 W mean, PUE 1.1
+    # -> 1,287 MWh reported; 10000 * 355.2 h * 0.330 kW * 1.1 = 1,289,376 kWh.
+    assert close(energy_kwh(10_000 * 14.8 * 24, 330, 1.1), 1_287_000, 0.005)
+
+
+def test_gpt4_moe_counts_land_on_the_rumoured_totals():
+    cfg = preset("gpt4-moe")
+    p = count_params(cfg)
+    assert close(p["total"], 1.8e12, 0.02)
+    assert close(p["active"], 280e9, 0.01)
+    # one expert across the 120 layers: 120 * (2*d*4d + 4d + d biases), d = 10752 -> 110.99e9
+    d = 10752
+    expert = 120 * (8 * d * d + 5 * d)
+    assert close(expert, 111e9, 0.001)
+    assert p["total"] - p["active"] == 14 * expert  # 14 of 16 experts idle per token
+    shared = p["active"] - 2 * expert  # attention (55.5B) + embeddings + norms + routers
+    assert close(shared, 55e9, 0.04)
+    # inference: about 2 x 280B FLOPs per token, before attention
+    assert close(inference_flops_per_token(cfg, 0)["total"], 2 * 280e9, 0.01)
+
+
+def test_gpt1_claim_of_26_pf_days_in_30_days_on_8_gpus_is_flagged():
+    # 26 PF-days / (8 GPUs * 30 days) = 26e15 / 240 = 1.083e14 FLOP/s sustained per GPU
+    per_gpu = flops_from_pf_days(26) / (8 * 30 * DAY)
+    assert per_gpu == pytest.approx(1.0833e14, rel=1e-3)
+    # that is 87% of a V100's dense fp16 tensor peak (125 TFLOP/s; 2018's best) -> implausible,
+    # and 6.9x its fp32 peak -> impossible
+    m16 = implied_mfu(flops_from_pf_days(26), 8, 30, HARDWARE["v100"].peak["fp16"])
+    assert m16 == pytest.approx(0.867, rel=1e-2) and mfu_flag(m16).startswith("implausible")
+    m32 = implied_mfu(flops_from_pf_days(26), 8, 30, HARDWARE["v100"].peak["fp32"])
+    assert m32 == pytest.approx(6.9, rel=1e-2) and mfu_flag(m32).startswith("impossible")
+    # GPT-1's own recipe (Radford et al. 2018: 100 epochs of BooksCorpus, ~1e9 tokens) is
+    # 6 * 117e6 * 1e11 = 7e19 FLOPs ~ 0.8 PF-days: 26 is off by more than an order of magnitude.
+    est = pf_days(training_flops(preset("gpt1"), 1e11)["six_nd"])
+    assert 0.7 < est < 0.9 and 26 / est > 20
+
+
+def test_bert_large_4_days_on_64_tpu_chips_implies_about_26_percent():
+    # Devlin et al. 2019: 1M steps of 256 x 512 ("128,000 tokens/batch") = 1.28e11 tokens on
+    # 16 Cloud TPUs = 64 chips (TPU v2, 45 TFLOP/s each) for 4 days.
+    # Hand: 6 * 340e6 * 1.28e11 / (64 * 45e12 * 4 * 86400) = 0.262
+    flops = training_flops(preset("bert-large"), 1.28e11)["six_nd"]
+    m = implied_mfu(flops, 64, 4, get_hardware("tpu-v2").peak_for("bf16"))
+    assert close(m, 0.262, 0.03) and mfu_flag(m) is None
+    # read as TPU v3 chips (123 TFLOP/s) it would be ~9.6%
+    assert close(implied_mfu(flops, 64, 4, HARDWARE["tpu-v3"].peak["bf16"]), 0.096, 0.03)
+
+
+@pytest.mark.parametrize("days,expected", [(90, 0.360), (100, 0.324)])
+def test_gpt4_13t_tokens_on_25000_a100_is_32_to_36_percent_mfu(days, expected):
+    # 6 * 280e9 * 13e12 = 2.184e25 FLOPs; 25,000 * 312e12 FLOP/s * days * 86400
+    flops = training_flops(preset("gpt4-moe"), 13e12)["six_nd"]
+    m = implied_mfu(flops, 25_000, days, HARDWARE["a100"].peak["bf16"])
+    assert close(m, expected, 0.01)
+    assert mfu_flag(m) is None
+
+
+def test_wall_clock_inverts_implied_mfu():
+    # 1e24 FLOPs on 1,000 devices of 1e15 FLOP/s at 50%: 2e6 s = 23.148 days
+    assert wall_clock_days(1e24, 1000, 1e15, 0.5) == pytest.approx(2e6 / DAY)
+    assert implied_mfu(1e24, 1000, 2e6 / DAY, 1e15) == pytest.approx(0.5)
+
+
+# ---- MFU during training ----------------------------------------------------------
+
+@pytest.fixture
+def cached_cpu_peak(tmp_path, monkeypatch):
+    """A peak cache holding 1e11 fp32 FLOP/s for this machine, so nothing is measured."""
+    monkeypatch.setenv("PRETUNE_CACHE", str(tmp_path))
+    key = peak_mod.machine_key("cpu")
+    (tmp_path / "peak.json").write_text(json.dumps({key: {"device": "cpu", "dtypes": {
+        "fp32": {"flops": 1e11, "n": 2048}}}}))
+    return 1e11
+
+
+def test_mfu_uses_datasheet_for_gpus_and_the_measured_peak_for_cpu(cached_cpu_peak):
+    assert mfu(78e12, "a100", "bf16") == pytest.approx(0.25)
+    value, label = device_peak("cpu", "fp32")
+    assert value == 1e11 and "measured" in label
+    assert mfu(5e10, "cpu", "fp32") == pytest.approx(0.5)
+
+
+def test_mfu_hook_logs_flops_and_mfu(cached_cpu_peak):
+    cfg = preset("gpt2", vocab_multiple=1)
+    hook = MFUHook(cfg, 1024, "fp32")
+
+    class Trainer:
+        device, progress = "cpu", False
+
+    hook.on_start(Trainer())
+    rec = {"tok_per_s": 100.0}
+    hook.on_log(Trainer(), rec)
+    assert rec["model_flops_per_s"] == pytest.approx(100 * 855_166_464)  # the hand count above
+    assert rec["mfu"] == pytest.approx(100 * 855_166_464 / 1e11)
+
+
+def test_peak_measurement_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRETUNE_CACHE", str(tmp_path))
+    res = peak_mod.measure_peaks(("fp32",), "cpu", seconds=0.2, progress=False)
+    assert res["fp32"]["flops"] > 0
+    assert peak_mod.cached_peaks("cpu")["fp32"]["flops"] == res["fp32"]["flops"]
+
+
+# ---- the command -----------------------------------------------------------------
+
+def test_cost_table(capsys):
+    assert main(["cost", "gpt1", "gpt2-xl", "gpt3-175b", "gpt4-moe", "--tokens", "300e9",
+                 "--hardware", "a100", "--gpus", "1024", "--mfu", "0.35"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt4-moe" in out and "3.14e+23" in out and "1.832T" in out
+    assert "312 TFLOP/s" in out  # which peak the MFU is of
+
+
+def test_cost_json_plot_and_config_file(capsys, tmp_path):
+    cfg = tmp_path / "mine.json"
+    cfg.write_text(json.dumps({"model": dict(preset("gpt2", vocab_multiple=1).to_dict(), name="mine")}))
+    png = tmp_path / "c.png"
+    assert main(["cost", "gpt3-175b", str(cfg), "--tokens", "300e9", "--json", "--plot", str(png)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [p["model"] for p in d["plans"]] == ["gpt3-175b", "mine"]
+    assert close(d["plans"][0]["pf_days"], 3637 + 101, 0.01)  # 6ND 3,637 + attention 8.7e21/8.64e19
+    assert d["plans"][1]["params"]["total"] == 124_439_808
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_days_flags_an_impossible_claim(capsys):
+    # GPT-3 175B in one day on 8 A100s would need an MFU far above 1
+    assert main(["cost", "gpt3-175b", "--tokens", "300e9", "--gpus", "8", "--days", "1"]) == 0
+    assert "impossible" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["cost", "gpt2", "--hardware", "b200"], "known: v100, a100"),
+    (["cost", "gpt2", "--tokens", "0"], "--tokens"),
+    (["cost", "gpt2", "--tokens", "-3e9"], "--tokens"),
+    (["cost", "gpt2", "--mfu", "1.5"], "(0, 1]"),
+    (["cost", "gpt2", "--mfu", "0"], "(0, 1]"),
+    (["cost", "gpt2", "--hardware", "v100", "--precision", "bf16"], "bf16"),
+    (["cost", "gpt-nine"], "unknown preset"),
+    (["bench"], "--peak"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"n_layer": 2, "d_model": 100, "n_head": 3}', "not divisible"),
+    ('[1, 2]', "mapping"),
+    ('{"d_ff": "wide"}', "cannot count"),
+    ('{"n_layr": 2}', "n_layer"),
+])
+def test_uncountable_config_file_is_one_line_exit_2(content, needle, tmp_path, capsys):
+    f = tmp_path / "bad.json"
+    f.write_text(content)
+    assert main(["cost", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+def test_bench_peak_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRETUNE_CACHE", str(tmp_path))
+    assert main(["bench", "--peak", "--dtypes", "fp32", "--seconds", "0.2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["peaks"]["fp32"]["flops"] > 0
+    assert (tmp_path / "peak.json").exists()
