@@ -11,7 +11,10 @@ Names `load_tokenizer` knows:
   a path         a folder holding tokenizer.json, or the file itself
 
 Trained vocabularies are cached under `$PRETUNE_CACHE` (default ~/.cache/pretune), so
-each is trained once. `encode` follows Hugging Face's convention: an encoder's
+each is trained once. Byte-level BPE training is deterministic; WordPiece training
+(tokenizers 0.23) breaks ties between equally frequent pairs in hash order, so two
+trainings may differ in a few rare pieces: the cached file (and the copy that
+`prepare` stores with the shards) is the reference. `encode` follows Hugging Face's convention: an encoder's
 template ([CLS] ... [SEP]) is added unless add_special_tokens=False, and special
 tokens written in the text ("[MASK]") are recognised; `pretune prepare` turns
 both off so corpus text can never produce a control token.
@@ -266,9 +269,9 @@ def train_tokenizer(kind: str, vocab_size: int, texts: Iterable[str], progress: 
 
 def _canonical_wordpiece(tok):
     """Renumber a trained WordPiece vocabulary: specials first, then the rest sorted.
-    The trainer breaks ties between equally frequent pieces in hash order, so its ids
-    vary run to run; WordPiece's greedy longest match depends on the set of pieces
-    only, so sorting them changes nothing but makes the ids reproducible."""
+    The trainer numbers pieces in hash order, so the same set of pieces gets other ids
+    run to run; WordPiece's greedy longest match depends on the set only, so sorting
+    changes no segmentation and makes the ids a function of the set."""
     from tokenizers import Tokenizer as HFTokenizer
 
     d = json.loads(tok.to_str())

@@ -1,0 +1,383 @@
+"""Corpora, shards and the batch loaders, on small corpora."""
+
+import json
+import math
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pretune.data import corpora as C
+from pretune.data.shards import (LMBatches, PairBatches, Shard, eval_batches, prepare, split_sentences)
+from pretune.errors import PretuneError
+from pretune.objectives import IGNORE, mlm_mask
+from pretune.tokenizer import load_tokenizer, train_tokenizer
+
+# -- fixtures: a few hundred KB of the King James Bible, in two vocabularies ----------
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return load_tokenizer("bert-uncased")
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory, gpt2):
+    out = tmp_path_factory.mktemp("data") / "bible-gpt2"
+    prepare(["bible"], gpt2, out, val_fraction=0.1, max_bytes=300_000, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair_data(tmp_path_factory, bert):
+    out = tmp_path_factory.mktemp("data") / "bible-bert"
+    prepare(["bible"], bert, out, val_fraction=0.1, max_bytes=300_000, progress=False)
+    return out
+
+
+def _docs(shard: Shard) -> list[tuple[int, ...]]:
+    """The documents of a split, read back from the token stream at the separators."""
+    toks = np.asarray(shard.tokens)
+    cuts = np.flatnonzero(toks == shard.meta["separator_id"])
+    assert cuts[-1] == len(toks) - 1  # every document ends with the separator
+    return [tuple(d) for d in np.split(toks, cuts + 1)[:-1]]
+
+
+# -- sources --------------------------------------------------------------------------
+
+
+def test_builtin_sources_read_their_files():
+    assert next(C.bible()).startswith("In the beginning God created the heaven and the earth. And the earth")
+    first = next(C.movie_dialogs())
+    assert first.splitlines()[:2] == ["you're asking me out. that's so cute. what's your name again?", "forget it."]
+    article = next(C.wikipedia())
+    assert "Anarchism is a political philosophy" in article and "{{" not in article and "[[" not in article
+    if C.austen_available():
+        chapter = next(C.austen())
+        assert chapter.startswith("The family of Dashwood had long been settled in Sussex. Their estate")
+
+
+def test_wikitext_cleaner():
+    raw = ("{{Infobox person|name=X|birth={{birth date|1900|1|1}}}}\n"
+           "'''Ada''' was a [[mathematician|mathematic]]ian from [[London]].<ref name=a>Cite, p. 3</ref>"
+           " She wrote notes.<ref name=b/>\n"
+           "[[File:Ada.jpg|thumb|A [[portrait]] of Ada]]\n"
+           "== Life ==\n"
+           "* She met [[Charles Babbage]] in 1833.&nbsp;<!-- hidden -->\n"
+           "{| class=\"wikitable\"\n|-\n| a || b\n|}\n"
+           "See [http://example.org the site] for more.\n"
+           "== References ==\n{{reflist}}\n[[Category:Mathematicians]]\n")
+    assert C.clean_wikitext(raw) == ("Ada was a mathematician from London. She wrote notes.\n"
+                                     "She met Charles Babbage in 1833.\n"
+                                     "See the site for more.")
+
+
+def test_mixture_weights_are_epochs():
+    docs = lambda: iter(["a b c", "d e f", "g h i", "j k l"] * 25)  # noqa: E731
+    assert [d for _, d in C.mix("x", docs, 2.0)] == list(docs()) * 2
+    half = [d for _, d in C.mix("x", docs, 0.5)]
+    assert half == [d for _, d in C.mix("x", docs, 0.5)]  # deterministic
+    assert set(half) < set(docs())  # a fixed subset of the documents, each kept whole
+    assert sum(1 for _ in C.mix("x", docs, 1.0, max_bytes=20)) == 4
+    with pytest.raises(PretuneError):
+        list(C.mix("x", docs, -1))
+
+
+def test_builtin_mixture_is_deterministic():
+    a = [d[:50] for _, d in C.builtin_corpus({"bible": 1.0, "movies": 0.5}, max_bytes=200_000)]
+    b = [d[:50] for _, d in C.builtin_corpus({"bible": 1.0, "movies": 0.5}, max_bytes=200_000)]
+    assert a == b and len(a) > 10
+
+
+def test_text_and_jsonl_files(tmp_path):
+    t = tmp_path / "a.txt"
+    t.write_text("First doc line one.\nline two.\n\n\n\nSecond doc.\n  \nThird.\n")
+    assert list(C.text_file_documents(t)) == ["First doc line one.\nline two.", "Second doc.", "Third."]
+    j = tmp_path / "b.jsonl"
+    j.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert list(C.jsonl_documents(j)) == ["one", "two"]
+    j.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(PretuneError, match="line 2"):
+        list(C.jsonl_documents(j))
+    j.write_text('{"text": "one"}\n{oops\n')
+    with pytest.raises(PretuneError, match="line 2 is not valid JSON"):
+        list(C.jsonl_documents(j))
+
+
+def test_sentence_splitter_keeps_the_text():
+    t = 'Mr. Darcy bowed. "Is it so?" she asked!  Yes, e.g. this one.\nA new line... And J. R. Tolkien.'
+    s = split_sentences(t)
+    assert "".join(s) == t
+    assert s == ["Mr. Darcy bowed.", ' "Is it so?"', " she asked!", "  Yes, e.g. this one.",
+                 "\nA new line...", " And J. R. Tolkien."]
+
+
+# -- shards --------------------------------------------------------------------------
+
+
+def test_shards_hold_the_text(lm_data, gpt2):
+    meta = json.loads((lm_data / "meta.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["separator_id"] == 50256
+    assert (lm_data / "tokenizer.json").exists() and not list(lm_data.parent.glob(".*tmp*"))
+    train = Shard(lm_data, "train")
+    docs = _docs(train)
+    assert len(docs) == meta["splits"]["train"]["documents"]
+    # every stored document decodes to one chapter of the Bible, and the chapters are in order
+    chapters = list(C.bible())
+    texts = [gpt2.decode(d[:-1]) for d in docs]
+    assert texts[0] == chapters[0] or texts[0] == chapters[1]
+    assert all(t in chapters for t in texts)
+    # sentence index: contiguous within a document, tokens decode to sentences
+    s = train.sents
+    assert s[0, 0] == 0 and (s[:, 1] > s[:, 0]).all()
+    first_doc_sents = [gpt2.decode(train.tokens[a:b]) for a, b in s[train.docs[0]:train.docs[1]]]
+    assert first_doc_sents == split_sentences(texts[0])
+
+
+def test_held_out_split_shares_no_document(tmp_path, gpt2):
+    # weight 2: every document appears twice; both copies must land on the same side
+    out = tmp_path / "d"
+    meta = prepare(["bible"], gpt2, out, val_fraction=0.2, weights={"bible": 2.0}, max_bytes=200_000,
+                   progress=False)
+    train, val = _docs(Shard(out, "train")), _docs(Shard(out, "val"))
+    assert len(val) >= 2 and len(train) >= 2
+    assert not set(train) & set(val)
+    assert meta["splits"]["val"]["documents"] == len(val)
+    n = len(train) + len(val)
+    assert abs(len(val) - 0.2 * n) < 4 * math.sqrt(n * 0.2 * 0.8) + 2
+
+
+def test_dtype_follows_the_vocabulary(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, pre_tokenizers
+
+    from pretune.tokenizer import Tokenizer
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 70_000)}}
+    hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens(["<|endoftext|>"])
+    big = Tokenizer(hf, "wordlevel-70000")
+    (tmp_path / "c.txt").write_text("w69999 w65536 w3\n\nw2 w65537 w70\n\n" * 20)
+    meta = prepare([str(tmp_path / "c.txt")], big, tmp_path / "d", val_fraction=0.5, progress=False)
+    assert meta["dtype"] == "uint32"
+    toks = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint32)
+    assert set(toks.tolist()) <= {69999, 65536, 3, 2, 65537, 70, 0} and toks.max() > 65535
+
+
+def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Constant memory: the Python heap's peak while preparing a corpus 4x larger is
+    the same (it holds one chunk of text and its tokens, never the corpus)."""
+    rng = np.random.default_rng(0)
+    words = np.array("the of and to in a is that for it as was with be by on not he this are".split())
+    tok = train_tokenizer("bpe", 300, [" ".join(words)] * 10)
+    peaks, sizes = [], []
+    for n_docs in (300, 1200):
+        path = tmp_path / f"c{n_docs}.txt"
+        with open(path, "w") as f:
+            for _ in range(n_docs):
+                f.write(" ".join(rng.choice(words, 200)) + ".\n\n")
+        sizes.append(path.stat().st_size)
+        tracemalloc.start()
+        meta = prepare([str(path)], tok, tmp_path / f"d{n_docs}", val_fraction=0.05, chunk_bytes=20_000,
+                       progress=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == n_docs
+        assert meta["chunks"] >= sizes[-1] // 20_000
+    assert peaks[1] < 1.25 * peaks[0], (peaks, sizes)
+    assert peaks[1] < sizes[1], (peaks, sizes)
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, gpt2, capsys):
+    p = tmp_path / "latin1.txt"
+    # 1 lone Latin-1 byte, 2 invalid bytes, and one genuine U+FFFD that must not be counted
+    p.write_bytes("caf".encode() + b"\xe9 au lait.\n\nbad \xff\xfe bytes. real \xef\xbf\xbd char.\n\n" * 3)
+    meta = prepare([str(p)], gpt2, tmp_path / "d", val_fraction=0.4, progress=False)
+    assert meta["replaced_bytes"] == {str(p): 9}
+    err = capsys.readouterr().err
+    assert err.count("not UTF-8") == 1 and "9 bytes" in err
+
+
+@pytest.mark.parametrize("content", [None, b"", b"\n \n\t\n"])
+def test_missing_or_empty_corpus(tmp_path, gpt2, content):
+    p = tmp_path / "corpus.txt"
+    if content is not None:
+        p.write_bytes(content)
+    out = tmp_path / "out"
+    with pytest.raises(PretuneError):
+        prepare([str(p)], gpt2, out, progress=False)
+    assert not out.exists() and not [q for q in tmp_path.iterdir() if q.name.startswith(".")]
+
+
+def test_too_small_a_corpus_for_a_split(tmp_path, gpt2):
+    p = tmp_path / "one.txt"
+    p.write_text("Just one document here.\n")
+    with pytest.raises(PretuneError, match="split is empty"):
+        prepare([str(p)], gpt2, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_refuses_to_replace_a_foreign_folder(tmp_path, gpt2):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(PretuneError, match="not a folder made by"):
+        prepare(["bible"], gpt2, tmp_path / "mine", max_bytes=10_000, progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_cli_prepare(tmp_path):
+    from pretune.cli import main
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps({"text": f"Document number {i}. It has two sentences."}) + "\n"
+                         for i in range(60)))
+    assert main(["prepare", "--corpus", str(p), "--tokenizer", "gpt2", "--out", str(tmp_path / "d"),
+                 "--val-fraction", "0.2"]) == 0
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["sources"]["c"]["documents"] == 60
+    assert main(["prepare", "--corpus", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "e")]) == 2
+    assert main(["prepare", "--corpus", "bible", "--weights", "bible", "--out", str(tmp_path / "e")]) == 2
+
+
+# -- loaders --------------------------------------------------------------------------
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _resume_check(make):
+    """torchtitan's loader test: read 40 batches, save the state, rebuild, load it:
+    the next 8 batches equal those of a loader that never stopped."""
+    straight = make()
+    expected = [next(straight) for _ in range(48)][40:]
+    first = make()
+    for _ in range(40):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # JSON-able
+    again = make()
+    again.load_state_dict(state)
+    assert all(_same(next(again), e) for e in expected)
+    assert not _same(expected[0], expected[1])
+
+
+def test_lm_batches_resume_exactly(lm_data):
+    _resume_check(lambda: LMBatches(lm_data, "train", batch_size=4, seq_len=32, seed=7))
+
+
+def test_pair_batches_resume_exactly(pair_data, bert):
+    _resume_check(lambda: PairBatches(pair_data, "train", 4, 64, 7, bert.special_dict(), bert.vocab_size))
+
+
+def test_lm_batches_shift_by_one(lm_data):
+    b = next(LMBatches(lm_data, "train", 8, 32, seed=0))
+    assert b["input_ids"].shape == b["targets"].shape == (8, 32) and b["input_ids"].dtype == torch.long
+    assert torch.equal(b["input_ids"][:, 1:], b["targets"][:, :-1])
+    toks = torch.from_numpy(np.asarray(Shard(lm_data, "train").tokens).astype(np.int64))
+    for row, tgt in zip(b["input_ids"], b["targets"]):  # a real window of the stream
+        i = int(np.flatnonzero((toks[:-32].unfold(0, 32, 1) == row).all(1))[0])
+        assert torch.equal(toks[i + 1:i + 33], tgt)
+    c = next(LMBatches(lm_data, "train", 8, 32, seed=1))
+    assert not torch.equal(b["input_ids"], c["input_ids"])
+
+
+def test_loader_refuses_other_data(lm_data, tmp_path, gpt2):
+    state = LMBatches(lm_data, "train", 2, 16, 0).state_dict()
+    other = tmp_path / "o"
+    prepare(["bible"], gpt2, other, val_fraction=0.1, max_bytes=100_000, progress=False)
+    with pytest.raises(PretuneError, match="data changed"):
+        LMBatches(other, "train", 2, 16, 0).load_state_dict(state)
+    with pytest.raises(PretuneError, match="prepare"):
+        LMBatches(tmp_path, "train", 2, 16, 0)
+    with pytest.raises(PretuneError, match="fewer than seq_len"):
+        LMBatches(lm_data, "val", 2, 10**7, 0)
+
+
+def test_eval_batches_are_fixed(lm_data, pair_data):
+    for causal, d, T in ((True, lm_data, 32), (False, pair_data, 64)):
+        a = list(eval_batches(d, "val", 4, T, n_batches=3, causal=causal))
+        b = list(eval_batches(d, "val", 4, T, n_batches=3, causal=causal))
+        assert len(a) == 3 and all(_same(x, y) for x, y in zip(a, b))
+
+
+def test_sentence_pairs(pair_data, bert):
+    """[CLS] A [SEP] B [SEP]: segment ids, padding, NSP about 50/50, IsNext pairs consecutive
+    in the text and NotNext pairs not (Devlin et al. 2019, sec. 3.1)."""
+    T = 64
+    pb = PairBatches(pair_data, "train", 50, T, 3, bert.special_dict(), bert.vocab_size)
+    stream = np.asarray(Shard(pair_data, "train").tokens).astype(np.int64)
+    hay = stream.astype(">u4").tobytes()
+    nsp, consecutive, lengths = [], {0: [], 1: []}, []
+    for _ in range(40):
+        b = next(pb)
+        ids, seg, att = b["input_ids"], b["segment_ids"], b["attention_mask"]
+        orig = torch.where(b["labels"] != IGNORE, b["labels"], ids)  # undo the masking
+        for i in range(len(ids)):
+            n = int(att[i].sum())
+            lengths.append(n)
+            assert not att[i, n:].any() and (orig[i, n:] == 0).all()  # [PAD] after the last [SEP]
+            row = orig[i, :n].tolist()
+            assert row[0] == 101 and row[-1] == 102 and row.count(102) == 2 and 101 not in row[1:]
+            j = row.index(102)
+            assert (seg[i, :j + 1] == 0).all() and (seg[i, j + 1:n] == 1).all() and (seg[i, n:] == 0).all()
+            a, bb = row[1:j], row[j + 1:-1]
+            assert a and bb
+            needle = np.array(a + bb, np.int64).astype(">u4").tobytes()
+            pos = hay.find(needle)
+            while pos != -1 and pos % 4:
+                pos = hay.find(needle, pos + 1)
+            consecutive[int(b["nsp_labels"][i])].append(pos != -1)
+        nsp += b["nsp_labels"].tolist()
+    n = len(nsp)
+    assert abs(sum(nsp) - n / 2) < 4 * math.sqrt(n / 4)  # NotNext ~ Bernoulli(0.5)
+    assert all(consecutive[0])  # IsNext: B is the text that follows A
+    assert sum(consecutive[1]) < 0.02 * len(consecutive[1])  # NotNext: another document's text
+    assert max(lengths) == T and min(lengths) < T / 2  # full-length sequences and some short ones
+
+
+def test_mlm_in_pair_batches_never_masks_specials(pair_data, bert):
+    b = next(PairBatches(pair_data, "train", 64, 64, 0, bert.special_dict(), bert.vocab_size))
+    special = (b["labels"] == IGNORE)
+    orig = torch.where(~special, b["labels"], b["input_ids"])
+    is_special = torch.isin(orig, torch.tensor([0, 100, 101, 102, 103]))
+    assert (b["labels"][is_special] == IGNORE).all()
+    frac = (~special).sum() / (~is_special).sum()
+    assert 0.12 < frac < 0.18
+
+
+def test_mlm_proportions_on_a_million_tokens():
+    """Issue 2 item 6. The scheme (objectives.mlm_mask): each non-special token is chosen
+    independently with p = 0.15; a chosen token becomes [MASK] with 0.8, a uniform
+    token of the vocabulary with 0.1 (which may be [MASK] or the token itself), and
+    stays with 0.1. Each count lies within 4 standard deviations of its expectation."""
+    V, MASK, PAD, CLS, SEP = 1000, 3, 0, 1, 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, V, (1000, 1100), generator=g)  # never a special id
+    specials = torch.rand(ids.shape, generator=g) < 0.08
+    ids[specials] = torch.tensor([PAD, CLS, SEP])[torch.randint(3, (int(specials.sum()),), generator=g)]
+    out, labels = mlm_mask(ids, specials, MASK, V, torch.Generator().manual_seed(1))
+
+    def within(count, n, p):
+        return abs(count - n * p) < 4 * math.sqrt(n * p * (1 - p))
+
+    n = int((~specials).sum())
+    assert n >= 1_000_000
+    chosen = labels != IGNORE
+    assert not chosen[specials].any() and torch.equal(out[specials], ids[specials])
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(out[~chosen], ids[~chosen])
+    c = int(chosen.sum())
+    assert within(c, n, 0.15)
+    to_mask = int((out[chosen] == MASK).sum())
+    same = int((out[chosen] == ids[chosen]).sum())
+    other = c - to_mask - same
+    assert within(to_mask, c, 0.8 + 0.1 / V)    # [MASK], or a random draw that hit [MASK]
+    assert within(same, c, 0.1 + 0.1 / V)       # unchanged, or a random draw of itself
+    assert within(other, c, 0.1 * (1 - 2 / V))  # a different random token
+    rnd = out[chosen & (out != MASK) & (out != ids)]
+    assert rnd.min() >= 0 and rnd.max() < V and len(rnd.unique()) > 0.9 * V  # spread over the vocabulary
