@@ -1,0 +1,259 @@
+"""A routed feed-forward layer: a mixture of experts (Shazeer et al. 2017).
+
+A linear router scores the E experts for each token x; the token goes to the
+top k of them, and the layer's output is their gated sum
+
+    p(x) = softmax(x W_r)                      router probabilities over all E experts
+    S    = topk(p(x), k)                       the chosen experts
+    g_i  = p_i / sum_{j in S} p_j  (k > 1)     gates: GShard's renormalised top-k = Mixtral's
+    g_i  = p_i                     (k = 1)     softmax over the chosen logits; Switch for top-1
+    y    = sum_{i in S} g_i E_i(x)  (+ E_shared(x))
+
+Why this variant: softmax over the k chosen logits (Mixtral, Jiang et al. 2024,
+sec. 2.1) is the same number as GShard's renormalised top-2 (Lepikhin et al.
+2020, Algorithm 1) without its random second choice, it makes the gates sum to
+1 so the layer's scale does not depend on the router's confidence, and it is
+what `MixtralForCausalLM` computes, so a Llama-style MoE exports to it exactly.
+With k = 1 the renormalised gate is identically 1 and the router would learn
+from the balancing loss alone, so top-1 keeps Switch's raw probability (Fedus
+et al. 2022, eq. 2), which lets the task loss reach the router.
+
+Training signals, in `aux_loss` after each forward pass:
+
+    balance = E * sum_i f_i P_i       Switch Transformer eq. 4: f_i the fraction of the
+                                      N*k routing assignments that chose expert i, P_i the
+                                      mean router probability of i (min 1, when uniform)
+    z       = mean_x logsumexp(x W_r)^2   router z-loss (Zoph et al. 2022, ST-MoE eq. 5)
+    aux_loss = aux_loss_coef * balance + z_loss_coef * z
+
+f_i counts all k choices and is divided by N*k, so the balance term is 1 at
+perfect balance for any k (as Megatron-Core normalises it; Hugging Face's
+Mixtral loss divides by N only and is k times this).
+
+Capacity (Switch sec. 2.2; GShard): with `capacity_factor` cf, each expert takes
+at most C = ceil(cf * N * k / E) of the N*k assignments of a batch. Priority
+goes to first choices over second choices (GShard), then to earlier tokens; an
+assignment past C is dropped: it contributes zero, the residual connection
+carries the token through unchanged, and the surviving gates are not
+renormalised. `capacity_factor=None` is dropless: every assignment is computed.
+
+Dispatch has no per-token loop: the N*k assignments are sorted by expert, the
+tokens gathered into one contiguous (N*k, d) block, each expert applied to its
+slice in one matmul (a loop over the E experts), and the gated outputs
+scatter-added back to their tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .model import MLP, activation
+from .train import Hook
+
+
+class MoE(nn.Module):
+    """Top-k routed experts in place of a block's dense MLP (see the module docstring).
+
+    The E experts' weights are stacked, in `nn.Linear`'s (out, in) layout and the
+    same fused [gate; up] order as `pretune.model.MLP` and Hugging Face's
+    `MixtralExperts` (gate_up_proj, down_proj):
+        fc_weight   (E, F, d)   F = d_expert_ff, or 2 * d_expert_ff for SwiGLU
+        proj_weight (E, d, d_expert_ff)
+        fc_bias (E, F), proj_bias (E, d)   when the config has biases
+    After each forward: `aux_loss` (scalar tensor) and `stats` (detached tensors:
+    `expert_fraction` (E,), `dropped`, `entropy`)."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.n_expert, self.top_k, self.capacity_factor = c.n_expert, c.top_k, c.capacity_factor
+        d, ff = c.d_model, c.expert_ffn_dim
+        self.glu = c.mlp == "swiglu"
+        self.act = activation(c.mlp)
+        self.router = nn.Linear(d, c.n_expert, bias=False)  # W_r
+        self.fc_weight = nn.Parameter(torch.empty(c.n_expert, (2 if self.glu else 1) * ff, d))
+        self.proj_weight = nn.Parameter(torch.empty(c.n_expert, d, ff))
+        self.fc_bias = nn.Parameter(torch.empty(c.n_expert, self.fc_weight.shape[1])) if c.bias else None
+        self.proj_bias = nn.Parameter(torch.empty(c.n_expert, d)) if c.bias else None
+        # DeepSeekMoE's always-on shared expert (Dai et al. 2024): a dense MLP of d_ff beside the routed ones.
+        self.shared = MLP(c) if c.shared_expert else None
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.stats: dict[str, torch.Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 init (Radford et al. 2019, sec. 2.3), as Transformer._init gives a dense MLP:
+        # N(0, 0.02), the residual (down) projection scaled by 1/sqrt(2 n_layer). The model's
+        # `apply(_init)` sees only nn.Linear / nn.Embedding, so the stacked tensors are done here.
+        std = 0.02
+        nn.init.normal_(self.router.weight, 0.0, std)
+        nn.init.normal_(self.fc_weight, 0.0, std)
+        nn.init.normal_(self.proj_weight, 0.0, std / math.sqrt(2 * self.c.n_layer))
+        for b in (self.fc_bias, self.proj_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        """C = ceil(cf * N * k / E) assignments per expert, or None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_expert)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """E_e(x): the config's MLP kind (GELU or SwiGLU) with expert e's weights."""
+        h = F.linear(x, self.fc_weight[e], None if self.fc_bias is None else self.fc_bias[e])
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.act(h)
+        return F.linear(h, self.proj_weight[e], None if self.proj_bias is None else self.proj_bias[e])
+
+    def route(self, x: torch.Tensor):
+        """Router logits (N, E), probabilities (N, E), chosen experts (N, k) and their gates (N, k).
+        In float32 (at least) whatever the autocast: the softmax and its exponent are where
+        bf16 routing goes unstable (Switch sec. 2.4, "selective precision")."""
+        dt = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dt), self.router.weight.to(dt))
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
+        return logits, probs, top_i, gates
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        E, k = self.n_expert, self.top_k
+        xf = x.reshape(-1, d)
+        N = xf.shape[0]
+        logits, probs, top_i, gates = self.route(xf)
+
+        # The N*k assignments in priority order: every token's first choice, then every
+        # second choice (GShard), each in token order. A stable sort by expert keeps
+        # that order inside each expert's group.
+        expert_of = top_i.t().reshape(-1)  # (k*N,)
+        token_of = torch.arange(N, device=x.device).repeat(k)
+        gate_of = gates.t().reshape(-1)
+        order = torch.argsort(expert_of, stable=True)
+        counts = torch.bincount(expert_of, minlength=E)  # assignments per expert, before capacity
+        cap = self.capacity(N)
+        if cap is not None:
+            start = counts.cumsum(0) - counts
+            rank = torch.arange(k * N, device=x.device) - start[expert_of[order]]
+            order = order[rank < cap]
+            kept = counts.clamp(max=cap)
+        else:
+            kept = counts
+
+        tok, g = token_of[order], gate_of[order]
+        xs = xf[tok]  # (M, d): the tokens, grouped by expert
+        outs = [self.expert(e, xe) for e, xe in enumerate(xs.split(kept.tolist())) if xe.shape[0]]
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, d)
+        y = torch.zeros_like(xf).index_add_(0, tok, (ys * g[:, None]).to(xf.dtype))
+        if self.shared is not None:
+            y = y + self.shared(xf)
+
+        # Training signals (Switch eq. 4; ST-MoE eq. 5) and the statistics the loop logs.
+        f = counts.float() / (N * k)
+        P = probs.mean(dim=0)
+        balance = E * (f * P).sum()
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        self.aux_loss = self.c.aux_loss_coef * balance + self.c.z_loss_coef * z
+        entropy = -(probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+        self.stats = {"expert_fraction": f.detach(), "dropped": (1 - kept.sum() / (N * k)).detach().float(),
+                      "entropy": entropy.detach()}
+        return y.view(B, T, d)
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+class MoEStatsHook(Hook):
+    """Logs the routers' statistics to metrics.jsonl, averaged over the steps since
+    the last log line, and draws them to `moe.png` at each checkpoint:
+
+        moe_entropy       mean router entropy in nats (log E = uniform; 0 = one expert)
+        moe_dropped       fraction of the routing assignments dropped by capacity
+        moe_imbalance     E * max_i f_i, the busiest expert's load over a fair share (1 = balanced)
+        moe_expert_frac   per routed layer, the fraction f_i of assignments per expert
+
+    The statistics of the last micro-batch of each step are summed on the device;
+    the host reads them only at log time."""
+
+    def __init__(self):
+        self._sum: torch.Tensor | None = None  # (layers, E + 2): f_1..f_E, dropped, entropy
+        self._n = 0
+
+    def after_step(self, trainer, loss, parts) -> None:
+        layers = [m for m in moe_layers(trainer.model) if m.stats]
+        if not layers:
+            return
+        s = torch.stack([torch.cat([m.stats["expert_fraction"], m.stats["dropped"][None], m.stats["entropy"][None]])
+                         for m in layers])
+        self._sum = s if self._sum is None else self._sum + s
+        self._n += 1
+
+    def on_log(self, trainer, record: dict) -> None:
+        if self._sum is None:
+            return
+        s = (self._sum / self._n).cpu()
+        self._sum, self._n = None, 0
+        f = s[:, :-2]
+        record["moe_entropy"] = float(s[:, -1].mean())
+        record["moe_dropped"] = float(s[:, -2].mean())
+        record["moe_imbalance"] = float(f.shape[1] * f.max())
+        record["moe_expert_frac"] = [[round(float(v), 5) for v in row] for row in f]
+
+    def on_checkpoint(self, trainer, path) -> None:
+        try:
+            plot_moe(trainer.run_dir)
+        except Exception as e:  # a plot must never lose a run
+            print(f"note: could not draw moe.png: {e}")
+
+    def state_dict(self) -> dict:
+        return {"n": self._n, "sum": None if self._sum is None else self._sum.cpu().double().tolist()}
+
+    def load_state_dict(self, d: dict) -> None:
+        self._n = d.get("n", 0)
+        self._sum = None if d.get("sum") is None else torch.tensor(d["sum"], dtype=torch.float32)
+
+
+def plot_moe(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
+    """moe.png: router entropy, imbalance and dropped fraction per step; the last
+    logged expert loads as a layers x experts heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import read_metrics, save_figure
+
+    rows = [r for r in read_metrics(run_dir) if "moe_entropy" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(steps, [r["moe_entropy"] for r in rows], label="router entropy (nats)")
+    a.plot(steps, [r["moe_imbalance"] for r in rows], label="imbalance E·max f_i (1 = even)")
+    a.plot(steps, [r["moe_dropped"] for r in rows], label="dropped fraction")
+    a.set_xlabel("step")
+    a.grid(alpha=0.3)
+    a.legend()
+    frac = rows[-1]["moe_expert_frac"]
+    im = b.imshow(frac, aspect="auto", cmap="viridis")
+    b.set_xlabel("expert")
+    b.set_ylabel("routed layer")
+    b.set_title(f"share of assignments per expert, step {steps[-1]}")
+    fig.colorbar(im, ax=b)
+    fig.suptitle(Path(run_dir).name)
+    path = Path(out or Path(run_dir) / "moe.png")
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
