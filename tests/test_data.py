@@ -3,14 +3,14 @@
 import json
 import math
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pretune.data import corpora as C
-from pretune.data.shards import (LMBatches, PairBatches, Shard, eval_batches, prepare, split_sentences)
+from pretune.data.shards import (LMBatches, PairBatches, Shard, eval_batches, prepare, split_sentences,
+                                 unigram_entropy)
 from pretune.errors import PretuneError
 from pretune.objectives import IGNORE, mlm_mask
 from pretune.tokenizer import load_tokenizer, train_tokenizer
@@ -193,6 +193,19 @@ def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path):
         assert meta["chunks"] >= sizes[-1] // 20_000
     assert peaks[1] < 1.25 * peaks[0], (peaks, sizes)
     assert peaks[1] < sizes[1], (peaks, sizes)
+
+
+def test_unigram_entropy_by_hand(tmp_path):
+    # a hand-made split: tokens 5 5 5 7 -> H = -(3/4 ln 3/4 + 1/4 ln 1/4) = 0.5623 nats
+    np.array([5, 5, 5, 7], np.uint16).tofile(tmp_path / "val.bin")
+    np.array([[0, 3]], np.int64).tofile(tmp_path / "val.sents.bin")
+    np.array([0, 1], np.int64).tofile(tmp_path / "val.docs.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({
+        "dtype": "uint16", "vocab_size": 8, "separator_id": 7, "special": {},
+        "splits": {"val": {"tokens": 4, "documents": 1, "sentences": 1}}}))
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert unigram_entropy(tmp_path, "val") == pytest.approx(h, rel=1e-12)
+    assert unigram_entropy(tmp_path, "val", chunk=3) == pytest.approx(h, rel=1e-12)  # chunked counting
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, gpt2, capsys):

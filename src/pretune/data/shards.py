@@ -49,7 +49,7 @@ import torch
 
 from ..errors import PretuneError
 from ..fileio import atomic_write_json, fsync_dir
-from .corpora import ReadStats, SOURCES, _unit_hash, corpus_documents, resolve_corpus
+from .corpora import ReadStats, _unit_hash, corpus_documents, resolve_corpus
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -278,7 +278,9 @@ def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", ou
     """Tokenize text into memory-mapped train/val token shards for pre-training.
 
     Args:
-        corpus: comma-separated built-in sources (builtin = all of movies, wikipedia, bible, austen) or .txt/.jsonl files and folders; .txt documents are separated by blank lines (default: builtin)
+        corpus: comma-separated built-in sources (builtin = all of movies, wikipedia, bible,
+            austen) or .txt/.jsonl files and folders; in .txt files a blank line ends a
+            document (default: builtin)
         tokenizer: gpt2, bert-uncased, bpe-N, wordpiece-N, or a tokenizer.json path
         out: the output folder (default: runs/data/<corpus>-<tokenizer>)
         weights: epochs per source, e.g. wikipedia=2,movies=0.5 (GPT-3-style mixing)
@@ -331,6 +333,18 @@ class Shard:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+def unigram_entropy(data_dir, split: str = "val", chunk: int = 1 << 22) -> float:
+    """H = -sum_v p(v) ln p(v) in nats, p the token frequencies of the split itself: the
+    loss of the best context-free model of that text, the bar a language model must clear
+    (document separators count as tokens, as the LM loss counts them)."""
+    shard = Shard(data_dir, split)
+    counts = np.zeros(int(shard.meta["vocab_size"]), np.int64)
+    for i in range(0, len(shard), chunk):
+        counts += np.bincount(shard.tokens[i:i + chunk], minlength=len(counts))[:len(counts)]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 def batch_generator(seed: int, k: int) -> torch.Generator:
