@@ -5,7 +5,6 @@ quoted claims, not taken from the code (docs/compute.md walks through each).
 """
 
 import json
-import math
 import tracemalloc
 
 import pytest
@@ -17,7 +16,6 @@ from pretune.compute import (
     train_flops_per_token, training_flops, wall_clock_days,
 )
 from pretune.config import count_params, preset
-from pretune.errors import PretuneError
 from pretune.hardware import HARDWARE, get_hardware
 from pretune import peak as peak_mod
 

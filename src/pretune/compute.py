@@ -328,7 +328,7 @@ def plan(cfg: ModelConfig, tokens: float, hardware: str | Hardware = "a100", dev
     try:
         params = count_params(cfg)
         fl = training_flops(cfg, tokens, seq_len)
-        mem = memory(cfg, "fp32" if dtype == "fp32" else "bf16", seq_len)
+        mem = memory(cfg, "fp32" if dtype in ("fp32", "tf32") else "bf16", seq_len)
         inf = inference_flops_per_token(cfg, context)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         raise PretuneError(f"cannot count model '{cfg.name}': {e}", None, "check its config fields")
