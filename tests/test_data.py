@@ -64,6 +64,18 @@ def test_builtin_sources_read_their_files():
         assert chapter.startswith("The family of Dashwood had long been settled in Sussex. Their estate")
 
 
+@pytest.mark.skipif(not C.austen_available(), reason="janeaustenr / rdata not installed")
+def test_fast_r_reader_matches_rdata():
+    import warnings
+
+    import rdata
+    blobs = C._r_lazyload(C.AUSTEN_RDB, C.AUSTEN_RDB.with_suffix(".rdx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(blobs["persuasion"]))]
+    assert C._r_strings(blobs["persuasion"]) == ref and ref[0] == "Persuasion"
+
+
 def test_wikitext_cleaner():
     raw = ("{{Infobox person|name=X|birth={{birth date|1900|1|1}}}}\n"
            "'''Ada''' was a [[mathematician|mathematic]]ian from [[London]].<ref name=a>Cite, p. 3</ref>"

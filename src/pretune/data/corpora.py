@@ -201,6 +201,35 @@ def _r_lazyload(rdb: Path, rdx: Path) -> dict[str, bytes]:
     return out
 
 
+def _r_strings(data: bytes) -> list[str] | None:
+    """A serialized R character vector (XDR format 2 or 3, no attributes) as Python strings,
+    read directly: some ten times faster than a general parser. None if it is anything else."""
+    if data[:2] != b"X\n":
+        return None
+    pos = 2
+    version = struct.unpack_from(">i", data, pos)[0]
+    pos += 12
+    if version == 3:
+        pos += 4 + struct.unpack_from(">i", data, pos)[0]  # the native encoding's name
+    flags, n = struct.unpack_from(">ii", data, pos)
+    pos += 8
+    if flags & 0xFF != 16 or flags & (1 << 9):  # STRSXP without attributes
+        return None
+    out = []
+    for _ in range(n):
+        cflags, length = struct.unpack_from(">ii", data, pos)
+        pos += 8
+        if cflags & 0xFF != 9:
+            return None
+        if length < 0:  # NA_character_
+            out.append("")
+            continue
+        enc = "latin-1" if cflags & (1 << 2) else "utf-8"
+        out.append(data[pos:pos + length].decode(enc, errors="replace"))
+        pos += length
+    return out if pos == len(data) else None
+
+
 AUSTEN_BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 _CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+([0-9]+|[IVXLC]+)\b\.?\s*$")
 
@@ -228,9 +257,11 @@ def austen() -> Iterator[str]:
                            "apt-get install r-cran-janeaustenr and pip install rdata, or leave 'austen' out")
     blobs = _r_lazyload(AUSTEN_RDB, AUSTEN_RDB.with_suffix(".rdx"))
     for book in AUSTEN_BOOKS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lines = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(blobs[book]))]
+        lines = _r_strings(blobs[book])
+        if lines is None:  # not a plain character vector: let rdata read it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lines = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(blobs[book]))]
         chapter: list[str] | None = None  # paragraphs of the current chapter; None before the first
         cur: list[str] = []                 # lines of the current paragraph
         for line in lines + [None]:  # None: the end of the book closes its last chapter
