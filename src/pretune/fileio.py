@@ -24,6 +24,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise PretuneError(f"cannot write {path.name}: {e.strerror}", str(path.parent),
                            "check free space and permissions") from e
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
