@@ -10,12 +10,8 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
-
-import numpy as np
 
 from .config import preset
 from .train import TrainConfig, default_data_dir, pretrain
@@ -23,17 +19,6 @@ from .train import TrainConfig, default_data_dir, pretrain
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
 MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [MASK] .",
           "i don't [MASK] what you mean ."]
-
-
-def unigram_entropy(data_dir: Path, split: str = "val") -> float:
-    """H = -sum_u p(u) log p(u) of the split's own token frequencies, in nats:
-    the loss of the best model that ignores context. A model that learned
-    anything from context must beat it."""
-    meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    counts = np.bincount(np.asarray(tokens), minlength=1).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 # Budgets sized for about 2.5 minutes each on 2 CPU cores.
@@ -55,7 +40,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         finetune: run the transfer-learning experiment after pre-training
         full: the whole fine-tuning grid (100, 1,000, all labels; 3 seeds) and the real-weights runs
     """
-    from .data.shards import prepare
+    from .data.shards import prepare, unigram_entropy
 
     t0 = time.time()
     report: dict = {}
