@@ -1,0 +1,122 @@
+"""Real pretrained weights in and out of the one `Transformer`.
+
+    pretune import hf:DIR   --out RUN     a Hugging Face folder (config.json + model.safetensors)
+    pretune import gguf:FILE --out RUN    a llama.cpp GGUF file (needs the `gguf` extra)
+    pretune export RUN --format hf --out DIR
+
+An import makes an ordinary run directory (config.json, tokenizer.json,
+checkpoints/step-000000/ with model.safetensors and a manifest), so every verb
+that takes a run takes it. The mapping of each architecture is in `hf.py` and
+docs/interop.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import PretuneError
+
+SOURCES = ("hf:DIR", "gguf:FILE")
+
+
+def load_source(source: str):
+    """(model, tokenizer or None, info) from 'hf:DIR' or 'gguf:FILE' (a bare folder or .gguf path works too)."""
+    kind, sep, rest = source.partition(":")
+    if not sep or kind not in ("hf", "gguf"):
+        p = Path(source)
+        if p.suffix == ".gguf":
+            kind, rest = "gguf", source
+        elif p.is_dir():
+            kind, rest = "hf", source
+        else:
+            raise PretuneError(f"unknown source '{source}'", None, f"write {' or '.join(SOURCES)}")
+    if kind == "gguf":
+        from .gguf import load_gguf
+        return load_gguf(rest)
+    from .hf import load_hf_folder
+    return load_hf_folder(rest)
+
+
+def write_run(out: str | Path, model, tok, source: dict) -> Path:
+    """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place."""
+    from ..checkpoint import save_checkpoint
+    from ..fileio import atomic_write_json, fsync_dir
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PretuneError("the run directory exists and is not empty", str(out),
+                           "choose a new --out, or delete the folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    if tok is not None and cfg.tokenizer in ("run",):
+        # the run's own tokenizer.json; load_tokenizer() accepts a path
+        cfg = cfg.replace(tokenizer=str((out / "tokenizer.json").resolve()))
+        model.config = cfg
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        atomic_write_json(tmp / "config.json", {"model": cfg.to_dict(), "source": source})
+        if tok is not None:
+            tok.save(tmp)
+        save_checkpoint(tmp, 0, model)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def import_cmd(source: str, out: Path | None = None) -> Path:
+    """Import pretrained weights (a Hugging Face folder or a GGUF file) as a pretune run directory.
+
+    Args:
+        source: hf:DIR (config.json + model.safetensors) or gguf:FILE
+        out: the run directory to create (default: runs/<source name>)
+    """
+    model, tok, info = load_source(source)
+    if out is None:
+        out = Path("runs") / Path(info["path"]).stem.replace(".", "-")
+    run = write_run(out, model, tok, info)
+    c = model.config
+    kind = "decoder" if c.causal else "encoder"
+    print(f"imported {info['architecture']} {kind}: {c.n_layer} layers, d={c.d_model}, {c.n_head} heads"
+          f"{f' ({c.kv_heads} KV)' if c.kv_heads != c.n_head else ''}, vocab {c.vocab_size}, "
+          f"{model.num_params() / 1e6:.1f}M parameters -> {run}")
+    if info.get("ignored"):
+        print(f"ignored (nothing the model uses): {', '.join(info['ignored'])}")
+    return run
+
+
+def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
+    """Export a run's latest checkpoint as a Hugging Face folder (config.json, model.safetensors, tokenizer).
+
+    Args:
+        run: a run directory (pretrain, finetune or import)
+        out: the folder to create (required)
+        format: hf (the only format; see docs/interop.md for the architecture mapping)
+    """
+    if out is None:
+        raise PretuneError("missing --out", "pretune export", "name the folder to create, e.g. --out exported/")
+    if format != "hf":
+        raise PretuneError(f"unknown export format '{format}'", None, "use --format hf")
+    from ..checkpoint import load_model, read_run_config
+    from .hf import export_hf, hf_class, hf_family
+
+    hf_family(read_config(run))  # refuse before loading any weights
+    model, cfg, tok = load_model(run)
+    src = read_run_config(run).get("source")
+    path = export_hf(model, tok, out, {"pretune_run": str(Path(run).resolve()), **({"source": src} if src else {})})
+    print(f"exported {run} as {hf_class(cfg, hf_family(cfg))} -> {path}")
+    return path
+
+
+def read_config(run: str | Path):
+    from ..checkpoint import read_run_config
+    from ..config import ModelConfig
+
+    return ModelConfig.from_dict(read_run_config(run)["model"], str(Path(run) / "config.json"))

@@ -1,0 +1,601 @@
+"""Hugging Face folders (config.json + model.safetensors) in and out of the one `Transformer`.
+
+Four Hugging Face architectures are exactly a `ModelConfig`:
+
+    BERT        encoder, post-LN, learned positions, segments, embedding LayerNorm, exact GELU
+    GPT-2       decoder, pre-LN, learned positions, tanh GELU, Conv1D weights (stored transposed)
+    OpenAI GPT  decoder, post-LN, learned positions, tanh GELU, Conv1D weights, d_ff = 4d
+    Llama       decoder, pre-LN RMSNorm, rotary (half-split), SwiGLU, grouped-query attention
+
+Each parameter of ours is one `Rule`: the Hugging Face tensors it is made of and
+how (copied, concatenated along the output rows, transposed, or padded to the
+padded vocabulary). Import applies the rules forward, export backwards; both are
+exact (cat/split/transpose/slice), so importing an export gives the same bits.
+`transformers` is never imported here: the files are read and written directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import PretuneError
+
+ARCHS = {  # model_type -> family
+    "bert": "bert", "gpt2": "gpt2", "openai-gpt": "openai-gpt", "llama": "llama",
+}
+ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+
+
+@dataclass
+class Rule:
+    ours: str
+    theirs: tuple[str, ...]
+    kind: str = "copy"  # copy | cat (rows) | T (Conv1D transpose) | vocab (pad rows to padded_vocab_size)
+    sizes: tuple[int, ...] = ()  # the row counts of each part, for `cat`
+
+
+# ---- config.json <-> ModelConfig --------------------------------------------
+
+def _need(d: dict, key: str, where: str):
+    if key not in d:
+        raise PretuneError(f"config.json has no '{key}'", where, "give the config.json the checkpoint was saved with")
+    return d[key]
+
+
+def family_of(hf: dict, where: str) -> str:
+    mt = hf.get("model_type")
+    if mt in ARCHS:
+        return ARCHS[mt]
+    archs = hf.get("architectures") or []
+    for a in archs:
+        for prefix, fam in (("Bert", "bert"), ("GPT2", "gpt2"), ("OpenAIGPT", "openai-gpt"), ("Llama", "llama")):
+            if a.startswith(prefix):
+                return fam
+    raise PretuneError(f"unknown architecture '{mt or (archs[0] if archs else '?')}' in config.json", where,
+                       f"pretune imports {', '.join(ARCHS)} checkpoints")
+
+
+def _act(name: str, where: str) -> str:
+    if name not in ACT_IN:
+        raise PretuneError(f"activation '{name}' has no pretune equivalent", where,
+                           f"pretune knows {', '.join(ACT_IN)}")
+    return ACT_IN[name]
+
+
+def config_from_hf(hf: dict, family: str, heads: dict, where: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face config.json. `heads`: lm_head / nsp_head found in the weights."""
+    c = _config_from_hf(hf, family, heads, where)
+    return c.replace(d_ff=None) if c.d_ff == 4 * c.d_model else c  # None = 4d, as the presets write it
+
+
+def _config_from_hf(hf: dict, family: str, heads: dict, where: str) -> ModelConfig:
+    g = lambda k: _need(hf, k, where)  # noqa: E731
+    if family == "bert":
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise PretuneError(f"position_embedding_type '{hf['position_embedding_type']}' is not supported",
+                               where, "only absolute (learned) positions are")
+        return ModelConfig(
+            name=hf.get("_name_or_path") or "bert", causal=False, vocab_size=g("vocab_size"),
+            max_seq_len=g("max_position_embeddings"), n_layer=g("num_hidden_layers"),
+            n_head=g("num_attention_heads"), d_model=g("hidden_size"), d_ff=g("intermediate_size"),
+            norm_eps=hf.get("layer_norm_eps", 1e-12), norm_placement="post", embedding_norm=True,
+            mlp=_act(hf.get("hidden_act", "gelu"), where), type_vocab_size=hf.get("type_vocab_size", 2),
+            dropout=hf.get("hidden_dropout_prob", 0.1), tie_embeddings=hf.get("tie_word_embeddings", True),
+            lm_head=heads["lm_head"], nsp_head=heads["nsp_head"], tokenizer="bert-uncased")
+    if family in ("gpt2", "openai-gpt"):
+        d = g("n_embd")
+        if family == "gpt2":
+            act = _act(hf.get("activation_function", "gelu_new"), where)
+            ff = hf.get("n_inner") or 4 * d
+            if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+                raise PretuneError("GPT-2 attention scaled by the layer index is not supported", where,
+                                   "import a checkpoint with scale_attn_by_inverse_layer_idx=false")
+        else:
+            if hf.get("afn", "gelu") != "gelu":  # OpenAI GPT's "gelu" is the tanh approximation
+                raise PretuneError(f"OpenAI GPT activation '{hf['afn']}' is not supported", where,
+                                   "only afn='gelu' (tanh GELU) is")
+            act, ff = "gelu_tanh", 4 * d
+        return ModelConfig(
+            name=hf.get("_name_or_path") or family, causal=True, vocab_size=g("vocab_size"),
+            max_seq_len=g("n_positions"), n_layer=g("n_layer"), n_head=g("n_head"), d_model=d, d_ff=ff,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre" if family == "gpt2" else "post",
+            mlp=act, dropout=hf.get("resid_pdrop", 0.1), tie_embeddings=hf.get("tie_word_embeddings", True),
+            lm_head=heads["lm_head"], tokenizer="gpt2" if family == "gpt2" else "openai-gpt")
+    # llama
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if kind not in ("default", "linear"):
+        raise PretuneError(f"rotary scaling '{kind}' is not supported", where,
+                           "pretune implements plain rotary and linear position interpolation")
+    factor = float(rope.get("factor", legacy.get("factor", 1.0))) if kind == "linear" else 1.0
+    d, nh = g("hidden_size"), g("num_attention_heads")
+    if hf.get("head_dim") not in (None, d // nh):
+        raise PretuneError(f"head_dim={hf['head_dim']} differs from hidden_size/num_attention_heads", where,
+                           "pretune derives the head size from d_model / n_head")
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        raise PretuneError("attention_bias and mlp_bias differ", where, "pretune has one `bias` switch for both")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise PretuneError(f"Llama activation '{hf['hidden_act']}' is not supported", where, "only silu (SwiGLU) is")
+    return ModelConfig(
+        name=hf.get("_name_or_path") or "llama", causal=True, vocab_size=g("vocab_size"),
+        max_seq_len=g("max_position_embeddings"), n_layer=g("num_hidden_layers"), n_head=nh,
+        n_kv_head=hf.get("num_key_value_heads") or None, d_model=d, d_ff=g("intermediate_size"),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", position="rotary",
+        rope_theta=float(theta), rope_scaling=factor, mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
+        tie_embeddings=hf.get("tie_word_embeddings", False), dropout=float(hf.get("attention_dropout", 0.0)),
+        lm_head=heads["lm_head"], tokenizer="run")
+
+
+# ---- the mapping: which Hugging Face architecture a config is ---------------
+
+_FAMILIES = {
+    # family: (class with head(s), base class, base prefix, requirements)
+    "gpt2": ("GPT2LMHeadModel", "GPT2Model", "transformer."),
+    "openai-gpt": ("OpenAIGPTLMHeadModel", "OpenAIGPTModel", "transformer."),
+    "bert": ("BertForPreTraining", "BertModel", "bert."),
+    "llama": ("LlamaForCausalLM", "LlamaModel", "model."),
+}
+
+
+def _requirements(c: ModelConfig) -> dict[str, list[str]]:
+    """For each family, what `c` would need to change to be it (empty: it is that family)."""
+    mha = c.kv_heads == c.n_head
+    common = [(c.n_expert == 0, "dense feed-forward layers (no mixture of experts)")]
+    learned_ln = [(c.norm == "layernorm", "LayerNorm"), (c.position == "learned", "learned positions"),
+                  (c.bias, "biases"), (mha, "multi-head attention (no grouped-query)")]
+    req = {
+        "gpt2": common + learned_ln + [
+            (c.causal, "a decoder"), (c.norm_placement == "pre", "pre-LN"), (not c.embedding_norm, "no embedding norm"),
+            (c.type_vocab_size == 0, "no segment embeddings"), (c.mlp in ("gelu", "gelu_tanh"), "a GELU MLP")],
+        "openai-gpt": common + learned_ln + [
+            (c.causal, "a decoder"), (c.norm_placement == "post", "post-LN"), (not c.embedding_norm, "no embedding norm"),
+            (c.type_vocab_size == 0, "no segment embeddings"), (c.mlp == "gelu_tanh", "a tanh-GELU MLP"),
+            (c.ffn_dim == 4 * c.d_model, "d_ff = 4 d_model"), (c.tie_embeddings, "a tied output matrix")],
+        "bert": common + learned_ln + [
+            (not c.causal, "an encoder"), (c.norm_placement == "post", "post-LN"),
+            (c.embedding_norm, "an embedding LayerNorm"), (c.type_vocab_size > 0, "segment embeddings"),
+            (c.mlp in ("gelu", "gelu_tanh"), "a GELU MLP")],
+        "llama": common + [
+            (c.causal, "a decoder"), (c.norm == "rmsnorm", "RMSNorm"), (c.norm_placement == "pre", "pre-LN"),
+            (c.position == "rotary", "rotary positions"), (c.mlp == "swiglu", "a SwiGLU MLP"),
+            (not c.embedding_norm, "no embedding norm"), (c.type_vocab_size == 0, "no segment embeddings")],
+    }
+    return {f: [why for ok, why in r if not ok] for f, r in req.items()}
+
+
+def describe(c: ModelConfig) -> str:
+    parts = [f"{c.norm_placement}-LN {'decoder' if c.causal else 'encoder'} with {c.norm}",
+             f"{c.position} positions", f"{c.mlp} MLP"]
+    if c.n_expert:
+        parts.append(f"{c.n_expert} experts")
+    return ", ".join(parts)
+
+
+def hf_family(c: ModelConfig) -> str:
+    """The Hugging Face family `c` maps to, or a one-line refusal naming what has no equivalent."""
+    req = _requirements(c)
+    for fam, missing in req.items():
+        if not missing:
+            return fam
+    fam = min(req, key=lambda f: len(req[f]))
+    raise PretuneError(f"a {describe(c)} has no Hugging Face equivalent (the nearest, {_FAMILIES[fam][0]}, "
+                       f"needs {', '.join(req[fam])})", None, "export it as a pretune run, or change the config")
+
+
+def hf_class(c: ModelConfig, fam: str) -> str:
+    if fam == "bert":
+        if c.lm_head and c.nsp_head:
+            return "BertForPreTraining"
+        if c.lm_head:
+            return "BertForMaskedLM"
+        if c.nsp_head:
+            return "BertForNextSentencePrediction"
+        return "BertModel"
+    with_head, base, _ = _FAMILIES[fam]
+    return with_head if c.lm_head else base
+
+
+def hf_prefix(c: ModelConfig, fam: str) -> str:
+    """The base model's key prefix in the Hugging Face class `c` maps to."""
+    return "" if hf_class(c, fam) == _FAMILIES[fam][1] else _FAMILIES[fam][2]
+
+
+# ---- the rules ------------------------------------------------------------------
+
+def rules(c: ModelConfig, fam: str, p: str) -> list[Rule]:
+    """Our parameter <- Hugging Face tensors, for every parameter of a `Transformer(c)` (tied ones once)."""
+    d, hd = c.d_model, c.head_dim
+    qkv_sizes = (c.n_head * hd, c.kv_heads * hd, c.kv_heads * hd)
+    wb = ("weight", "bias") if c.bias else ("weight",)
+    nb = ("weight", "bias") if (c.norm == "layernorm" and c.bias) else ("weight",)
+    R: list[Rule] = []
+
+    def lin(ours, theirs, suffixes=wb, kind="copy"):
+        for s in suffixes:
+            R.append(Rule(f"{ours}.{s}", (f"{theirs}.{s}",), kind if s == "weight" else "copy"))
+
+    if fam == "bert":
+        R.append(Rule("wte.weight", (f"{p}embeddings.word_embeddings.weight",), "vocab"))
+        R.append(Rule("wpe.weight", (f"{p}embeddings.position_embeddings.weight",)))
+        R.append(Rule("wse.weight", (f"{p}embeddings.token_type_embeddings.weight",)))
+        lin("emb_norm", f"{p}embeddings.LayerNorm", nb)
+        for i in range(c.n_layer):
+            o, t = f"blocks.{i}", f"{p}encoder.layer.{i}"
+            for s in wb:
+                R.append(Rule(f"{o}.attn.qkv.{s}", tuple(f"{t}.attention.self.{n}.{s}" for n in ("query", "key", "value")),
+                              "cat", qkv_sizes))
+            lin(f"{o}.attn.proj", f"{t}.attention.output.dense")
+            lin(f"{o}.norm1", f"{t}.attention.output.LayerNorm", nb)
+            lin(f"{o}.mlp.fc", f"{t}.intermediate.dense")
+            lin(f"{o}.mlp.proj", f"{t}.output.dense")
+            lin(f"{o}.norm2", f"{t}.output.LayerNorm", nb)
+        if c.lm_head:
+            lin("lm_head.dense", "cls.predictions.transform.dense", ("weight", "bias"))
+            lin("lm_head.norm", "cls.predictions.transform.LayerNorm", nb)
+            R.append(Rule("lm_head.bias", ("cls.predictions.bias",), "vocab"))
+            if not c.tie_embeddings:
+                R.append(Rule("lm_head.decoder.weight", ("cls.predictions.decoder.weight",), "vocab"))
+        if c.nsp_head:
+            lin("nsp_head.pooler.dense", f"{p}pooler.dense", ("weight", "bias"))
+            lin("nsp_head.classifier", "cls.seq_relationship", ("weight", "bias"))
+        return R
+    if fam in ("gpt2", "openai-gpt"):
+        gpt2 = fam == "gpt2"
+        R.append(Rule("wte.weight", (f"{p}{'wte' if gpt2 else 'tokens_embed'}.weight",), "vocab"))
+        R.append(Rule("wpe.weight", (f"{p}{'wpe' if gpt2 else 'positions_embed'}.weight",)))
+        for i in range(c.n_layer):
+            o, t = f"blocks.{i}", f"{p}h.{i}"
+            lin(f"{o}.norm1", f"{t}.ln_1", nb)
+            lin(f"{o}.attn.qkv", f"{t}.attn.c_attn", kind="T")  # Conv1D: (in, out)
+            lin(f"{o}.attn.proj", f"{t}.attn.c_proj", kind="T")
+            lin(f"{o}.norm2", f"{t}.ln_2", nb)
+            lin(f"{o}.mlp.fc", f"{t}.mlp.c_fc", kind="T")
+            lin(f"{o}.mlp.proj", f"{t}.mlp.c_proj", kind="T")
+        if gpt2:
+            lin("norm_f", f"{p}ln_f", nb)
+        if c.lm_head and not c.tie_embeddings:
+            R.append(Rule("lm_head.weight", ("lm_head.weight",), "vocab"))
+        return R
+    # llama
+    R.append(Rule("wte.weight", (f"{p}embed_tokens.weight",), "vocab"))
+    for i in range(c.n_layer):
+        o, t = f"blocks.{i}", f"{p}layers.{i}"
+        lin(f"{o}.norm1", f"{t}.input_layernorm", nb)
+        for s in wb:
+            R.append(Rule(f"{o}.attn.qkv.{s}", tuple(f"{t}.self_attn.{n}_proj.{s}" for n in "qkv"), "cat", qkv_sizes))
+        lin(f"{o}.attn.proj", f"{t}.self_attn.o_proj")
+        lin(f"{o}.norm2", f"{t}.post_attention_layernorm", nb)
+        for s in wb:  # SwiGLU: fc holds [gate; up]
+            R.append(Rule(f"{o}.mlp.fc.{s}", (f"{t}.mlp.gate_proj.{s}", f"{t}.mlp.up_proj.{s}"), "cat",
+                          (c.ffn_dim, c.ffn_dim)))
+        lin(f"{o}.mlp.proj", f"{t}.mlp.down_proj")
+    lin("norm_f", f"{p}norm", nb)
+    if c.lm_head and not c.tie_embeddings:
+        R.append(Rule("lm_head.weight", ("lm_head.weight",), "vocab"))
+    return R
+
+
+def _ignorable(fam: str, p: str, c: ModelConfig) -> list[re.Pattern]:
+    """Tensors that carry nothing the model needs: listed as ignored, never refused."""
+    pats = [r"(.*\.)?position_ids", r".*rotary_emb\.inv_freq", r".*\.attn\.(masked_)?bias"]
+    if fam == "bert" and not c.nsp_head:
+        pats.append(re.escape(p) + r"pooler\.dense\.(weight|bias)")  # an unused pooler (e.g. MiniLM)
+    return [re.compile(x) for x in pats]
+
+
+def _tied_copies(fam: str, p: str) -> dict[str, str]:
+    """Hugging Face keys that are saved copies of a tied tensor: key -> the tensor it copies."""
+    if fam == "bert":
+        return {"cls.predictions.decoder.weight": f"{p}embeddings.word_embeddings.weight",
+                "cls.predictions.decoder.bias": "cls.predictions.bias"}
+    emb = {"gpt2": "wte", "openai-gpt": "tokens_embed", "llama": "embed_tokens"}[fam]
+    return {"lm_head.weight": f"{p}{emb}.weight"}
+
+
+# ---- import -----------------------------------------------------------------
+
+def state_from_tensors(tensors: dict[str, torch.Tensor], c: ModelConfig, fam: str, p: str,
+                       where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(our state dict, the ignored keys) from Hugging Face tensors; bad input -> PretuneError naming the tensor."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(c).state_dict().items()}
+    state, used = {}, set()
+    for r in rules(c, fam, p):
+        parts = []
+        for t in r.theirs:
+            if t not in tensors:
+                raise PretuneError(f"missing tensor '{t}'", where, "the weights do not match config.json")
+            parts.append(tensors[t].float())
+            used.add(t)
+        if r.kind == "cat":
+            for t, x, n in zip(r.theirs, parts, r.sizes):
+                if x.shape[0] != n:
+                    raise PretuneError(f"tensor '{t}' has shape {list(x.shape)}, expected {n} rows", where,
+                                       "the weights do not match config.json")
+            x = torch.cat(parts, 0)
+        elif r.kind == "T":
+            x = parts[0].t()
+        else:
+            x = parts[0]
+        if r.kind == "vocab":
+            if x.shape[0] != c.vocab_size:
+                raise PretuneError(f"tensor '{r.theirs[0]}' has {x.shape[0]} rows, expected vocab_size="
+                                   f"{c.vocab_size}", where, "the weights do not match config.json")
+            pad = c.padded_vocab_size - c.vocab_size  # padding rows: zeros, removed again on export
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))], 0) if pad else x
+        want = shapes[r.ours]
+        if tuple(x.shape) != want:
+            shown = list(parts[0].shape) if len(parts) == 1 else [list(q.shape) for q in parts]
+            raise PretuneError(f"tensor '{'+'.join(r.theirs)}' has shape {shown}, the model expects {list(want)}"
+                               f"{' (transposed)' if r.kind == 'T' else ''}", where,
+                               "the weights do not match config.json")
+        state[r.ours] = x.contiguous()
+    ignored = []
+    tied = _tied_copies(fam, p)
+    pats = _ignorable(fam, p, c)
+    for k in sorted(set(tensors) - used):
+        if any(pt.fullmatch(k) for pt in pats):
+            ignored.append(k)
+        elif k in tied and (c.tie_embeddings or k.endswith("decoder.bias")) and tied[k] in tensors and torch.equal(
+                tensors[k].float(), tensors[tied[k]].float()):
+            ignored.append(k)  # a saved copy of a tied tensor
+        else:
+            raise PretuneError(f"unexpected tensor '{k}'", where,
+                               "the weights hold a part this config.json does not describe")
+    return state, ignored
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out = {}
+            for f in files:
+                out.update(load_file(str(folder / f)))
+            return out
+    except Exception as e:  # safetensors raises its own error types on corrupt files
+        raise PretuneError(f"cannot read the weights: {str(e).splitlines()[0]}", str(folder),
+                           "the safetensors file is damaged") from e
+    pickled = [n for n in ("pytorch_model.bin", "tf_model.h5") if (folder / n).exists()]
+    raise PretuneError("no model.safetensors" + (f" (only {pickled[0]}, which pretune never unpickles)"
+                                                 if pickled else ""), str(folder),
+                       "convert the weights to safetensors first")
+
+
+def _detect_heads(fam: str, keys: set[str], hf: dict) -> dict:
+    if fam == "bert":
+        return {"lm_head": any(k.startswith("cls.predictions.") for k in keys),
+                "nsp_head": any(k.startswith("cls.seq_relationship.") for k in keys)}
+    if fam == "llama" and not hf.get("tie_word_embeddings", False):
+        return {"lm_head": "lm_head.weight" in keys, "nsp_head": False}
+    archs = hf.get("architectures") or []
+    headless = bool(archs) and all(a.endswith("Model") and "LMHead" not in a and "CausalLM" not in a for a in archs)
+    return {"lm_head": "lm_head.weight" in keys or not headless, "nsp_head": False}
+
+
+def _prefix(fam: str, keys: set[str]) -> str:
+    p = _FAMILIES[fam][2]
+    return p if any(k.startswith(p) for k in keys) else ""
+
+
+def load_hf_folder(folder: str | Path):
+    """(model, tokenizer or None, info) from a Hugging Face folder: config.json + model.safetensors."""
+    from ..model import Transformer
+
+    folder = Path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise PretuneError("no config.json", str(folder), "give a Hugging Face model folder")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise PretuneError(f"config.json is not valid JSON: {e}", str(cfg_file), "fix or replace it") from e
+    fam = family_of(hf, str(cfg_file))
+    tensors = read_safetensors(folder)
+    keys = set(tensors)
+    p = _prefix(fam, keys)
+    c = config_from_hf(hf, fam, _detect_heads(fam, keys, hf), str(cfg_file))
+    state, ignored = state_from_tensors(tensors, c, fam, p, str(folder))
+    model = Transformer(c)
+    load_state(model, state)
+    tok = read_hf_tokenizer(folder)
+    info = {"format": "hf", "path": str(folder.resolve()), "architecture": fam,
+            "class": (hf.get("architectures") or [None])[0], "ignored": ignored,
+            "dtype": str(next(v.dtype for v in tensors.values() if v.is_floating_point())).replace("torch.", "")}
+    info.update(sentence_transformers_meta(folder))
+    return model.eval(), tok, info
+
+
+def load_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` (tied tensors named once) into `model`, with every parameter accounted for."""
+    full = dict(state)
+    alias = {}
+    seen: dict[int, str] = {}
+    for name, prm in model.named_parameters(remove_duplicate=False):
+        if id(prm) in seen:
+            alias[name] = seen[id(prm)]
+        else:
+            seen[id(prm)] = name
+    for name, src in alias.items():
+        if src in full:
+            full[name] = full[src]
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    if missing or unexpected:  # a bug in the rules, never the user's input
+        raise RuntimeError(f"mapping incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def sentence_transformers_meta(folder: Path) -> dict:
+    """Pooling and normalisation a sentence-transformers folder declares (modules.json)."""
+    out = {}
+    try:
+        mods = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError):
+        return out
+    for m in mods:
+        t = m.get("type", "")
+        if t.endswith("Pooling"):
+            try:
+                pc = json.loads((folder / m.get("path", "") / "config.json").read_text())
+                out["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
+            except (OSError, ValueError):
+                out["pooling"] = "mean"
+        elif t.endswith("Normalize"):
+            out["normalize"] = True
+    try:
+        out["max_seq_length"] = json.loads((folder / "sentence_bert_config.json").read_text())["max_seq_length"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return out
+
+
+def read_hf_tokenizer(folder: Path):
+    """The folder's tokenizer as a pretune Tokenizer: tokenizer.json, else vocab.txt (WordPiece), else None."""
+    from ..tokenizer import Tokenizer
+
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.load(folder / "tokenizer.json", name=f"hf:{folder.name}")
+    if (folder / "vocab.txt").is_file():
+        from tokenizers import AddedToken, models
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from ..tokenizer import BERT_SPECIALS, _bert_pipeline, _bert_template
+        lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        tok = HFTokenizer(models.WordPiece({t: i for i, t in enumerate(lines)}, unk_token="[UNK]"))
+        _bert_pipeline(tok)
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BERT_SPECIALS
+                                if t in tok.get_vocab()])
+        _bert_template(tok)
+        return Tokenizer(tok, f"hf:{folder.name}")
+    return None
+
+
+# ---- export -------------------------------------------------------------------
+
+def hf_config(c: ModelConfig, fam: str, tok=None) -> dict:
+    cls = hf_class(c, fam)
+    base = {"architectures": [cls], "torch_dtype": "float32", "tie_word_embeddings": c.tie_embeddings}
+    if fam == "bert":
+        return {**base, "model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+                "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+                "intermediate_size": c.ffn_dim, "hidden_act": "gelu" if c.mlp == "gelu" else "gelu_new",
+                "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout,
+                "max_position_embeddings": c.max_seq_len, "type_vocab_size": c.type_vocab_size,
+                "layer_norm_eps": c.norm_eps, "position_embedding_type": "absolute",
+                "pad_token_id": (tok.pad_id if tok is not None and tok.pad_id is not None else 0)}
+    if fam in ("gpt2", "openai-gpt"):
+        out = {**base, "model_type": fam, "vocab_size": c.vocab_size, "n_positions": c.max_seq_len,
+               "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "layer_norm_epsilon": c.norm_eps,
+               "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout}
+        if fam == "gpt2":
+            out.update(n_inner=c.ffn_dim, activation_function="gelu" if c.mlp == "gelu" else "gelu_new")
+            if tok is not None and tok.eos_id is not None:
+                out.update(bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+        else:
+            out["afn"] = "gelu"  # OpenAI GPT's "gelu" is the tanh approximation (gelu_new)
+        return out
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling != 1.0:
+        rope = {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_scaling}
+    out = {**base, "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+           "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+           "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+           "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_parameters": rope,
+           "rope_theta": c.rope_theta, "attention_bias": c.bias, "mlp_bias": c.bias,
+           "attention_dropout": c.dropout}
+    if tok is not None:
+        out.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    return out
+
+
+def tensors_for_hf(model) -> tuple[dict[str, torch.Tensor], str]:
+    """(Hugging Face tensors, family): the rules run backwards; vocabulary padding removed."""
+    c = model.config
+    fam = hf_family(c)
+    p = hf_prefix(c, fam)
+    sd = model.state_dict()
+    out = {}
+    for r in rules(c, fam, p):
+        x = sd[r.ours].detach().float().cpu()
+        if r.kind == "vocab":
+            out[r.theirs[0]] = x[:c.vocab_size].contiguous()
+        elif r.kind == "T":
+            out[r.theirs[0]] = x.t().contiguous()
+        elif r.kind == "cat":
+            for t, part in zip(r.theirs, x.split(list(r.sizes), 0)):
+                out[t] = part.contiguous()
+        else:
+            out[r.theirs[0]] = x.contiguous()
+    return out, fam
+
+
+def _tokenizer_config(tok, fam: str) -> dict:
+    names = {"pad_id": "pad_token", "unk_id": "unk_token", "cls_id": "cls_token", "sep_id": "sep_token",
+             "mask_id": "mask_token", "bos_id": "bos_token", "eos_id": "eos_token"}
+    out = {"tokenizer_class": "BertTokenizer" if fam == "bert" else "PreTrainedTokenizerFast"}
+    for attr, key in names.items():
+        i = getattr(tok, attr)
+        if i is not None:
+            out[key] = tok.id_to_token(i)
+    if fam == "bert":
+        out["do_lower_case"] = True
+    return out
+
+
+def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Path:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically:
+    everything goes to a temporary sibling folder, renamed into place at the end."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_write_json, fsync_dir
+
+    c = model.config
+    tensors, fam = tensors_for_hf(model)
+    cfg = hf_config(c, fam, tok)
+    cfg["vocab_size"] = c.vocab_size
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PretuneError("the output folder exists and is not empty", str(out_dir),
+                           "choose a new --out, or delete the folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", cfg)
+        if tok is not None:
+            tok.save(tmp / "tokenizer.json")
+            atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, fam))
+        if source:
+            atomic_write_json(tmp / "pretune.json", source)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PretuneError(f"cannot write the export: {e.strerror or e}", str(out_dir),
+                           "check free space and permissions") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
