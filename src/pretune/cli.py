@@ -35,6 +35,9 @@ VERBS: dict[str, str] = {
     "demo": "pretune.demo:demo_cmd",
     "cost": "pretune.compute:cost_cmd",
     "bench": "pretune.bench:bench_cmd",
+    "embed": "pretune.embed:embed_cmd",
+    "import": "pretune.interop:import_cmd",
+    "export": "pretune.interop:export_cmd",
 }
 
 _MISSING = object()
