@@ -6,8 +6,6 @@ Llama classes, its own GGUF reader (dequantize + un-permute), and its own tokeni
 
 import importlib.util
 import json
-import math
-import shutil
 from pathlib import Path
 
 import pytest
