@@ -13,7 +13,17 @@
 A checkpoint is assembled in `checkpoints/.tmp-step-NNNNNN/`, every file
 fsynced, the manifest written last, then the folder is renamed into place.
 A folder without a valid manifest is never loaded: a crash at any moment
-leaves the previous checkpoint as the latest good one.
+leaves the previous checkpoint as the latest good one. A re-save of the same
+step (after a rollback, or a stop right after a periodic save) moves the old
+folder aside before the new one is renamed in, so there is no moment without
+a good copy. Leftover `.tmp-*` folders of a crashed save are ignored by the
+readers and removed by the next writer.
+
+Loading checks before it reads: the manifest's SHA-256 of every file, that
+its names stay inside the checkpoint folder, that the folder holds no pickle
+(`safety.refuse_pickles`), and each safetensors header against the file size
+(`safety.check_safetensors`). Fault points (`fault_point`) let tests kill the
+process at named moments; see docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file, save_model
+from safetensors import SafetensorError
+from safetensors.torch import save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 from .errors import PretuneError
 from .fileio import atomic_write_json, fsync_dir
+from .safety import check_safetensors, contained, load_safetensors, refuse_pickles
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -51,8 +63,17 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+FAULT_POINTS = ("after_forward", "in_optimizer_step", "after_weights", "before_manifest", "before_rename")
+
+
 def fault_point(name: str) -> None:
-    """A named place where a test can make the process die (PRETUNE_FAULT=name[:count])."""
+    """A named place where a test can make the process die (PRETUNE_FAULT=name[:count]):
+    at the count-th time the process passes `name` it sends itself SIGKILL, which
+    nothing can catch, as a power cut or an out-of-memory kill would. Points:
+    after_forward, in_optimizer_step (gradients ready, weights not yet updated),
+    after_weights (a checkpoint's weights written, nothing else), before_manifest
+    (all files written and fsynced), before_rename (manifest written, folder not
+    yet in place)."""
     spec = os.environ.get("PRETUNE_FAULT")
     if not spec:
         return
@@ -118,10 +139,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     ckdir = Path(run_dir) / "checkpoints"
     final = ckdir / f"step-{step:06d}"
     tmp = ckdir / f".tmp-step-{step:06d}"
+    old = ckdir / f".old-step-{step:06d}"
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        clean_partial(run_dir)
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
         fault_point("after_weights")
@@ -137,16 +158,56 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         fault_point("before_manifest")
         atomic_write_json(tmp / MANIFEST, {"step": step, "files": {n: _sha256(tmp / n) for n in files}})
         fault_point("before_rename")
-        if final.exists():  # a re-save of the same step (e.g. after a rollback)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # a re-save of the same step: the old copy stays until the new one is in place
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old.exists() and not final.exists():
+                os.replace(old, final)
+            raise
         fsync_dir(ckdir)
-    except OSError as e:
+    except (OSError, SafetensorError, PretuneError) as e:  # PretuneError: fileio's atomic write failed
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PretuneError(f"cannot write checkpoint step {step}: {e.strerror or e}", str(ckdir),
-                           "free disk space or fix permissions; the previous checkpoint is intact") from e
+        why = getattr(e, "strerror", None) or str(e).split(" (")[0] or type(e).__name__
+        raise PretuneError(f"cannot write checkpoint step {step}: {why}", str(ckdir),
+                           "free disk space or fix permissions, then rerun the same command; "
+                           "the previous checkpoint is intact") from e
+    shutil.rmtree(old, ignore_errors=True)
     prune(run_dir, keep_last, keep or set())
     return final
+
+
+def clean_partial(run_dir: str | Path) -> list[str]:
+    """Remove the `.tmp-*` / `.old-*` folders a crashed save left behind (only a writer calls this:
+    a reader must not delete a save in progress). Returns the names removed."""
+    ckdir = Path(run_dir) / "checkpoints"
+    gone = []
+    if ckdir.is_dir():
+        for p in ckdir.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-step-") or p.name.startswith(".old-step-")):
+                m = STEP_RE.match(p.name.split("-", 1)[1])
+                final = ckdir / p.name.split("-", 1)[1]
+                if p.name.startswith(".old-") and m and not final.exists():
+                    os.replace(p, final)  # the crash came between the two renames of a re-save
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return gone
+
+
+def set_aside(run_dir: str | Path, newer_than: int) -> list[str]:
+    """Rename the checkpoints after step `newer_than` (those that failed to verify when a
+    resume fell back past them) to `.broken-step-N`: kept for a post-mortem, but no longer
+    counted by `keep_last` nor loaded. Returns the names set aside."""
+    moved = []
+    for p in list_checkpoints(run_dir):
+        if int(STEP_RE.match(p.name).group(1)) > newer_than:
+            dest = p.parent / f".broken-{p.name}"
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(p, dest)
+            moved.append(p.name)
+    return moved
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -175,8 +236,12 @@ def verify(path: str | Path) -> str | None:
     try:
         manifest = json.loads(mf.read_text())
         files = manifest["files"]
-    except (ValueError, KeyError, OSError):
+        assert isinstance(files, dict) and all(isinstance(d, str) for d in files.values())
+    except (ValueError, KeyError, OSError, TypeError, AssertionError):
         return "unreadable manifest"
+    m = STEP_RE.match(path.name)
+    if m and manifest.get("step") != int(m.group(1)):
+        return f"the manifest is for step {manifest.get('step')}, not {int(m.group(1))}"
     root = path.resolve()
     for name, digest in files.items():
         f = (path / name).resolve()
@@ -191,9 +256,19 @@ def verify(path: str | Path) -> str | None:
     return None
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; each broken newer one is named in a warning."""
+def latest_checkpoint(run_dir: str | Path, before: int | None = None) -> Path | None:
+    """The newest checkpoint (at a step below `before`, if given) that verifies; each broken
+    newer one is named in a warning. A checkpoint folder holding a pickle, or one that is a
+    link to outside the run's checkpoints folder, is refused (PretuneError), not skipped:
+    someone put it there, and a person should look."""
+    ckdir = Path(run_dir) / "checkpoints"
     for p in reversed(list_checkpoints(run_dir)):
+        if before is not None and int(STEP_RE.match(p.name).group(1)) >= before:
+            continue
+        if not contained(p, ckdir):
+            raise PretuneError(f"checkpoint {p.name} links outside the run directory", str(p),
+                               "replace the link with the checkpoint folder itself")
+        refuse_pickles(p)
         problem = verify(p)
         if problem is None:
             return p
@@ -202,9 +277,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
+    check_safetensors(Path(ckpt) / "model.safetensors")
     try:
         missing, unexpected = load_safetensors_into(model, str(Path(ckpt) / "model.safetensors"), strict=False)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
+    except (SafetensorError, OSError, RuntimeError) as e:  # safetensors raises its own types for corrupt files
         raise PretuneError(f"cannot read weights: {e}", str(ckpt), "the checkpoint is damaged") from e
     if missing or unexpected:
         raise PretuneError(f"weights do not fit the model (missing {sorted(missing)[:3]}, "
@@ -215,11 +291,18 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
 def load_training_state(ckpt: str | Path, optimizer=None) -> dict:
     """state.json, with the optimizer and RNG states restored in place."""
     ckpt = Path(ckpt)
-    state = json.loads((ckpt / "state.json").read_text())
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PretuneError(f"cannot read state.json: {e}", str(ckpt), "the checkpoint is damaged") from e
     if optimizer is not None and (ckpt / "optimizer.safetensors").exists():
-        optimizer_from_tensors(optimizer, load_file(str(ckpt / "optimizer.safetensors")), state["optimizer"])
+        try:
+            optimizer_from_tensors(optimizer, load_safetensors(ckpt / "optimizer.safetensors"), state["optimizer"])
+        except (KeyError, ValueError) as e:  # torch checks the groups' sizes against the model's
+            raise PretuneError(f"the optimizer state does not fit the model: {e}", str(ckpt),
+                               "the checkpoint was written by a different model config") from e
     if (ckpt / "rng.safetensors").exists():
-        restore_rng(load_file(str(ckpt / "rng.safetensors")))
+        restore_rng(load_safetensors(ckpt / "rng.safetensors"))
     return state
 
 
@@ -241,6 +324,10 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
     from .tokenizer import Tokenizer
 
     cfg_d = read_run_config(run_dir)
+    if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (finetune.py)
+        from .finetune import load_classifier
+        clf, cfg, tok, _ = load_classifier(run_dir, device)
+        return clf.body, cfg, tok
     cfg = ModelConfig.from_dict(cfg_d["model"], str(Path(run_dir) / "config.json"))
     model = Transformer(cfg)
     ck = latest_checkpoint(run_dir)
