@@ -44,6 +44,15 @@ class Tokens:
         self.k = d["k"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads run ~6x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CFG = ModelConfig(name="t", vocab_size=50, max_seq_len=16, n_layer=1, n_head=2, d_model=32)
 
 

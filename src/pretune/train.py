@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -51,6 +52,12 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (opt-in)
+    guard: bool = True  # roll back on a loss spike or a non-finite loss/gradient (guard.py)
+    guard_factor: float = 3.0  # a loss above this many times the recent median is a spike
+    guard_window: int = 50  # steps in the recent median
+    guard_lr_scale: float = 0.1  # after a rollback the lr is multiplied by this ...
+    guard_cooldown: int = 50  # ... for this many steps, then ramps back to 1 over as many
+    guard_max: int = 5  # rollbacks allowed; trouble once more stops the run
 
     def __post_init__(self):
         def bad(msg, fix):
@@ -68,6 +75,10 @@ class TrainConfig:
             bad(f"decay={self.decay!r} is unknown", "use cosine, linear or constant")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             bad("warmup must be >= 0 and min_lr_ratio in [0, 1]", "fix the schedule options")
+        if not self.guard_factor > 1 or self.guard_window < 3 or not 0 < self.guard_lr_scale <= 1 \
+                or self.guard_cooldown < 0 or self.guard_max < 0:
+            bad("guard_factor must be > 1, guard_window >= 3, guard_lr_scale in (0, 1], "
+                "guard_cooldown and guard_max >= 0", "fix the --train.guard-* options")
 
     @classmethod
     def from_overrides(cls, d: dict | None, **defaults) -> "TrainConfig":
@@ -162,6 +173,8 @@ class Trainer:
         self.best_step: int | None = None
         self.skipped_steps = 0
         self.stop_requested = False
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after this step
+        self.rolled_back = False  # set by rollback(): the rest of this step's bookkeeping is skipped
         self.last_eval: dict = {}
         self._forward = torch.compile(self.model) if tc.compile else self.model
 
@@ -181,15 +194,30 @@ class Trainer:
         return self.run_dir / "metrics.jsonl"
 
     def log(self, record: dict) -> None:
-        with open(self._metrics_path(), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self._metrics_path(), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise PretuneError(f"cannot write metrics.jsonl: {e.strerror}", str(self.run_dir),
+                               "free disk space or fix permissions, then rerun the same command to resume") from e
 
     # ---- resume ------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the latest good checkpoint, if any. True if resumed."""
+        ckpt.clean_partial(self.run_dir)
         ck = ckpt.latest_checkpoint(self.run_dir)
         if ck is None:
             return False
+        state = self._restore(ck)
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+        for name in ckpt.set_aside(self.run_dir, self.step):  # the broken ones latest_checkpoint passed over
+            print(f"note: set the unusable checkpoint {name} aside as .broken-{name}")
+        self._truncate_metrics()
+        return True
+
+    def _restore(self, ck: Path) -> dict:
+        """Weights, optimizer, RNG, loss scaler, counters and data position from a checkpoint."""
         ckpt.load_weights(self.model, ck)
         state = ckpt.load_training_state(ck, self.optimizer)
         self.step = state["step"]
@@ -201,15 +229,39 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("data") is not None and hasattr(self.batches, "load_state_dict"):
             self.batches.load_state_dict(state["data"])
-        for h, hs in zip(self.hooks, state.get("hooks", [])):
-            h.load_state_dict(hs)
-        # metrics logged after this checkpoint belong to a future that did not happen
+        return state
+
+    def _truncate_metrics(self) -> None:
+        """Metrics logged after the current step belong to a future that did not happen."""
         mp = self._metrics_path()
         if mp.exists():
-            keep = [line for line in mp.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= self.step]
+            keep = []
+            for line in mp.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        keep.append(line)
+                except ValueError:
+                    pass  # a line cut short by a crash
             atomic_write_text(mp, "".join(line + "\n" for line in keep))
-        return True
+
+    def rollback(self) -> tuple[Path, dict | None, dict | None]:
+        """Go back to the newest good checkpoint before this step, keeping the data position:
+        the batches read since that checkpoint (the ones that led here) are skipped, as PaLM
+        (Chowdhery et al. 2022, sec. 5.1) restarts ~100 steps before a spike and skips the
+        200-500 batches around it. Hook states are kept (the guard counts its rollbacks).
+        Returns (checkpoint, data state there, data state now)."""
+        ck = ckpt.latest_checkpoint(self.run_dir, before=self.step)
+        if ck is None:
+            raise PretuneError(f"no good checkpoint before step {self.step} to roll back to", str(self.run_dir),
+                               "save checkpoints more often (--train.ckpt-every)")
+        data_now = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        self.optimizer.zero_grad(set_to_none=True)
+        state = self._restore(ck)
+        if data_now is not None:
+            self.batches.load_state_dict(data_now)
+        self._truncate_metrics()
+        self.rolled_back = True
+        return ck, state.get("data"), data_now
 
     def save(self) -> Path:
         state = {
@@ -248,7 +300,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches. Returns the mean loss (a device tensor)."""
         tc = self.tc
         for g in self.optimizer.param_groups:
-            g["lr"] = lr_at(self.step, tc) * g.get("lr_scale", 1.0)
+            g["lr"] = lr_at(self.step, tc) * g.get("lr_scale", 1.0) * g.get("guard_lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
         for _ in range(tc.grad_accum):
@@ -294,6 +346,49 @@ class Trainer:
             h.on_start(self)
         bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
                    dynamic_ncols=True, desc=self.run_dir.name)
+        old_handlers = self._catch_signals()
+        try:
+            final = self._loop(bar)
+        finally:
+            self._restore_signals(old_handlers)
+        if self.stop_signal is not None and self.step < tc.steps:
+            import signal
+            name = signal.Signals(self.stop_signal).name
+            print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
+                  f"{self.run_dir / 'checkpoints' / f'step-{self.step:06d}'} written; "
+                  "resume with the same command", file=sys.stderr, flush=True)
+            raise Preempted(128 + self.stop_signal)
+        return final
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C): finish the step,
+        checkpoint, stop. A second signal stops at once (the last checkpoint stays good)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal, self.stop_requested = signum, True
+            print(f"\npretune: {signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, handler)
+        return old
+
+    @staticmethod
+    def _restore_signals(old: dict) -> None:
+        import signal
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    def _loop(self, bar) -> dict:
+        tc = self.tc
         t0, tok0, last = time.perf_counter(), self.tokens, None
         while self.step < tc.steps and not self.stop_requested:
             for h in self.hooks:
@@ -302,6 +397,12 @@ class Trainer:
             self.step += 1
             for h in self.hooks:
                 h.after_step(self, loss, parts)
+            if self.rolled_back:  # a hook (the guard) went back to a checkpoint: this step never happened
+                self.rolled_back = False
+                bar.n = self.step
+                bar.refresh()
+                t0, tok0 = time.perf_counter(), self.tokens
+                continue
             bar.update(1)
             if self.step % tc.log_every == 0 or self.step == tc.steps:
                 dt = time.perf_counter() - t0
@@ -339,6 +440,13 @@ class Trainer:
         except Exception as e:  # a plot must never lose a run
             print(f"note: could not draw the loss plot: {e}")
         return final
+
+
+class Preempted(SystemExit):
+    """Raised by `Trainer.fit` once a SIGTERM/SIGINT stop has written its checkpoint. Its exit
+    status is 128 + the signal (143 for SIGTERM, 130 for SIGINT), as a shell reports a process
+    a signal ended: a scheduler (Kubernetes, SLURM --requeue) then sees a run that did not
+    finish, and restarts it with the same command, which resumes."""
 
 
 # --------------------------------------------------------------------------
@@ -424,6 +532,9 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
         all_hooks.insert(0, MFUHook(model_cfg, seq_len, tc.precision))
     except ImportError:
         pass
+    if tc.guard:  # loss spikes and non-finite losses -> roll back, skip the data, lower the lr
+        from .guard import LossGuard
+        all_hooks.append(LossGuard.from_config(tc))
     trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
                       run_config=run_config, progress=progress,
                       tokens_per_batch=tc.batch_size * seq_len)
