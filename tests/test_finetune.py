@@ -1,0 +1,387 @@
+"""Fine-tuning: the head, L2 and L3 against the pre-training objectives, freezing,
+early stopping, exact resume through the Trainer, and the three commands end to end."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretune import checkpoint as ckpt
+from pretune.cli import main
+from pretune.config import ModelConfig
+from pretune.data.tasks import ClassificationBatches, Example, TextEncoder, collate
+from pretune.fileio import atomic_write_json
+from pretune.finetune import (Classifier, EarlyStopping, build_classifier, classification_metrics, finetune_loss,
+                              freeze, load_classifier)
+from pretune.model import Transformer
+from pretune.objectives import l1_loss, mlm_loss, shift_targets
+from pretune.tokenizer import train_tokenizer
+from pretune.train import Hook, Trainer, TrainConfig
+
+POS = "good great fine fun".split()
+NEG = "bad awful dull boring".split()
+NEUTRAL = "film movie plot actor scene story the a".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, and much faster when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def toy_rows(n=240, seed=0):
+    """A keyword task: the label says whether the text holds a positive or a negative word."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        y = i % 2
+        words = list(rng.choice(NEUTRAL, size=rng.integers(2, 8))) + [rng.choice(POS if y else NEG)]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", "pos" if y else "neg"))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def toks():
+    texts = [t for t, _ in toy_rows()]
+    return {True: train_tokenizer("bpe", 300, texts), False: train_tokenizer("wordpiece", 120, texts)}
+
+
+def tiny_cfg(causal, tok, **kw):
+    return ModelConfig(**{**dict(name="tiny", causal=causal, vocab_size=tok.vocab_size, vocab_multiple=8,
+                                 max_seq_len=32, n_layer=2, n_head=2, d_model=32, dropout=0.0,
+                                 type_vocab_size=0 if causal else 2, nsp_head=not causal,
+                                 embedding_norm=not causal, norm_placement="pre" if causal else "post",
+                                 mlp="gelu_tanh" if causal else "gelu"), **kw})
+
+
+def make_run(path, causal, tok, **kw):
+    """A 'pre-trained' run directory as `pretune pretrain` leaves one (random weights)."""
+    torch.manual_seed(1)
+    cfg = tiny_cfg(causal, tok, **kw)
+    m = Transformer(cfg)
+    path.mkdir(parents=True)
+    atomic_write_json(path / "config.json", {"model": cfg.to_dict()})
+    tok.save(path)
+    ckpt.save_checkpoint(path, 0, m)
+    return path
+
+
+def toy_batch(tok, causal, n=6, seed=0):
+    te = TextEncoder(tok, causal, 32)
+    ex = [Example(t, int(y == "pos")) for t, y in toy_rows(n, seed)]
+    return collate(te.encode(ex), range(n), te.pad_id), te
+
+
+def write_csv(path, rows, header=("text", "label")):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+# ---- the head -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_reads_the_same_summary_padded_or_alone(toks, causal):
+    """With right padding and the attention mask, each row's class logits equal those of the
+    sequence run alone: the decoder reads the last real token, the encoder [CLS]."""
+    tok = toks[causal]
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(tiny_cfg(causal, tok)), tiny_cfg(causal, tok), 3).eval()
+    b, _ = toy_batch(tok, causal)
+    assert not b["attention_mask"].all()
+    logits, _ = model(b["input_ids"], b["attention_mask"], b["lengths"], b.get("segment_ids"))
+    for r in range(len(b["labels"])):
+        n = int(b["lengths"][r])
+        ids = b["input_ids"][r:r + 1, :n]
+        h = model.body(ids, segment_ids=b["segment_ids"][r:r + 1, :n] if not causal else None)
+        if causal:
+            want = model.head.out(h[0, n - 1])  # h_l^m W_y at the extract token
+        else:
+            want = model.head.out(torch.tanh(model.head.pooler(h[0, 0])))  # pooled [CLS]
+        torch.testing.assert_close(logits[r], want, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_head_starts_from_the_nsp_pooler(toks, tmp_path):
+    from pretune.finetune import load_init
+    run = make_run(tmp_path / "bert", False, toks[False])
+    body, cfg, tok, pooler, _ = load_init(run)
+    want = body.nsp_head.pooler.dense.weight.detach().clone()
+    clf = build_classifier(body, cfg, 2, pooler)
+    assert torch.equal(clf.head.pooler.weight, want)
+    assert clf.body.nsp_head is None and not clf.config.nsp_head
+
+
+# ---- L2 and L3 ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_l3_with_lambda_zero_is_l2_exactly(toks, causal):
+    tok = toks[causal]
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(tiny_cfg(causal, tok)), tiny_cfg(causal, tok), 2)
+    b, te = toy_batch(tok, causal)
+    if not causal:
+        src = ClassificationBatches(te.encode([Example(t, int(y == "pos")) for t, y in toy_rows(6)]), 6, 0,
+                                    te.pad_id, mlm={"mask_id": tok.mask_id, "vocab_size": tok.vocab_size,
+                                                    "special_ids": tok.special_ids})
+        b = next(src)
+    grads = {}
+    for name, fn in (("L2", finetune_loss("L2")), ("L3", finetune_loss("L3", lam=0.0))):
+        model.zero_grad()
+        torch.manual_seed(5)  # the same dropout masks (the head's dropout is on in training)
+        loss, parts = fn(model, b)
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None})
+    assert torch.equal(grads["L2"][0], grads["L3"][0])
+    g2, g3 = grads["L2"][1], grads["L3"][1]
+    assert all(torch.equal(g2[n], g3[n]) for n in g2)
+    assert all(not g3[n].any() for n in set(g3) - set(g2))  # the LM head: zero gradient, not another one
+
+
+def test_l1_inside_l3_is_the_pretraining_l1(toks):
+    tok = toks[True]
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(tiny_cfg(True, tok)), tiny_cfg(True, tok), 2)
+    b, _ = toy_batch(tok, True)
+    loss, parts = finetune_loss("L3", lam=0.5)(model, b)
+    # the pre-training L1 on the same tokens: next-token targets, nothing past the last real token
+    ref = l1_loss(model.body, b["input_ids"], shift_targets(b["input_ids"], b["attention_mask"]),
+                  b["attention_mask"])
+    torch.testing.assert_close(parts["l1"], ref, rtol=0, atol=1e-6)
+    # and by hand: mean over real next tokens of -log softmax
+    h = model.body(b["input_ids"], attention_mask=b["attention_mask"])
+    logp = model.body.logits(h).log_softmax(-1)
+    terms = [-logp[r, i, b["input_ids"][r, i + 1]] for r in range(len(b["lengths"]))
+             for i in range(int(b["lengths"][r]) - 1)]
+    torch.testing.assert_close(parts["l1"], torch.stack(terms).mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, parts["l2"] + 0.5 * parts["l1"], rtol=0, atol=0)
+
+
+def test_l3_on_an_encoder_adds_mlm_on_the_masked_copy(toks):
+    tok = toks[False]
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(tiny_cfg(False, tok)), tiny_cfg(False, tok), 2).eval()  # no dropout
+    te = TextEncoder(tok, False, 32)
+    enc = te.encode([Example(t, int(y == "pos")) for t, y in toy_rows(8)])
+    b = next(ClassificationBatches(enc, 8, 0, te.pad_id, mlm={"mask_id": tok.mask_id, "vocab_size": tok.vocab_size,
+                                                              "special_ids": tok.special_ids}))
+    loss, parts = finetune_loss("L3", lam=0.5)(model, b)
+    h2 = model.body(b["mlm_input_ids"], segment_ids=b["segment_ids"], attention_mask=b["attention_mask"])
+    torch.testing.assert_close(parts["mlm"], mlm_loss(model.body, h2, b["mlm_labels"]))
+    logits, _ = model(b["input_ids"], b["attention_mask"], b["lengths"], b["segment_ids"])
+    torch.testing.assert_close(parts["l2"], F.cross_entropy(logits, b["labels"]))
+
+
+def test_moe_auxiliary_loss_is_added(toks):
+    tok = toks[True]
+    cfg = tiny_cfg(True, tok, n_expert=4, top_k=2)
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(cfg), cfg, 2)
+    b, _ = toy_batch(tok, True)
+    loss, parts = finetune_loss("L2")(model, b)
+    assert parts["moe_aux"].item() > 0
+    torch.testing.assert_close(loss, parts["l2"] + parts["moe_aux"], rtol=0, atol=0)
+
+
+def test_metrics_by_hand():
+    m = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], 3)
+    assert m["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(0.6)
+    # F1: class 0: 2*1/(2+1+1) = 0.5; class 1: 2*2/(4+1) = 0.8; class 2: 0
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+# ---- freezing, early stopping, resume -----------------------------------------------------
+
+def test_freeze_embeddings_and_lowest_blocks(toks):
+    tok = toks[False]
+    model = build_classifier(Transformer(tiny_cfg(False, tok)), tiny_cfg(False, tok), 2)
+    assert freeze(model, "1") == "the embeddings and the lowest 1 blocks"
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {"body.wte.weight", "body.wpe.weight", "body.wse.weight"} <= frozen
+    assert any(n.startswith("body.blocks.0.") for n in frozen)
+    assert not any(n.startswith(("body.blocks.1.", "head.")) for n in frozen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    b, _ = toy_batch(tok, False)
+    trainer = Trainer(model, TrainConfig(steps=2, batch_size=6, lr=1e-2, warmup=0, eval_every=0, log_every=1),
+                      iter(lambda: b, None), finetune_loss("L2"), "/tmp/unused-never-written", progress=False)
+    trainer.train_step()
+    trainer.train_step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, before[n]), n
+        elif not n.startswith("body.lm_head."):  # the MLM head has no part in L2
+            assert not torch.equal(p, before[n]), n
+
+
+def test_early_stopping_hook():
+    class T:
+        step, best_step, stop_requested = 0, 0, False
+
+    h, t = EarlyStopping(patience=2), T()
+    for v in (1.0, 0.8, 0.9):
+        h.on_eval(t, {"val_loss": v})
+    assert not t.stop_requested
+    h.on_eval(t, {"val_loss": 0.85})
+    assert t.stop_requested
+    again, t2 = EarlyStopping(patience=2), T()  # a rerun of the stopped run stays stopped
+    again.load_state_dict(json.loads(json.dumps(h.state_dict())))
+    again.on_start(t2)
+    assert t2.stop_requested
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_finetune_resume_is_bit_identical(toks, tmp_path, causal):
+    """20 steps straight == 10 steps, a new process state, resume, 10 more (L3, with
+    evaluation, early-stopping state and the head's dropout in play)."""
+    tok = toks[causal]
+    te = TextEncoder(tok, causal, 32)
+    enc = te.encode([Example(t, int(y == "pos")) for t, y in toy_rows(40)])
+    val = te.encode([Example(t, int(y == "pos")) for t, y in toy_rows(12, seed=1)])
+    mlm = None if causal else {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": tok.special_ids}
+
+    class StopAt(Hook):
+        def after_step(self, trainer, loss, parts):
+            if trainer.step == 10:
+                trainer.stop_requested = True
+
+    def trainer(d, hooks=()):
+        torch.manual_seed(7)
+        model = build_classifier(Transformer(tiny_cfg(causal, tok, dropout=0.1)), tiny_cfg(causal, tok), 2)
+        from pretune.finetune import predict
+
+        def eval_fn():
+            p = predict(model, val, te.pad_id)
+            return {"val_loss": F.nll_loss(p.log(), torch.tensor(val.labels)).item()}
+        tc = TrainConfig(steps=20, batch_size=8, lr=3e-3, warmup=4, decay="linear", min_lr_ratio=0.0,
+                         eval_every=5, ckpt_every=5, log_every=5, seed=3)
+        return Trainer(model, tc, ClassificationBatches(enc, 8, 3, te.pad_id, mlm=mlm), finetune_loss("L3", 0.5),
+                       d, eval_fn=eval_fn, hooks=[EarlyStopping(None), *hooks], progress=False)
+
+    straight = trainer(tmp_path / "a")
+    straight.fit()
+    first = trainer(tmp_path / "b", [StopAt()])
+    first.fit()
+    assert first.step == 10
+    torch.manual_seed(999)
+    second = trainer(tmp_path / "b")
+    second.fit()
+    assert second.step == 20
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n
+    a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert a == [{**r, "tok_per_s": x["tok_per_s"]} if "tok_per_s" in r else r for r, x in zip(b, a)]
+
+
+# ---- the commands ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy_csv(tmp_path_factory):
+    return write_csv(tmp_path_factory.mktemp("task") / "toy.csv", toy_rows(240))
+
+
+def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, capsys):
+    """A keyword task a tiny decoder learns in a few epochs; the run then serves classify and evaluate."""
+    init = make_run(tmp_path / "gpt", True, toks[True])
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
+               "--batch-size", "16", "--patience", "3", "--out", str(out), "--train.device", "cpu"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["test"]["accuracy"] >= 0.9, res["test"]
+    assert res["majority_baseline"]["accuracy"] == pytest.approx(0.5)
+    assert (out / "confusion.png").stat().st_size > 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["task"]["labels"] == ["neg", "pos"] and cfg["objective"] == "L2"
+    capsys.readouterr()
+    assert main(["classify", "--run", str(out), "a great film", "the plot was awful", "--json-out"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in lines] == ["pos", "neg"]
+    assert sum(lines[0]["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("fun scene\n\nboring story\n")
+    assert main(["classify", "--run", str(out), f"@{texts}", "--json-out"]) == 0
+    assert [json.loads(l)["label"] for l in capsys.readouterr().out.splitlines()] == ["pos", "neg"]
+    assert main(["evaluate", "--run", str(out), "--json-out"]) == 0
+    ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert ev["accuracy"] == pytest.approx(res["test"]["accuracy"])  # the best checkpoint, the same split
+    # the fine-tuned body loads wherever a run is expected
+    body, c, _ = ckpt.load_model(out)
+    assert isinstance(body, Transformer) and c.causal
+    # rerunning the finished command resumes, changes nothing
+    before = (out / "results.json").read_text()
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
+                 "--batch-size", "16", "--patience", "3", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["test"] == json.loads(before)["test"]
+
+
+def test_finetune_encoder_l3_from_preset_free_run(toks, tmp_path, toy_csv):
+    init = make_run(tmp_path / "bert", False, toks[False])
+    out = tmp_path / "ft"
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--objective", "L3", "--lam", "0.5",
+                 "--lr", "3e-3", "--epochs", "1", "--batch-size", "32", "--freeze", "embeddings",
+                 "--train-examples", "64", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["finetune"]["aux_lm"] == "MLM" and cfg["finetune"]["train_examples"] == 64
+    assert cfg["finetune"]["freeze"] == "the embeddings"
+    model, _, _, info = load_classifier(out)
+    assert isinstance(model, Classifier) and info["labels"] == ["neg", "pos"]
+
+
+# ---- bad input: one line, exit 2, nothing written ------------------------------------------
+
+def bad(argv, capsys, match, out=None):
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and match in err, err
+    if out is not None:
+        assert not out.exists()
+
+
+def test_bad_input(toks, tmp_path, toy_csv, capsys):
+    init = make_run(tmp_path / "gpt", True, toks[True])
+    out = tmp_path / "never"
+    ft = ["finetune", "--init", str(init), "--out", str(out), "--epochs", "1"]
+    bad(ft + ["--task", str(toy_csv), "--label-column", "gold"], capsys, "no label column 'gold'", out)
+    one = write_csv(tmp_path / "one.csv", [(f"text {i}", "x") for i in range(20)])
+    bad(ft + ["--task", str(one)], capsys, "1 class", out)
+    empty = write_csv(tmp_path / "empty.csv", [("good film", "pos"), ("  ", "neg")])
+    bad(ft + ["--task", str(empty)], capsys, "row 2 has an empty text", out)
+    other = train_tokenizer("bpe", 320, ["completely different words here"] * 50)
+    other.save(tmp_path / "other")
+    bad(ft + ["--task", str(toy_csv), "--tokenizer", str(tmp_path / "other")], capsys,
+        "does not match the checkpoint's vocabulary", out)
+    bad(ft + ["--task", str(toy_csv), "--objective", "L4"], capsys, "unknown objective", out)
+    bad(ft + ["--task", str(toy_csv), "--freeze", "7"], capsys, "the model has 2 blocks", out)
+    # a fine-tuned run: unseen labels and empty texts at use time
+    run = tmp_path / "ft"
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--epochs", "1", "--batch-size", "64",
+                 "--out", str(run)]) == 0
+    unseen = write_csv(tmp_path / "unseen.csv", [("good film", "pos"), ("meh", "neutral")])
+    bad(["evaluate", "--run", str(run), "--task", str(unseen)], capsys, "label 'neutral' was not seen in training")
+    bad(["classify", "--run", str(run), ""], capsys, "empty text")
+    bad(["classify", "--run", str(init), "good"], capsys, "not a fine-tuned run")
+
+
+def test_long_texts_are_truncated_with_one_warning(toks, tmp_path, capsys):
+    init = make_run(tmp_path / "gpt", True, toks[True])
+    rows = [(" ".join(["good" if i % 2 else "bad"] + ["film"] * (5 + 40 * (i % 3 == 0))) + f" {i}",
+             "pos" if i % 2 else "neg") for i in range(60)]  # every third text is over the 32-token window
+    f = write_csv(tmp_path / "long.csv", rows)
+    capsys.readouterr()
+    assert main(["finetune", "--init", str(init), "--task", str(f), "--epochs", "1", "--out",
+                 str(tmp_path / "ft")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("were truncated") == 1
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["truncated"] == 20
