@@ -38,6 +38,9 @@ VERBS: dict[str, str] = {
     "embed": "pretune.embed:embed_cmd",
     "import": "pretune.interop:import_cmd",
     "export": "pretune.interop:export_cmd",
+    "finetune": "pretune.finetune:finetune_cmd",
+    "classify": "pretune.finetune:classify_cmd",
+    "evaluate": "pretune.finetune:evaluate_cmd",
 }
 
 _MISSING = object()
