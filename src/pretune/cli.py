@@ -227,6 +227,13 @@ def call_verb(verb: str, argv: list[str]):
     return fn(**kwargs)
 
 
+def _close_progress_bars() -> None:
+    """An error raised under an open tqdm bar would print on the bar's line: end the bars first."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -242,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         call_verb(argv[0], argv[1:])
     except PretuneError as e:
+        _close_progress_bars()
         print(f"pretune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -517,6 +517,7 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
                            f"{model_cfg.vocab_size}", str(data_dir),
                            f"set --arch.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
     check_same_model(out, model_cfg.to_dict())
+    resolve_device(tc.device)  # a bad --train.device fails before the run directory is made
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg)
     train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len)

@@ -315,7 +315,12 @@ class Shard:
         if not mp.is_file():
             raise PretuneError("not a prepared data folder (no meta.json)", str(self.dir),
                                "run `pretune prepare --out` to make one")
-        self.meta = json.loads(mp.read_text())
+        try:
+            self.meta = json.loads(mp.read_text())
+            self.meta["splits"], self.meta["dtype"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise PretuneError(f"meta.json is damaged ({type(e).__name__}: {e})", str(mp),
+                               "prepare the data again") from e
         if split not in self.meta["splits"]:
             raise PretuneError(f"no split '{split}'", str(self.dir), f"use one of {', '.join(self.meta['splits'])}")
         info = self.meta["splits"][split]

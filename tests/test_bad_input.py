@@ -1,0 +1,255 @@
+"""The bad-input sweep: malformed configs, corpora, tasks, checkpoints and option values across
+every command. Each must end with one line on stderr starting `pretune: error:`, exit status 2,
+no traceback, and no file left behind that was not there before. The list is in docs/errors.md.
+
+Most cases call `pretune.cli.main` in this process (a traceback would fail the test); a few
+run `python -m pretune` as a subprocess to check the real stderr and exit status."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretune.cli import VERBS, main
+
+TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were striking "
+                   f"{i % 13}. Call me Ishmael. Some years ago, never mind how long." for i in range(80))
+TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
+        "--arch.vocab-size", "320"]
+TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
+         "--train.log-every", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """A workspace: a corpus, prepared data (BPE and WordPiece), a GPT run and a BERT run."""
+    from pretune.tokenizer import train_tokenizer
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corpus.txt").write_text(TEXT)
+    for kind in ("bpe", "wordpiece"):
+        train_tokenizer(kind, 320, TEXT.split("\n\n")).save(d / f"{kind}.json")
+        assert main(["prepare", "--corpus", str(d / "corpus.txt"), "--tokenizer", str(d / f"{kind}.json"),
+                     "--out", str(d / f"data-{kind}"), "--val-fraction", "0.2"]) == 0
+    assert main(["pretrain", "--model", "gpt-mini", "--data", str(d / "data-bpe"), "--out", str(d / "gpt"),
+                 *TINY, *TRAIN]) == 0
+    assert main(["pretrain", "--model", "bert-mini", "--data", str(d / "data-wordpiece"), "--out", str(d / "bert"),
+                 *TINY, *TRAIN]) == 0
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _ck(run):
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+# Each case: (id, setup(w, tmp) -> argv, a fragment of the message). `tmp` is an empty folder
+# for the case's own malformed files and outputs; the sweep lists it before and after.
+def _file(tmp, name, content):
+    p = tmp / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return p
+
+
+def _gpt(w, tmp, *extra):
+    return ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", str(tmp / "run"), *TINY,
+            *TRAIN, *extra]
+
+
+def _truncated_shard(w, tmp):
+    d = _copy(w / "data-bpe", tmp / "data")
+    (d / "train.bin").write_bytes((d / "train.bin").read_bytes()[:100])
+    return ["pretrain", "--model", "gpt-mini", "--data", str(d), "--out", str(tmp / "run"), *TINY, *TRAIN]
+
+
+def _bad_meta(w, tmp):
+    d = _copy(w / "data-bpe", tmp / "data")
+    (d / "meta.json").write_text('{"format": ')
+    return ["pretrain", "--model", "gpt-mini", "--data", str(d), "--out", str(tmp / "run"), *TINY, *TRAIN]
+
+
+def _changed_model(w, tmp):
+    run = _copy(w / "gpt", tmp / "run")
+    return ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", str(run), *TINY[:-6],
+            "--arch.max-seq-len", "32", "--arch.vocab-size", "320", "--arch.d-model", "64", *TRAIN]
+
+
+def _pickle_in_checkpoint(w, tmp):
+    import pickle
+    run = _copy(w / "gpt", tmp / "run")
+    (_ck(run) / "model.pt").write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    return ["generate", "hello", "--run", str(run)]
+
+
+def _absurd_header(w, tmp):
+    """A checkpoint whose model.safetensors claims an 8 EiB header, with a manifest that matches."""
+    import hashlib
+    run = _copy(w / "gpt", tmp / "run")
+    ck = _ck(run)
+    p = ck / "model.safetensors"
+    p.write_bytes((2**63 - 1).to_bytes(8, "little") + p.read_bytes()[8:])
+    m = json.loads((ck / "manifest.json").read_text())
+    m["files"]["model.safetensors"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(m))
+    return ["generate", "hello", "--run", str(run)]
+
+
+def _no_checkpoint(w, tmp):
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.json").write_text((w / "gpt" / "config.json").read_text())
+    return ["generate", "hello", "--run", str(run)]
+
+
+def _bad_run_config(w, tmp):
+    run = _copy(w / "gpt", tmp / "run")
+    (run / "config.json").write_text("{oops")
+    return ["generate", "hello", "--run", str(run)]
+
+
+def _only_pickle_hf(w, tmp):
+    d = tmp / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                               "vocab_size": 320, "n_positions": 32}))
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    return ["import", f"hf:{d}", "--out", str(tmp / "run")]
+
+
+CASES = [
+    # -- the command line and config files
+    ("unknown-verb", lambda w, t: ["pretrian"], "did you mean pretrain"),
+    ("unknown-option", lambda w, t: ["cost", "gpt2", "--frobnicate", "8"], "unrecognized arguments"),
+    ("option-type", lambda w, t: _gpt(w, t, "--train.steps", "many"), "expects int"),
+    ("yaml-syntax", lambda w, t: ["pretrain", "--config", str(_file(t, "c.yaml", "train: [steps: 2"))],
+     "not valid YAML"),
+    ("yaml-not-mapping", lambda w, t: ["pretrain", "--config", str(_file(t, "c.yaml", "- 1\n- 2\n"))],
+     "must hold a mapping"),
+    ("yaml-unknown-key", lambda w, t: ["pretrain", "--config", str(_file(t, "c.yaml", "train:\n  stepz: 2\n"))],
+     "did you mean 'train.steps'"),
+    ("yaml-missing", lambda w, t: ["pretrain", "--config", str(t / "nope.yaml")], "cannot read config file"),
+    # -- prepare: corpora and tokenizers
+    ("corpus-missing", lambda w, t: ["prepare", "--corpus", str(t / "nope.txt"), "--tokenizer", str(w / "bpe.json"),
+                                     "--out", str(t / "data")], "nope.txt"),
+    ("corpus-empty", lambda w, t: ["prepare", "--corpus", str(_file(t, "empty.txt", "\n\n  \n")), "--tokenizer",
+                                   str(w / "bpe.json"), "--out", str(t / "data")], "no text"),
+    ("corpus-bad-jsonl", lambda w, t: ["prepare", "--corpus", str(_file(t, "c.jsonl", '{"text": "a"}\n{oops\n')),
+                                       "--tokenizer", str(w / "bpe.json"), "--out", str(t / "data")], "c.jsonl"),
+    ("val-fraction", lambda w, t: ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer", str(w / "bpe.json"),
+                                   "--val-fraction", "1.5", "--out", str(t / "data")], "val_fraction"),
+    ("tokenizer-size", lambda w, t: ["prepare", "--tokenizer", "bpe-5", "--out", str(t / "data")], "out of range"),
+    ("tokenizer-name", lambda w, t: ["prepare", "--tokenizer", "gtp2", "--out", str(t / "data")],
+     "did you mean gpt2"),
+    ("tokenizer-json", lambda w, t: ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer",
+                                     str(_file(t, "tok.json", '{"model": 1')), "--out", str(t / "data")],
+     "cannot read the tokenizer"),
+    ("prepare-out-clobber", lambda w, t: ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer",
+                                          str(w / "bpe.json"), "--out", str(_file(t, "precious.txt", "keep"))],
+     "not a folder made by `pretune prepare`"),
+    ("weights-syntax", lambda w, t: ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer", str(w / "bpe.json"),
+                                     "--weights", "corpus", "--out", str(t / "data")], "not name=epochs"),
+    # -- pretrain: data, model and training options
+    ("data-not-prepared", lambda w, t: ["pretrain", "--data", str(t), "--out", str(t / "run"), *TINY, *TRAIN],
+     "folder made by pretune"),
+    ("data-truncated", _truncated_shard, "does not match meta.json"),
+    ("data-meta-json", _bad_meta, "meta.json"),
+    ("model-unknown", lambda w, t: ["pretrain", "--model", "gpt-mni"], "did you mean gpt-mini"),
+    ("model-json", lambda w, t: ["pretrain", "--model", str(_file(t, "m.json", "{bad")), "--out", str(t / "run")],
+     "m.json"),
+    ("heads-divide", lambda w, t: _gpt(w, t, "--arch.n-head", "3"), "divisible"),
+    ("lr-negative", lambda w, t: _gpt(w, t, "--train.lr", "-1"), "lr=-1"),
+    ("precision", lambda w, t: _gpt(w, t, "--train.precision", "fp8"), "precision"),
+    ("guard-factor", lambda w, t: _gpt(w, t, "--train.guard-factor", "0.5"), "guard_factor"),
+    ("seq-len-window", lambda w, t: _gpt(w, t, "--train.seq-len", "64"), "exceeds the model's window"),
+    ("vocab-too-small", lambda w, t: _gpt(w, t, "--arch.vocab-size", "100"), "tokenizer has 320 tokens"),
+    ("device-cuda", lambda w, t: _gpt(w, t, "--train.device", "cuda"), "no CUDA device"),
+    ("resume-changed-model", _changed_model, "the run was started with d_model=32"),
+    # -- checkpoints and run directories
+    ("checkpoint-pickle", _pickle_in_checkpoint, "model.pt is a pickle"),
+    ("checkpoint-header", _absurd_header, "header length 9,223,372,036,854,775,807"),
+    ("run-no-checkpoint", _no_checkpoint, "no usable checkpoint"),
+    ("run-config-json", _bad_run_config, "config.json is not valid JSON"),
+    ("run-missing", lambda w, t: ["generate", "hi", "--run", str(t / "nope")], "not a run directory"),
+    # -- using a model
+    ("generate-encoder", lambda w, t: ["generate", "hi", "--run", str(w / "bert")], "encoder"),
+    ("generate-window", lambda w, t: ["generate", "fox " * 200, "--run", str(w / "gpt")], "window"),
+    ("generate-empty", lambda w, t: ["generate", "", "--run", str(w / "gpt")], "empty"),
+    ("fill-mask-no-mask", lambda w, t: ["fill-mask", "no mask here", "--run", str(w / "bert")], "no [MASK]"),
+    ("fill-mask-decoder", lambda w, t: ["fill-mask", "a [MASK] b", "--run", str(w / "gpt")], "encoder"),
+    ("embed-pooling", lambda w, t: ["embed", "hello", "--run", str(w / "bert"), "--pooling", "max"],
+     "unknown pooling"),
+    ("embed-texts-file", lambda w, t: ["embed", f"@{t / 'nope.txt'}", "--run", str(w / "bert")],
+     "cannot read the texts file"),
+    # -- planning, import, export
+    ("cost-model", lambda w, t: ["cost", "gpt5-ultra"], "gpt5-ultra"),
+    ("cost-mfu", lambda w, t: ["cost", "gpt2", "--mfu", "1.5"], "mfu"),
+    ("cost-hardware", lambda w, t: ["cost", "gpt2", "--hardware", "h900"], "h900"),
+    ("import-not-hf", lambda w, t: ["import", str(t), "--out", str(t / "run")], "no config.json"),
+    ("import-pickle-only", _only_pickle_hf, "never unpickles"),
+    ("import-not-gguf", lambda w, t: ["import", f"gguf:{_file(t, 'm.gguf', b'not a gguf file at all')}",
+                                      "--out", str(t / "run")], "m.gguf"),
+    ("export-no-out", lambda w, t: ["export", str(w / "gpt")], "missing --out"),
+    ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
+     "unknown export format"),
+]
+
+SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu"}
+
+
+BAR = re.compile(r"\d+%\|.*\|")  # a tqdm progress bar (the work before the error was found)
+
+
+def listing(root: Path) -> dict:
+    """Every file and folder under root, with each file's size and modification time."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = Path(dirpath) / n
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if n in files else None
+    return out
+
+
+def test_the_sweep_is_large_and_covers_every_verb():
+    assert len(CASES) >= 25
+    assert len({c[0] for c in CASES}) == len(CASES)
+    used = {argv_verb for argv_verb in ("prepare", "pretrain", "generate", "fill-mask", "embed", "cost", "import",
+                                        "export")}
+    assert used <= set(VERBS)
+
+
+@pytest.mark.parametrize("name,setup,needle", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, setup, needle, w, tmp_path, capsys):
+    argv = setup(w, tmp_path)
+    capsys.readouterr()
+    before, ws_before = listing(tmp_path), listing(w)
+    if name in SUBPROCESS:
+        p = subprocess.run([sys.executable, "-m", "pretune", *argv], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        code, err = p.returncode, p.stderr
+    else:
+        code, err = main(argv), capsys.readouterr().err
+    lines = [x for x in re.split(r"[\r\n]", err) if x.strip() and not BAR.search(x)]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("pretune: error:"), err
+    assert needle in lines[0], lines[0]
+    assert listing(tmp_path) == before  # nothing half-written, nothing new
+    assert listing(w) == ws_before  # the shared runs and data are untouched
