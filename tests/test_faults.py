@@ -4,8 +4,8 @@ Each run is `pretune pretrain ...` (the CLI's `main`) in its own process. With
 PRETUNE_FAULT=<point>:<n> the process sends itself SIGKILL the n-th time it
 passes <point>; the same command is then rerun without the fault, and its final
 weights must equal, bit for bit, those of a run that was never interrupted (same
-seed, CPU). For GPT (L1) and BERT (MLM + NSP), with dropout on (so the RNG state
-must come back too). Plus: SIGKILL from outside at a seeded random moment, and
+seed, CPU). For GPT (L1), BERT (MLM + NSP) and fine-tuning (L3 on the GPT run),
+with dropout on (so the RNG state must come back too). Plus: SIGKILL from outside at a seeded random moment, and
 SIGTERM / SIGINT (finish the step, checkpoint, exit 143 / 130, resume).
 
 Most runs are forked from a forkserver that has imported torch and pretune
@@ -49,6 +49,10 @@ POINTS = {  # PRETUNE_FAULT -> the checkpoint the rerun resumes from
     "before_rename:4": 10,       # saving step 15: manifest written, not renamed into place
 }
 assert {p.split(":")[0] for p in POINTS} == set(FAULT_POINTS)
+# Fine-tuning (10 steps, no guard): saves at steps 3, 6, 9 and 10.
+FT_POINTS = {"after_forward:8": 6, "in_optimizer_step:5": 3, "after_weights:2": 3, "before_manifest:3": 6,
+             "before_rename:2": 3}
+assert {p.split(":")[0] for p in FT_POINTS} == set(FAULT_POINTS)
 
 ENV = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
 
@@ -70,7 +74,7 @@ def ctx():
     c = mp.get_context("forkserver")
     c.set_forkserver_preload(["torch", "torch._dynamo", "pretune.compute", "pretune.cli", "pretune.train",
                               "pretune.data.shards", "pretune.guard", "pretune.objectives", "pretune.plots",
-                              "matplotlib.pyplot", "tqdm"])  # torch._dynamo: the optimizer imports it, 3 s
+                              "pretune.finetune", "pretune.data.tasks", "matplotlib.pyplot", "tqdm"])  # torch._dynamo: the optimizer imports it, 3 s
     return c
 
 
@@ -104,8 +108,8 @@ def command(family, data, run):
     return ["pretrain", "--model", model, "--data", str(data[kind]), "--out", str(run), *TINY, *TRAIN]
 
 
-def final_weights(run):
-    return load_file(str(run / "checkpoints" / "step-000020" / "model.safetensors"))
+def final_weights(run, step=20):
+    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
 
 
 def losses(run):
@@ -113,8 +117,8 @@ def losses(run):
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
 
-def assert_same_run(run, base):
-    a, b = final_weights(run), final_weights(base)
+def assert_same_run(run, base, step=20):
+    a, b = final_weights(run, step), final_weights(base, step)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -210,3 +214,38 @@ def test_sigint_is_the_same_with_130(tmp_path, ctx, data, baseline):
     assert "resume with the same command" in log.read_text()
     assert cli(ctx, command("gpt", data, run), log=log) == 0
     assert_same_run(run, baseline["gpt"])
+
+
+# ---- fine-tuning --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory, ctx, baseline):
+    """A labelled .csv (two classes) and an uninterrupted fine-tuning of the GPT baseline on it."""
+    d = tmp_path_factory.mktemp("ft")
+    rng = random.Random(0)
+    good, bad = "good great fine lovely nice superb".split(), "bad awful poor dull ugly grim".split()
+    rows = [f"the film was {rng.choice(good if i % 2 else bad)} and {rng.choice(good if i % 2 else bad)},"
+            f"{'pos' if i % 2 else 'neg'}" for i in range(80)]
+    (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+
+    def cmd(run):
+        return ["finetune", "--init", str(baseline["gpt"]), "--task", str(d / "task.csv"), "--objective", "L3",
+                "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--train.ckpt-every", "3",
+                "--train.log-every", "1", "--train.eval-every", "4"]
+    assert cli(ctx, cmd(d / "base"), log=d / "log") == 0, (d / "log").read_text()
+    assert json.loads((d / "base" / "results.json").read_text())["steps"] == 10
+    return cmd, d / "base"
+
+
+@pytest.mark.parametrize("fault", list(FT_POINTS))
+def test_finetune_killed_at_each_fault_point_then_resumed_is_bit_identical(tmp_path, ctx, ft, fault):
+    cmd, base = ft
+    run, log = tmp_path / "run", tmp_path / "log"
+    assert cli(ctx, cmd(run), fault=fault, log=log) == -signal.SIGKILL
+    cks = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert cks[-1] == f"step-{FT_POINTS[fault]:06d}", cks
+    assert cli(ctx, cmd(run), log=log) == 0, log.read_text()
+    assert f"from step {FT_POINTS[fault]}" in log.read_text()
+    assert_same_run(run, base, step=10)
+    a, b = (json.loads((r / "results.json").read_text()) for r in (run, base))
+    assert a["test"] == b["test"] and a["best_step"] == b["best_step"]
