@@ -104,9 +104,14 @@ def test_one_expert_top1_is_the_dense_mlp(kind, bias):
     dict(n_expert=4, top_k=1, mlp="gelu"),                               # Switch's raw top-1 gate
     dict(n_expert=8, top_k=3, mlp="swiglu", bias=False, d_expert_ff=8),  # Llama-style
     dict(n_expert=4, top_k=2, mlp="gelu_tanh", shared_expert=True, moe_every=2),
-], ids=["top2-gelu", "top1-switch", "top3-swiglu", "shared"])
-def test_routed_output_matches_a_per_token_loop(kw):
+    # with a capacity no expert can overflow (cf = E), through the batched (E, C, d) path:
+    dict(n_expert=8, top_k=3, mlp="swiglu", bias=False, d_expert_ff=8, capacity_factor=8.0),
+    dict(n_expert=4, top_k=1, mlp="gelu", capacity_factor=4.0, shared_expert=True),
+], ids=["top2-gelu", "top1-switch", "top3-swiglu", "shared", "padded-top3-swiglu", "padded-top1-shared"])
+@pytest.mark.parametrize("form", ["grouped", "batched"])
+def test_routed_output_matches_a_per_token_loop(kw, form):
     moe = randomise(MoE(moe_cfg(**kw)).double())
+    moe.max_padding = 0.0 if form == "grouped" else math.inf  # dropless only: capacity is always batched
     x = torch.randn(2, 7, 16, dtype=torch.float64)
     torch.testing.assert_close(moe(x), routed_ref(moe, x), rtol=1e-10, atol=1e-10)
 
@@ -133,7 +138,7 @@ def test_balance_and_z_loss_equal_hand_computed_values():
         moe = MoE(moe_cfg(d_model=4, n_expert=2, top_k=1, aux_loss_coef=a, z_loss_coef=z)).double()
         set_logits_router(moe)
         moe(x)
-        assert float(moe.aux_loss) == pytest.approx(want, abs=1e-9)
+        assert moe.aux_loss.item() == pytest.approx(want, abs=1e-9)
     assert moe.stats["expert_fraction"].tolist() == [0.75, 0.25]
     # router entropy: the mean over tokens of -sum p log p
     ent = lambda q: -(q * math.log(q) + (1 - q) * math.log(1 - q))
@@ -153,7 +158,7 @@ def test_balance_is_one_when_routing_is_uniform_for_any_k():
     moe = MoE(moe_cfg(n_expert=E, top_k=2, aux_loss_coef=1.0, z_loss_coef=0.0)).double()
     set_logits_router(moe)
     moe(x)
-    assert float(moe.aux_loss) == pytest.approx(1.0, abs=1e-6)
+    assert moe.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_capacity_drops_the_overflow_in_token_order():
@@ -165,8 +170,11 @@ def test_capacity_drops_the_overflow_in_token_order():
     x[0, :5, :2] = torch.tensor([2.0, -1.0])
     x[0, 5, :2] = torch.tensor([-1.0, 2.0])
     assert moe.capacity(6) == 3
+    x.requires_grad_()
     y = moe(x)
     assert torch.equal(y[0, 3:5], torch.zeros(2, 4, dtype=torch.float64))
+    y.sum().backward()  # a dropped token gets no gradient through the layer (only the residual's)
+    assert torch.equal(x.grad[0, 3:5], torch.zeros(2, 4, dtype=torch.float64)) and x.grad[0, :3].abs().sum() > 0
     torch.testing.assert_close(y, routed_ref(moe, x, drop={(3, 0), (4, 0)}), rtol=1e-10, atol=1e-10)
     assert float(moe.stats["dropped"]) == pytest.approx(2 / 6)
     assert moe.stats["expert_fraction"].tolist() == pytest.approx([5 / 6, 1 / 6])  # before capacity
@@ -187,18 +195,21 @@ def test_capacity_serves_first_choices_before_second_choices():
     assert float(moe.stats["dropped"]) == pytest.approx(2 / 8)
 
 
-def test_dropless_drops_nothing_however_skewed():
-    moe = randomise(MoE(moe_cfg(d_model=4, n_expert=3, top_k=2, capacity_factor=None)).double())
+@pytest.mark.parametrize("E", [3, 4], ids=["batched", "grouped"])  # padding 1.5x and 2x the work
+def test_dropless_drops_nothing_however_skewed(E):
+    moe = randomise(MoE(moe_cfg(d_model=4, n_expert=E, top_k=2, capacity_factor=None)).double())
     set_logits_router(moe)
     x = torch.randn(1, 9, 4, dtype=torch.float64)
-    x[0, :, :3] = torch.tensor([5.0, 4.0, -5.0])  # every token to experts 0 and 1
+    x[0, :, :3] = torch.tensor([5.0, 4.0, -5.0])  # every token to experts 0 and 1 (3 stays at 0)
     torch.testing.assert_close(moe(x), routed_ref(moe, x), rtol=1e-10, atol=1e-10)
     assert float(moe.stats["dropped"]) == 0.0
 
 
+@pytest.mark.parametrize("cf", [None, 4.0], ids=["dropless", "capacity"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_gradients_reach_the_router_and_only_the_selected_experts(k):
-    moe = randomise(MoE(moe_cfg(n_expert=4, top_k=k)).double())
+def test_gradients_reach_the_router_and_only_the_selected_experts(k, cf):
+    moe = randomise(MoE(moe_cfg(n_expert=4, top_k=k, capacity_factor=cf)).double())
+    moe.max_padding = 0.0  # dropless: the grouped form (the batched one is the capacity case)
     x = torch.randn(2, 6, 16, dtype=torch.float64)
     with torch.no_grad():  # expert 3 is never chosen: a large constant feature pushes its logit down
         x[..., 0] = 4.0
@@ -334,9 +345,8 @@ class Batches:
         self.k = d["k"]
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["gpt", "bert"])
-def test_stats_are_logged_and_resume_is_bit_identical(tmp_path, causal):
-    c = moe_cfg(**({} if causal else BERT), capacity_factor=1.0)
+def test_stats_are_logged_and_resume_is_bit_identical(tmp_path, causal=True):
+    c = moe_cfg(capacity_factor=1.0)
     tc = dict(steps=8, batch_size=3, lr=1e-2, warmup=2, log_every=3, eval_every=0, ckpt_every=100, seed=3)
 
     class StopAt(Hook):

@@ -37,10 +37,11 @@ assignment past C is dropped: it contributes zero, the residual connection
 carries the token through unchanged, and the surviving gates are not
 renormalised. `capacity_factor=None` is dropless: every assignment is computed.
 
-Dispatch has no per-token loop: the N*k assignments are sorted by expert, the
-tokens gathered into one contiguous (N*k, d) block, each expert applied to its
-slice in one matmul (a loop over the E experts), and the gated outputs
-scatter-added back to their tokens.
+Dispatch has no per-token loop. The N*k assignments are sorted by expert; the
+groups fill E queues of C slots and all experts run as one batched matmul, or
+(dropless, when the queues would be mostly padding) each expert runs once on
+its contiguous group, a loop over the E experts. Moving rows to and from the
+groups are (partial) permutations, whose gradients are gathers too.
 """
 
 from __future__ import annotations
@@ -57,8 +58,40 @@ from .model import MLP, activation
 from .train import Hook
 
 
+class _Gather(torch.autograd.Function):
+    """Rows `x[idx]` where `idx` reaches each row of x at most once: a permutation, or
+    (partial=True) a partial one in which idx = len(x) yields a zero row. The gradient
+    is the same kind of gather through the inverse map `inv` (len(y) where a row of x
+    went nowhere): never the scatter-add of indexing's own backward, which costs
+    several times more on a multi-threaded CPU."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv, partial: bool):
+        ctx.save_for_backward(inv)
+        ctx.partial = partial
+        return _rows(x, idx, partial)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inv,) = ctx.saved_tensors
+        return _rows(g, inv, ctx.partial), None, None, None
+
+
+def _rows(x, idx, partial):
+    if partial:
+        x = torch.cat([x, x.new_zeros(1, x.shape[1])])
+    return x.index_select(0, idx)
+
+
 class MoE(nn.Module):
     """Top-k routed experts in place of a block's dense MLP (see the module docstring).
+
+    Two dispatch forms compute the same numbers. Batched: all experts in one (E, C, d)
+    matmul, C the capacity or, dropless, the busiest expert's load; a few large kernels,
+    but E*C - N*k padded rows of wasted work. Grouped: one matmul per expert on exactly
+    its tokens; no waste, but E times more (smaller) kernels, which an oversubscribed
+    CPU or a GPU's launch overhead punishes. Dropless routing uses the batched form
+    while the padding is at most `max_padding` times the real work, grouped beyond.
 
     The E experts' weights are stacked, in `nn.Linear`'s (out, in) layout and the
     same fused [gate; up] order as `pretune.model.MLP` and Hugging Face's
@@ -68,6 +101,8 @@ class MoE(nn.Module):
         fc_bias (E, F), proj_bias (E, d)   when the config has biases
     After each forward: `aux_loss` (scalar tensor) and `stats` (detached tensors:
     `expert_fraction` (E,), `dropped`, `entropy`)."""
+
+    max_padding = 1.5  # dropless: batched while E * max_e load <= 1.5 * N * k
 
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -105,15 +140,33 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_expert)
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """E_e(x): the config's MLP kind (GELU or SwiGLU) with expert e's weights."""
-        h = F.linear(x, self.fc_weight[e], None if self.fc_bias is None else self.fc_bias[e])
+    def experts(self) -> list[tuple]:
+        """Each expert's (W_fc, b_fc, W_proj, b_proj), as views of the stacked tensors.
+        `unbind` once per forward pass: its backward stacks the E gradients in one
+        allocation, where indexing `fc_weight[e]` E times would write E full-size
+        zero gradients and add them up (1.1-1.4x slower on a 2-core CPU)."""
+        none = [None] * self.n_expert
+        return list(zip(self.fc_weight.unbind(0), self.fc_bias.unbind(0) if self.fc_bias is not None else none,
+                        self.proj_weight.unbind(0), self.proj_bias.unbind(0) if self.proj_bias is not None else none))
+
+    def hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation between the two projections, as in `pretune.model.MLP`: GELU, or SwiGLU's silu(gate) * up."""
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = self.act(h)
-        return F.linear(h, self.proj_weight[e], None if self.proj_bias is None else self.proj_bias[e])
+            return F.silu(gate) * up
+        return self.act(h)
+
+    def expert(self, x: torch.Tensor, w_fc, b_fc, w_proj, b_proj) -> torch.Tensor:
+        """E_e(x) for a group of tokens x (n, d) routed to one expert."""
+        return F.linear(self.hidden(F.linear(x, w_fc, b_fc)), w_proj, b_proj)
+
+    def experts_batched(self, X: torch.Tensor) -> torch.Tensor:
+        """E_e(X[e]) for all experts at once: X (E, C, d) -> (E, C, d), two batched matmuls."""
+        h = X @ self.fc_weight.transpose(1, 2)
+        if self.fc_bias is not None:
+            h = h + self.fc_bias[:, None]
+        y = self.hidden(h) @ self.proj_weight.transpose(1, 2)
+        return y + self.proj_bias[:, None] if self.proj_bias is not None else y
 
     def route(self, x: torch.Tensor):
         """Router logits (N, E), probabilities (N, E), chosen experts (N, k) and their gates (N, k).
@@ -135,27 +188,41 @@ class MoE(nn.Module):
         logits, probs, top_i, gates = self.route(xf)
 
         # The N*k assignments in priority order: every token's first choice, then every
-        # second choice (GShard), each in token order. A stable sort by expert keeps
-        # that order inside each expert's group.
-        expert_of = top_i.t().reshape(-1)  # (k*N,)
-        token_of = torch.arange(N, device=x.device).repeat(k)
-        gate_of = gates.t().reshape(-1)
-        order = torch.argsort(expert_of, stable=True)
-        counts = torch.bincount(expert_of, minlength=E)  # assignments per expert, before capacity
+        # second choice (GShard), each in token order; assignment j is token j mod N.
+        # A stable sort by expert keeps that order inside each expert's queue.
+        M = k * N
+        expert_of = top_i.t().reshape(-1)  # (M,)
+        order = torch.argsort(expert_of, stable=True)  # sorted position -> assignment
+        arange = torch.arange(M, device=x.device)
+        inv = torch.empty_like(order).scatter_(0, order, arange)  # assignment -> sorted position
+        counts = torch.bincount(expert_of, minlength=E)  # per expert, before capacity
+        xk = xf.repeat(k, 1)  # (M, d): row j is token j mod N
         cap = self.capacity(N)
-        if cap is not None:
-            start = counts.cumsum(0) - counts
-            rank = torch.arange(k * N, device=x.device) - start[expert_of[order]]
-            order = order[rank < cap]
-            kept = counts.clamp(max=cap)
+        grouped = False
+        if cap is None:  # dropless: the busiest expert sets the queue length
+            sizes = counts.tolist()  # the one host sync
+            cap = max(sizes)
+            grouped = E * cap > self.max_padding * M
+        if grouped:
+            # Each expert runs once on its contiguous group (MegaBlocks' grouped form, Gale
+            # et al. 2022): exact work, a loop over E experts and none over tokens.
+            xs = _Gather.apply(xk, order, inv, False)
+            outs = [self.expert(xe, *w) for w, xe in zip(self.experts(), xs.split(sizes)) if xe.shape[0]]
+            ys = _Gather.apply(torch.cat(outs), inv, order, False)
+            dropped = torch.zeros((), device=x.device)
         else:
-            kept = counts
-
-        tok, g = token_of[order], gate_of[order]
-        xs = xf[tok]  # (M, d): the tokens, grouped by expert
-        outs = [self.expert(e, xe) for e, xe in enumerate(xs.split(kept.tolist())) if xe.shape[0]]
-        ys = torch.cat(outs) if outs else xs.new_zeros(0, d)
-        y = torch.zeros_like(xf).index_add_(0, tok, (ys * g[:, None]).to(xf.dtype))
+            # E queues of C slots, filled in priority order, all experts in one batched matmul
+            # (GShard's and Switch's dispatch). With a capacity the shapes are static: no host sync.
+            start = counts.cumsum(0) - counts
+            rank = (arange - start[expert_of[order]])[inv]  # place of assignment j in its expert's queue
+            keep = rank < cap
+            slot = torch.where(keep, expert_of * cap + rank, E * cap)  # assignment -> slot; E*C = dropped
+            src = torch.full((E * cap + 1,), M, device=x.device)  # slot -> assignment; M = empty
+            src = src.scatter_(0, slot, arange)[:E * cap]  # (the dropped all land on the spare last entry)
+            X = _Gather.apply(xk, src, slot, True).view(E, cap, d)
+            ys = _Gather.apply(self.experts_batched(X).view(E * cap, d), slot, src, True)
+            dropped = 1 - keep.float().mean()
+        y = (ys.view(k, N, d) * gates.t().unsqueeze(-1)).sum(0).to(xf.dtype)  # sum_i g_i E_i(x)
         if self.shared is not None:
             y = y + self.shared(xf)
 
@@ -166,7 +233,7 @@ class MoE(nn.Module):
         z = torch.logsumexp(logits, dim=-1).square().mean()
         self.aux_loss = self.c.aux_loss_coef * balance + self.c.z_loss_coef * z
         entropy = -(probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-        self.stats = {"expert_fraction": f.detach(), "dropped": (1 - kept.sum() / (N * k)).detach().float(),
+        self.stats = {"expert_fraction": f.detach(), "dropped": dropped.detach(),
                       "entropy": entropy.detach()}
         return y.view(B, T, d)
 
