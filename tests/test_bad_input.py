@@ -47,6 +47,10 @@ def w(tmp_path_factory):
                  *TINY, *TRAIN]) == 0
     assert main(["pretrain", "--model", "bert-mini", "--data", str(d / "data-wordpiece"), "--out", str(d / "bert"),
                  *TINY, *TRAIN]) == 0
+    rows = [f"the film was {'good' if i % 2 else 'bad'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(60)]
+    (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    assert main(["finetune", "--init", str(d / "gpt"), "--task", str(d / "task.csv"), "--epochs", "1",
+                 "--batch-size", "16", "--out", str(d / "ft")]) == 0
     return d
 
 
@@ -124,6 +128,11 @@ def _bad_run_config(w, tmp):
     return ["generate", "hello", "--run", str(run)]
 
 
+def _ft(w, tmp, *extra, task=None):
+    return ["finetune", "--init", str(w / "gpt"), "--task", str(task or w / "task.csv"), "--epochs", "1",
+            "--out", str(tmp / "ft"), *extra]
+
+
 def _only_pickle_hf(w, tmp):
     d = tmp / "hf"
     d.mkdir()
@@ -197,6 +206,28 @@ CASES = [
      "unknown pooling"),
     ("embed-texts-file", lambda w, t: ["embed", f"@{t / 'nope.txt'}", "--run", str(w / "bert")],
      "cannot read the texts file"),
+    # -- fine-tuning: tasks, options, fine-tuned runs
+    ("task-missing", lambda w, t: _ft(w, t, task=t / "nope.csv"), "no such file"),
+    ("task-unknown", lambda w, t: _ft(w, t, task="movie-sentimnt"), "did you mean movie-sentiment"),
+    ("task-no-label-column", lambda w, t: _ft(w, t, task=_file(t, "t.csv", "text,y\na,1\nb,0\n")),
+     "no label column 'label'"),
+    ("task-empty-text", lambda w, t: _ft(w, t, task=_file(t, "t.csv", "text,label\na,1\n ,0\n")),
+     "row 2 has an empty text"),
+    ("task-not-utf8", lambda w, t: _ft(w, t, task=_file(t, "t.csv", b"text,label\n\xff\xfe bad,1\n")),
+     "not UTF-8"),
+    ("task-too-small", lambda w, t: _ft(w, t, task=_file(t, "t.csv", "text,label\na,x\nb,y\nc,x\n")), "small"),
+    ("task-bad-jsonl", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n[1]\n')),
+     "line 2 is not a JSON object"),
+    ("finetune-objective", lambda w, t: _ft(w, t, "--objective", "L4"), "unknown objective 'L4'"),
+    ("finetune-init", lambda w, t: _ft(w, t, "--init", str(t / "nope")), "neither a run directory nor a preset"),
+    ("finetune-lam", lambda w, t: _ft(w, t, "--lam", "-1"), "negative"),
+    ("finetune-freeze", lambda w, t: _ft(w, t, "--freeze", "everything"), "--freeze"),
+    ("classify-pretrained-run", lambda w, t: ["classify", "nice", "--run", str(w / "gpt")], "not a fine-tuned run"),
+    ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "no such file"),
+    ("evaluate-split", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--split", "dev"], "unknown split 'dev'"),
+    ("evaluate-unseen-label", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--task",
+                                            str(_file(t, "e.csv", "text,label\ngood,pos\nso so,meh\n"))],
+     "label 'meh' was not seen in training"),
     # -- planning, import, export
     ("cost-model", lambda w, t: ["cost", "gpt5-ultra"], "gpt5-ultra"),
     ("cost-mfu", lambda w, t: ["cost", "gpt2", "--mfu", "1.5"], "mfu"),
@@ -206,11 +237,15 @@ CASES = [
     ("import-not-gguf", lambda w, t: ["import", f"gguf:{_file(t, 'm.gguf', b'not a gguf file at all')}",
                                       "--out", str(t / "run")], "m.gguf"),
     ("export-no-out", lambda w, t: ["export", str(w / "gpt")], "missing --out"),
+    ("bench-dtype", lambda w, t: ["bench", "--peak", "--dtypes", "fp7", "--seconds", "0.1"], "unknown dtype 'fp7'"),
+    ("bench-device", lambda w, t: ["bench", "--peak", "--device", "cuda", "--seconds", "0.1"], "no CUDA device"),
+    ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "steps=-5"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
 ]
 
-SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu"}
+SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu",
+              "task-not-utf8"}
 
 
 BAR = re.compile(r"\d+%\|.*\|")  # a tqdm progress bar (the work before the error was found)
@@ -227,16 +262,22 @@ def listing(root: Path) -> dict:
     return out
 
 
-def test_the_sweep_is_large_and_covers_every_verb():
-    assert len(CASES) >= 25
-    assert len({c[0] for c in CASES}) == len(CASES)
-    used = {argv_verb for argv_verb in ("prepare", "pretrain", "generate", "fill-mask", "embed", "cost", "import",
-                                        "export")}
-    assert used <= set(VERBS)
+def test_the_sweep_is_large_and_covers_every_verb(w, tmp_path):
+    """At least 25 cases, and every command has some."""
+    assert len(CASES) >= 25 and len({c[0] for c in CASES}) == len(CASES)
+    used = set()
+    for i, (_name, setup, _needle) in enumerate(CASES):
+        (tmp_path / str(i)).mkdir()
+        argv = setup(w, tmp_path / str(i))
+        if argv[0] != "--config":
+            used.add(argv[0])
+    assert set(VERBS) <= used, set(VERBS) - used
 
 
 @pytest.mark.parametrize("name,setup,needle", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, setup, needle, w, tmp_path, capsys):
+    if "CUDA" in needle and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
     argv = setup(w, tmp_path)
     capsys.readouterr()
     before, ws_before = listing(tmp_path), listing(w)
