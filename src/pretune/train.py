@@ -112,7 +112,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            is_matrix = p.dim() >= 2 and not isinstance(mod, torch.nn.Embedding)
+            # stacked expert biases (moe.py) are (E, F): matrices by shape, biases by name
+            is_matrix = p.dim() >= 2 and not isinstance(mod, torch.nn.Embedding) and not name.endswith("bias")
             (decay if is_matrix else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -533,6 +534,9 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
         all_hooks.insert(0, MFUHook(model_cfg, seq_len, tc.precision))
     except ImportError:
         pass
+    if model_cfg.n_expert:  # routers' expert loads, drops and entropy -> metrics.jsonl, moe.png
+        from .moe import MoEStatsHook
+        all_hooks.append(MoEStatsHook())
     if tc.guard:  # loss spikes and non-finite losses -> roll back, skip the data, lower the lr
         from .guard import LossGuard
         all_hooks.append(LossGuard.from_config(tc))
