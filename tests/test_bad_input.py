@@ -22,7 +22,7 @@ TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, 
 TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
         "--arch.vocab-size", "320"]
 TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
-         "--train.log-every", "1"]
+         "--train.log-every", "1", "--train.device", "cpu"]
 
 
 @pytest.fixture(scope="module", autouse=True)

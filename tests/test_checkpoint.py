@@ -59,7 +59,7 @@ CFG = ModelConfig(name="t", vocab_size=50, max_seq_len=16, n_layer=1, n_head=2, 
 def trainer(run, steps=20, eval_fn=None, **kw):
     torch.manual_seed(0)
     tc = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup=2, log_every=5, eval_every=kw.pop("eval_every", 0),
-                     ckpt_every=5, keep_last=kw.pop("keep_last", 3), seed=1, guard=False)
+                     ckpt_every=5, keep_last=kw.pop("keep_last", 3), seed=1, guard=False, device="cpu")
     return Trainer(Transformer(CFG), tc, Tokens(), pretrain_loss, run, eval_fn=eval_fn, progress=False, **kw)
 
 

@@ -39,7 +39,7 @@ TINY = ["--arch.vocab-size", "320", "--arch.n-layer", "1", "--arch.d-model", "32
         "--arch.max-seq-len", "32", "--arch.dropout", "0.1"]
 TRAIN = ["--train.steps", "20", "--train.batch-size", "4", "--train.seq-len", "32", "--train.log-every", "1",
          "--train.eval-every", "10", "--train.eval-batches", "2", "--train.warmup", "2", "--train.ckpt-every", "5",
-         "--train.keep-last", "2", "--train.lr", "3e-3"]
+         "--train.keep-last", "2", "--train.lr", "3e-3", "--train.device", "cpu"]  # bit-identical: on the CPU
 # The guard (on by default) writes step 0 first: saves happen at steps 0, 5, 10, 15, 20.
 POINTS = {  # PRETUNE_FAULT -> the checkpoint the rerun resumes from
     "after_forward:13": 10,      # mid step 13
@@ -231,7 +231,7 @@ def ft(tmp_path_factory, ctx, baseline):
     def cmd(run):
         return ["finetune", "--init", str(baseline["gpt"]), "--task", str(d / "task.csv"), "--objective", "L3",
                 "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--train.ckpt-every", "3",
-                "--train.log-every", "1", "--train.eval-every", "4"]
+                "--train.log-every", "1", "--train.eval-every", "4", "--train.device", "cpu"]
     assert cli(ctx, cmd(d / "base"), log=d / "log") == 0, (d / "log").read_text()
     assert json.loads((d / "base" / "results.json").read_text())["steps"] == 10
     return cmd, d / "base"

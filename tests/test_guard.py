@@ -79,7 +79,7 @@ def run(tmp, hooks=(), poison=None, guard=True, steps=120, **guard_kw):
     cfg = ModelConfig(name="t", vocab_size=V, max_seq_len=T, n_layer=1, n_head=2, d_model=32)
     model = Transformer(cfg)
     tc = TrainConfig(steps=steps, batch_size=B, lr=1e-2, warmup=5, log_every=5, eval_every=0, ckpt_every=10,
-                     keep_last=2, seed=1, grad_clip=1.0, guard=False)
+                     keep_last=2, seed=1, grad_clip=1.0, guard=False, device="cpu")
     gk = dict(factor=3.0, window=20, lr_scale=0.2, cooldown=5, max_interventions=3, verbose=False)
     gk.update(guard_kw)
     guard_hook = [LossGuard(**gk)] if guard else []
