@@ -239,7 +239,7 @@ CASES = [
     ("export-no-out", lambda w, t: ["export", str(w / "gpt")], "missing --out"),
     ("bench-dtype", lambda w, t: ["bench", "--peak", "--dtypes", "fp7", "--seconds", "0.1"], "unknown dtype 'fp7'"),
     ("bench-device", lambda w, t: ["bench", "--peak", "--device", "cuda", "--seconds", "0.1"], "no CUDA device"),
-    ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "steps=-5"),
+    ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "--gpt-steps -5 must be a positive"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
 ]

@@ -148,7 +148,7 @@ def _options(fn: Callable):
 
 def build_parser(verb: str, fn: Callable) -> tuple[argparse.ArgumentParser, list]:
     summary, _ = _doc_args(fn)
-    ap = _Parser(prog=f"pretune {verb}", description=summary)
+    ap = _Parser(prog=f"pretune {verb}", description=summary, allow_abbrev=False)
     ap.add_argument("--config", help="YAML file with any of the options below (the command line wins)")
     opts = _options(fn)
     for dest, tp, default, help_, _parent in opts:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .config import preset
+from .errors import PretuneError
 from .train import TrainConfig, default_data_dir, pretrain
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
@@ -42,6 +43,9 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     """
     from .data.shards import prepare, unigram_entropy
 
+    for flag, v in (("--gpt-steps", gpt_steps), ("--bert-steps", bert_steps)):
+        if v <= 0:
+            raise PretuneError(f"{flag} {v} must be a positive number of steps", "pretune demo", f"e.g. {flag} 100")
     t0 = time.time()
     report: dict = {}
     runs = {}
