@@ -385,3 +385,21 @@ def test_long_texts_are_truncated_with_one_warning(toks, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("were truncated") == 1
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["truncated"] == 20
+
+
+def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys):
+    from pretune.transfer import run_transfer_experiment
+    runs = {"tiny-gpt": make_run(tmp_path / "gpt", True, toks[True]),
+            "tiny-bert": make_run(tmp_path / "bert", False, toks[False])}
+    res = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
+    assert len(res["rows"]) == 2 * 3
+    assert {(r["model"], r["variant"], r["labels"]) for r in res["rows"]} == {
+        (m, v, 16) for m in runs for v in ("pretrained", "scratch", "pretrained+L3")}
+    assert res["majority_baseline"] == pytest.approx(0.5)
+    out = capsys.readouterr().out
+    assert "estimated running time" in out and "| majority class |" in out and "pre-training buys tiny-gpt" in out
+    assert (tmp_path / "transfer" / "transfer.png").stat().st_size > 0
+    # no checkpoints are kept per cell; a rerun reuses every finished cell
+    assert not list((tmp_path / "transfer").rglob("model.safetensors"))
+    again = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
+    assert again["rows"] == res["rows"] and "estimated running time" not in capsys.readouterr().out

@@ -341,6 +341,18 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class KeepBest(Hook):
+    """The weights at the best validation loss, kept in memory: for runs that keep no checkpoints
+    (the transfer experiment), where writing one per evaluation would cost more than the run."""
+
+    def __init__(self):
+        self.state: dict | None = None
+
+    def on_eval(self, trainer, metrics):
+        if trainer.best_step == trainer.step:
+            self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
 class EarlyStopping(Hook):
     """Stop when the validation loss has not improved for `patience` evaluations in a row.
     Its state is saved with each checkpoint, so a rerun of a stopped run stays stopped."""
@@ -435,7 +447,8 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     tc = TrainConfig.from_overrides(train, steps=steps, batch_size=batch_size, lr=lr,
                                     warmup=int(warmup * steps) if warmup < 1 else int(warmup),
                                     decay="linear", min_lr_ratio=0.0, weight_decay=weight_decay,
-                                    beta2=0.999, eval_every=ev, ckpt_every=ev, log_every=max(1, min(10, ev)),
+                                    beta2=0.999, eval_every=ev, ckpt_every=ev if keep_checkpoints else steps,
+                                    log_every=max(1, min(10, ev)),
                                     keep_last=1, seed=seed, seq_len=max_len)
     mlm = None
     if objective == "L3" and not cfg.causal:
@@ -466,12 +479,16 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
               f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}"
               f"{aux_note}, "
               f"{steps} steps, frozen: {frozen}")
-    trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=[EarlyStopping(patience)],
+    keep = KeepBest()
+    trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn,
+                      hooks=[EarlyStopping(patience)] + ([] if keep_checkpoints else [keep]),
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step
     ck = out / "checkpoints" / f"step-{best:06d}" if best is not None else None
-    if ck is not None and ck.is_dir():
+    if keep.state is not None:
+        model.load_state_dict(keep.state)
+    elif ck is not None and ck.is_dir():
         ckpt.load_weights(model, ck)
     else:
         best = trainer.step

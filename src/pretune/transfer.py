@@ -1,0 +1,255 @@
+"""The transfer-learning experiment: what pre-training buys when labels are few.
+
+For each pre-trained run (gpt-mini, bert-mini) fine-tune on movie-review
+sentiment, with the same recipe and budget:
+
+  (a) pretrained      the pre-trained weights, L2
+  (b) scratch         the same architecture and tokenizer, randomly initialised, L2
+  (c) pretrained+L3   the pre-trained weights, L3 = L2 + 0.5 * L1 (Radford et al. 2018, eq. 5);
+                      for BERT the auxiliary term is MLM on the labelled text, the
+                      encoder's own pre-training LM loss (an encoder has no L1)
+
+at 100 and 1,000 labelled examples (stratified, nested), one seed; `full=True`
+adds all 8,054 and three seeds (mean and standard deviation). The test set is
+always the task's whole fixed test split (1,008 reviews, majority class 50.4%).
+Each cell is one `finetune()` run; a finished cell (results.json) is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .data.tasks import Task, TextEncoder, load_task, subsample
+from .errors import PretuneError
+from .fileio import atomic_write_json, atomic_write_text
+
+VARIANTS = {
+    "pretrained": dict(scratch=False, objective="L2"),
+    "scratch": dict(scratch=True, objective="L2"),
+    "pretrained+L3": dict(scratch=False, objective="L3", lam=0.5),
+}
+
+# One recipe for every cell, sized so that the default grid (2 models x 3 variants x
+# {100, 1,000} labels) runs in about five minutes on two CPU cores: texts cut at 64
+# tokens (2% of the reviews are longer), batch 16, validation on a fixed stratified
+# 200-example subset of the validation split four times per run, the best of those kept.
+RECIPE = dict(max_len=64, batch_size=16, warmup=0.1, eval_examples=200, weight_decay=0.01)
+LR = {"pretrained": 1e-4, "scratch": 1e-4}  # the same for every variant (chosen on validation; docs/finetuning.md)
+
+
+def epochs_for(n: int) -> float:
+    """Passes over n labelled examples: fewer examples, more passes (about 50-130 steps at batch 16)."""
+    return 8.0 if n <= 100 else 2.0 if n <= 1000 else 1.0
+
+
+def _steps(n: int, batch_size: int) -> int:
+    return max(1, math.ceil(epochs_for(n) * math.ceil(n / batch_size)))
+
+
+def _cells(models, sizes, seeds):
+    return [(m, v, n, s) for m in models for v in VARIANTS for n in sizes for s in seeds]
+
+
+@torch.no_grad()
+def _forward_seconds(init: Path, task: Task) -> dict:
+    """Seconds per training step (L2, L3) and per evaluated example, measured on this machine."""
+    from .finetune import build_classifier, finetune_loss, load_init
+    from .data.tasks import ClassificationBatches
+
+    body, cfg, tok, pooler, _ = load_init(init)
+    model = build_classifier(body, cfg, len(task.labels), pooler)
+    te = TextEncoder(tok, cfg.causal, RECIPE["max_len"])
+    enc = te.encode(subsample(task.train, 64, len(task.labels)), warn=False)
+    out = {}
+    with torch.enable_grad():
+        for obj in ("L2", "L3"):
+            mlm = None
+            if obj == "L3" and not cfg.causal:
+                mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": tok.special_ids}
+            src = ClassificationBatches(enc, RECIPE["batch_size"], 0, te.pad_id, mlm=mlm)
+            fn = finetune_loss(obj, 0.5)
+            fn(model, next(src))[0].backward()  # warm up
+            t0 = time.perf_counter()
+            for _ in range(2):
+                fn(model, next(src))[0].backward()
+            # + AdamW's step, about a third of a small model's backward on CPU
+            out[obj] = (time.perf_counter() - t0) / 2 * 1.15
+    model.eval()
+    from .finetune import predict
+    t0 = time.perf_counter()
+    predict(model, enc, te.pad_id)
+    out["eval_example"] = (time.perf_counter() - t0) / len(enc)
+    return out
+
+
+def estimate_seconds(pretrained_runs: dict, task: Task, sizes, seeds, todo=None) -> float:
+    """Running time of the grid, from a few timed steps per model (printed before it starts)."""
+    total = 0.0
+    n_test = len(task.test)
+    for m, init in pretrained_runs.items():
+        sec = _forward_seconds(Path(init), task)
+        for v, kw in VARIANTS.items():
+            for n in sizes:
+                for s in seeds:
+                    if todo is not None and (m, v, n, s) not in todo:
+                        continue
+                    n_eff = min(n or len(task.train), len(task.train))
+                    steps = _steps(n_eff, RECIPE["batch_size"])
+                    total += steps * sec[kw["objective"]]
+                    total += (4 * RECIPE["eval_examples"] + n_test) * sec["eval_example"] + 3.0  # evals, save
+    return total
+
+
+def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(100, 1000), seeds=(0,),
+                            full: bool = False, task: str = "movie-sentiment", progress: bool = True) -> dict:
+    """Fine-tune each pre-trained run as (a) pretrained, (b) scratch, (c) pretrained+L3 at each
+    labelled-set size and seed; print the table, save transfer.png / transfer.json / transfer.md.
+
+    pretrained_runs: {"gpt-mini": "runs/demo/gpt-mini", "bert-mini": "runs/demo/bert-mini"}
+    sizes: labelled training examples per run (None = all of them)
+    full: sizes (100, 1,000, all), seeds (0, 1, 2)
+    """
+    from .finetune import finetune
+
+    out_dir = Path(out_dir)
+    if full:
+        sizes, seeds = (100, 1000, None), (0, 1, 2)
+    for m, p in pretrained_runs.items():
+        if not (Path(p) / "config.json").exists():
+            raise PretuneError(f"the pre-trained run of {m} is missing", str(p), "pre-train it first (pretune demo)")
+    t = load_task(task)
+    sizes = tuple(None if n is None or n >= len(t.train) else int(n) for n in sizes)
+    cells = _cells(list(pretrained_runs), sizes, seeds)
+    todo = {c for c in cells if not (_cell_dir(out_dir, *c) / "results.json").exists()}
+    maj_label, maj = t.majority_baseline("test")
+    print(f"== transfer experiment: {task}, {len(t.train):,} train / {len(t.test):,} test reviews; "
+          f"majority class '{maj_label}' {maj:.1%} of the test set")
+    if todo:
+        est = estimate_seconds(pretrained_runs, t, sizes, seeds, todo)
+        print(f"   {len(cells)} fine-tuning runs ({len(todo)} to do; {len(pretrained_runs)} models x "
+              f"{len(VARIANTS)} variants x labels {', '.join(_size_name(n, t) for n in sizes)} x "
+              f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}); estimated running time "
+              f"{_fmt_time(est)} on this machine")
+    t0 = time.time()
+    rows = []
+    for m, v, n, s in cells:
+        d = _cell_dir(out_dir, m, v, n, s)
+        res_file = d / "results.json"
+        if res_file.exists():
+            res = json.loads(res_file.read_text())
+        else:
+            kw = VARIANTS[v]
+            res = finetune(pretrained_runs[m], t, d, objective=kw["objective"], lam=kw.get("lam", 0.5),
+                           lr=LR["scratch" if kw["scratch"] else "pretrained"], epochs=epochs_for(n or len(t.train)),
+                           train_examples=n, scratch=kw["scratch"], seed=s,
+                           eval_every=max(1, math.ceil(_steps(n or len(t.train), RECIPE["batch_size"]) / 4)),
+                           progress=progress, keep_checkpoints=False, verbose=False, **RECIPE)
+        rows.append({"model": m, "variant": v, "labels": res["train_examples"], "seed": s,
+                     "accuracy": res["test"]["accuracy"], "macro_f1": res["test"]["macro_f1"],
+                     "seconds": res.get("seconds")})
+        print(f"   {m:<10} {v:<14} {res['train_examples']:>5} labels  seed {s}: test accuracy "
+              f"{res['test']['accuracy']:.1%}  macro-F1 {res['test']['macro_f1']:.3f}  ({res.get('seconds', 0):.0f} s)")
+    summary = summarise(rows)
+    table = format_table(summary, maj)
+    print(table)
+    gains = gain_lines(summary)
+    for line in gains:
+        print(line)
+    result = {"task": task, "majority_baseline": maj, "rows": rows, "summary": summary, "gains": gains,
+              "recipe": {**RECIPE, "lr": LR, "epochs": {str(n): epochs_for(n or len(t.train)) for n in sizes}},
+              "seconds": time.time() - t0}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "transfer.json", result)
+    atomic_write_text(out_dir / "transfer.md", table + "\n\n" + "\n".join(gains) + "\n")
+    try:
+        plot_transfer(summary, maj, out_dir / "transfer.png", task)
+        print(f"   plot: {out_dir / 'transfer.png'}")
+    except Exception as e:  # a plot must never lose the experiment
+        print(f"note: could not draw the transfer plot: {e}")
+    return result
+
+
+def _cell_dir(out_dir: Path, model: str, variant: str, n, seed: int) -> Path:
+    return Path(out_dir) / model / variant / f"n{'all' if n is None else n}-s{seed}"
+
+
+def _size_name(n, t: Task) -> str:
+    return f"all ({len(t.train):,})" if n is None else f"{n:,}"
+
+
+def _fmt_time(s: float) -> str:
+    return f"about {s / 60:.0f} min" if s >= 90 else f"about {s:.0f} s"
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation (over seeds) of test accuracy per (model, variant, labels)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["variant"], r["labels"]), []).append(r["accuracy"])
+    return [{"model": m, "variant": v, "labels": n, "mean": statistics.fmean(a),
+             "std": statistics.stdev(a) if len(a) > 1 else 0.0, "seeds": len(a)}
+            for (m, v, n), a in groups.items()]
+
+
+def format_table(summary: list[dict], majority: float) -> str:
+    sizes = sorted({s["labels"] for s in summary})
+    head = f"| model | variant | " + " | ".join(f"{n:,} labels" for n in sizes) + " |"
+    lines = [head, "|" + "---|" * (2 + len(sizes))]
+    for (m, v) in dict.fromkeys((s["model"], s["variant"]) for s in summary):
+        cells = []
+        for n in sizes:
+            c = next((s for s in summary if (s["model"], s["variant"], s["labels"]) == (m, v, n)), None)
+            cells.append("" if c is None else f"{c['mean']:.1%}" + (f" ± {c['std']:.1%}" if c["seeds"] > 1 else ""))
+        lines.append(f"| {m} | {v} | " + " | ".join(cells) + " |")
+    lines.append(f"| majority class | | " + " | ".join(f"{majority:.1%}" for _ in sizes) + " |")
+    return "\n".join(lines)
+
+
+def gain_lines(summary: list[dict]) -> list[str]:
+    """What pre-training buys: pretrained minus scratch, in accuracy points, at each size."""
+    out = []
+    for m in dict.fromkeys(s["model"] for s in summary):
+        parts = []
+        for n in sorted({s["labels"] for s in summary if s["model"] == m}):
+            get = {s["variant"]: s["mean"] for s in summary if s["model"] == m and s["labels"] == n}
+            if "pretrained" in get and "scratch" in get:
+                parts.append(f"{100 * (get['pretrained'] - get['scratch']):+.1f} points at {n:,} labels")
+        if parts:
+            out.append(f"pre-training buys {m}: " + "; ".join(parts))
+    return out
+
+
+def plot_transfer(summary: list[dict], majority: float, path: Path, task: str) -> None:
+    """Test accuracy against labelled examples (log scale), one panel per model, the majority class dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    models = list(dict.fromkeys(s["model"] for s in summary))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
+    style = {"pretrained": ("C0", "o-"), "scratch": ("C3", "s--"), "pretrained+L3": ("C2", "^-")}
+    for ax, m in zip(axes[0], models):
+        for v, (color, fmt) in style.items():
+            pts = sorted((s["labels"], s["mean"], s["std"]) for s in summary if s["model"] == m and s["variant"] == v)
+            if pts:
+                x, y, e = zip(*pts)
+                ax.errorbar(x, [100 * a for a in y], yerr=[100 * a for a in e], fmt=fmt, color=color, label=v,
+                            capsize=3)
+        ax.axhline(100 * majority, color="gray", ls=":", label=f"majority class ({majority:.1%})")
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training examples")
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"test accuracy, % ({task})")
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
+    plt.close(fig)
