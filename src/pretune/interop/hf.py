@@ -6,6 +6,8 @@ Four Hugging Face architectures are exactly a `ModelConfig`:
     GPT-2       decoder, pre-LN, learned positions, tanh GELU, Conv1D weights (stored transposed)
     OpenAI GPT  decoder, post-LN, learned positions, tanh GELU, Conv1D weights, d_ff = 4d
     Llama       decoder, pre-LN RMSNorm, rotary (half-split), SwiGLU, grouped-query attention
+    Mixtral     Llama with a routed SwiGLU MoE in every block: top-k >= 2, dropless, no biases,
+                no shared expert (the gates of `pretune.moe` for k > 1 are Mixtral's)
 
 Each parameter of ours is one `Rule`: the Hugging Face tensors it is made of and
 how (copied, concatenated along the output rows, transposed, or padded to the
@@ -27,7 +29,7 @@ from ..config import ModelConfig
 from ..errors import PretuneError
 
 ARCHS = {  # model_type -> family
-    "bert": "bert", "gpt2": "gpt2", "openai-gpt": "openai-gpt", "llama": "llama",
+    "bert": "bert", "gpt2": "gpt2", "openai-gpt": "openai-gpt", "llama": "llama", "mixtral": "mixtral",
 }
 ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
 
@@ -36,8 +38,10 @@ ACT_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_ta
 class Rule:
     ours: str
     theirs: tuple[str, ...]
-    kind: str = "copy"  # copy | cat (rows) | T (Conv1D transpose) | vocab (pad rows to padded_vocab_size)
-    sizes: tuple[int, ...] = ()  # the row counts of each part, for `cat`
+    # copy | cat (rows) | T (Conv1D transpose) | vocab (pad rows to padded_vocab_size)
+    # | experts (theirs: per expert, its parts in order; each expert's parts cat by rows, the experts stacked)
+    kind: str = "copy"
+    sizes: tuple[int, ...] = ()  # the row counts of each part, for `cat` (for `experts`: of one expert's parts)
 
 
 # ---- config.json <-> ModelConfig --------------------------------------------
@@ -54,7 +58,8 @@ def family_of(hf: dict, where: str) -> str:
         return ARCHS[mt]
     archs = hf.get("architectures") or []
     for a in archs:
-        for prefix, fam in (("Bert", "bert"), ("GPT2", "gpt2"), ("OpenAIGPT", "openai-gpt"), ("Llama", "llama")):
+        for prefix, fam in (("Bert", "bert"), ("GPT2", "gpt2"), ("OpenAIGPT", "openai-gpt"), ("Llama", "llama"),
+                            ("Mixtral", "mixtral")):
             if a.startswith(prefix):
                 return fam
     raise PretuneError(f"unknown architecture '{mt or (archs[0] if archs else '?')}' in config.json", where,
@@ -107,7 +112,7 @@ def _config_from_hf(hf: dict, family: str, heads: dict, where: str) -> ModelConf
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre" if family == "gpt2" else "post",
             mlp=act, dropout=hf.get("resid_pdrop", 0.1), tie_embeddings=hf.get("tie_word_embeddings", True),
             lm_head=heads["lm_head"], tokenizer="gpt2" if family == "gpt2" else "openai-gpt")
-    # llama
+    # llama, mixtral
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
     kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
@@ -124,14 +129,25 @@ def _config_from_hf(hf: dict, family: str, heads: dict, where: str) -> ModelConf
         raise PretuneError("attention_bias and mlp_bias differ", where, "pretune has one `bias` switch for both")
     if hf.get("hidden_act", "silu") != "silu":
         raise PretuneError(f"Llama activation '{hf['hidden_act']}' is not supported", where, "only silu (SwiGLU) is")
+    moe = {}
+    if family == "mixtral":
+        if hf.get("sliding_window") is not None:
+            raise PretuneError(f"sliding_window={hf['sliding_window']} is not supported", where,
+                               "pretune attends to the whole window; import a checkpoint with sliding_window null")
+        k, L = g("num_experts_per_tok"), g("num_hidden_layers")
+        # Mixtral's load-balancing loss pools all layers and divides f_i by N (not N k), so at
+        # even routing it is k times one of our per-layer terms, which are summed over L layers.
+        coef = float(hf.get("router_aux_loss_coef", 0.001)) * k / L
+        moe = dict(n_expert=g("num_local_experts"), top_k=k, d_expert_ff=g("intermediate_size"),
+                   aux_loss_coef=float(f"{coef:.12g}"))
     return ModelConfig(
-        name=hf.get("_name_or_path") or "llama", causal=True, vocab_size=g("vocab_size"),
+        name=hf.get("_name_or_path") or family, causal=True, vocab_size=g("vocab_size"),
         max_seq_len=g("max_position_embeddings"), n_layer=g("num_hidden_layers"), n_head=nh,
         n_kv_head=hf.get("num_key_value_heads") or None, d_model=d, d_ff=g("intermediate_size"),
         norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", position="rotary",
         rope_theta=float(theta), rope_scaling=factor, mlp="swiglu", bias=bool(hf.get("attention_bias", False)),
         tie_embeddings=hf.get("tie_word_embeddings", False), dropout=float(hf.get("attention_dropout", 0.0)),
-        lm_head=heads["lm_head"], tokenizer="run")
+        lm_head=heads["lm_head"], tokenizer="run", **moe)
 
 
 # ---- the mapping: which Hugging Face architecture a config is ---------------
@@ -142,6 +158,7 @@ _FAMILIES = {
     "openai-gpt": ("OpenAIGPTLMHeadModel", "OpenAIGPTModel", "transformer."),
     "bert": ("BertForPreTraining", "BertModel", "bert."),
     "llama": ("LlamaForCausalLM", "LlamaModel", "model."),
+    "mixtral": ("MixtralForCausalLM", "MixtralModel", "model."),
 }
 
 
@@ -149,6 +166,9 @@ def _requirements(c: ModelConfig) -> dict[str, list[str]]:
     """For each family, what `c` would need to change to be it (empty: it is that family)."""
     mha = c.kv_heads == c.n_head
     common = [(c.n_expert == 0, "dense feed-forward layers (no mixture of experts)")]
+    llama = [(c.causal, "a decoder"), (c.norm == "rmsnorm", "RMSNorm"), (c.norm_placement == "pre", "pre-LN"),
+             (c.position == "rotary", "rotary positions"), (not c.embedding_norm, "no embedding norm"),
+             (c.type_vocab_size == 0, "no segment embeddings")]
     learned_ln = [(c.norm == "layernorm", "LayerNorm"), (c.position == "learned", "learned positions"),
                   (c.bias, "biases"), (mha, "multi-head attention (no grouped-query)")]
     req = {
@@ -163,10 +183,15 @@ def _requirements(c: ModelConfig) -> dict[str, list[str]]:
             (not c.causal, "an encoder"), (c.norm_placement == "post", "post-LN"),
             (c.embedding_norm, "an embedding LayerNorm"), (c.type_vocab_size > 0, "segment embeddings"),
             (c.mlp in ("gelu", "gelu_tanh"), "a GELU MLP")],
-        "llama": common + [
-            (c.causal, "a decoder"), (c.norm == "rmsnorm", "RMSNorm"), (c.norm_placement == "pre", "pre-LN"),
-            (c.position == "rotary", "rotary positions"), (c.mlp == "swiglu", "a SwiGLU MLP"),
-            (not c.embedding_norm, "no embedding norm"), (c.type_vocab_size == 0, "no segment embeddings")],
+        "llama": common + llama + [(c.mlp == "swiglu", "a SwiGLU MLP")],
+        # What MixtralForCausalLM lacks, each named: it is the one MoE export.
+        "mixtral": [(c.n_expert > 0, "a mixture of experts")] + llama + [
+            (c.mlp == "swiglu", f"SwiGLU experts (not {c.mlp})"), (not c.bias, "no biases"),
+            (c.top_k >= 2, "top_k >= 2 (top-1 gates differ: pretune keeps Switch's raw probability, "
+                           "Mixtral's renormalised gate is 1)"),
+            (c.capacity_factor is None, f"dropless routing (no capacity factor; this has {c.capacity_factor})"),
+            (not c.shared_expert, "no shared expert"),
+            (c.moe_every == 1, f"a routed layer in every block (not moe_every={c.moe_every})")],
     }
     return {f: [why for ok, why in r if not ok] for f, r in req.items()}
 
@@ -175,7 +200,7 @@ def describe(c: ModelConfig) -> str:
     parts = [f"{c.norm_placement}-LN {'decoder' if c.causal else 'encoder'} with {c.norm}",
              f"{c.position} positions", f"{c.mlp} MLP"]
     if c.n_expert:
-        parts.append(f"{c.n_expert} experts")
+        parts.append(f"mixture of experts ({c.n_expert}, top-{c.top_k})")
     return ", ".join(parts)
 
 
@@ -185,8 +210,11 @@ def hf_family(c: ModelConfig) -> str:
     for fam, missing in req.items():
         if not missing:
             return fam
+    if c.n_expert:  # an MoE can only be Mixtral: name what Mixtral lacks, not what a dense family would need
+        req = {"mixtral": req["mixtral"]}
     fam = min(req, key=lambda f: len(req[f]))
-    raise PretuneError(f"a {describe(c)} has no Hugging Face equivalent (the nearest, {_FAMILIES[fam][0]}, "
+    which = "the one MoE export" if c.n_expert else "the nearest"
+    raise PretuneError(f"a {describe(c)} has no Hugging Face equivalent ({_FAMILIES[fam][0]}, {which}, "
                        f"needs {', '.join(req[fam])})", None, "export it as a pretune run, or change the config")
 
 
@@ -264,7 +292,7 @@ def rules(c: ModelConfig, fam: str, p: str) -> list[Rule]:
         if c.lm_head and not c.tie_embeddings:
             R.append(Rule("lm_head.weight", ("lm_head.weight",), "vocab"))
         return R
-    # llama
+    # llama, mixtral
     R.append(Rule("wte.weight", (f"{p}embed_tokens.weight",), "vocab"))
     for i in range(c.n_layer):
         o, t = f"blocks.{i}", f"{p}layers.{i}"
@@ -273,6 +301,14 @@ def rules(c: ModelConfig, fam: str, p: str) -> list[Rule]:
             R.append(Rule(f"{o}.attn.qkv.{s}", tuple(f"{t}.self_attn.{n}_proj.{s}" for n in "qkv"), "cat", qkv_sizes))
         lin(f"{o}.attn.proj", f"{t}.self_attn.o_proj")
         lin(f"{o}.norm2", f"{t}.post_attention_layernorm", nb)
+        if fam == "mixtral":  # the per-expert layout of the released checkpoints (w1 gate, w3 up, w2 down)
+            m, E = f"{t}.block_sparse_moe", range(c.n_expert)
+            R.append(Rule(f"{o}.mlp.router.weight", (f"{m}.gate.weight",)))
+            R.append(Rule(f"{o}.mlp.fc_weight", tuple(f"{m}.experts.{e}.{w}.weight" for e in E for w in ("w1", "w3")),
+                          "experts", (c.expert_ffn_dim, c.expert_ffn_dim)))
+            R.append(Rule(f"{o}.mlp.proj_weight", tuple(f"{m}.experts.{e}.w2.weight" for e in E), "experts",
+                          (c.d_model,)))
+            continue
         for s in wb:  # SwiGLU: fc holds [gate; up]
             R.append(Rule(f"{o}.mlp.fc.{s}", (f"{t}.mlp.gate_proj.{s}", f"{t}.mlp.up_proj.{s}"), "cat",
                           (c.ffn_dim, c.ffn_dim)))
@@ -296,7 +332,7 @@ def _tied_copies(fam: str, p: str) -> dict[str, str]:
     if fam == "bert":
         return {"cls.predictions.decoder.weight": f"{p}embeddings.word_embeddings.weight",
                 "cls.predictions.decoder.bias": "cls.predictions.bias"}
-    emb = {"gpt2": "wte", "openai-gpt": "tokens_embed", "llama": "embed_tokens"}[fam]
+    emb = {"gpt2": "wte", "openai-gpt": "tokens_embed", "llama": "embed_tokens", "mixtral": "embed_tokens"}[fam]
     return {"lm_head.weight": f"{p}{emb}.weight"}
 
 
@@ -317,7 +353,14 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], c: ModelConfig, fam: st
                 raise PretuneError(f"missing tensor '{t}'", where, "the weights do not match config.json")
             parts.append(tensors[t].float())
             used.add(t)
-        if r.kind == "cat":
+        if r.kind == "experts":
+            n = len(r.sizes)
+            for t, x, rows in zip(r.theirs, parts, r.sizes * (len(parts) // n)):
+                if x.shape[0] != rows:
+                    raise PretuneError(f"tensor '{t}' has shape {list(x.shape)}, expected {rows} rows", where,
+                                       "the weights do not match config.json")
+            x = torch.stack([torch.cat(parts[i:i + n], 0) for i in range(0, len(parts), n)])
+        elif r.kind == "cat":
             for t, x, n in zip(r.theirs, parts, r.sizes):
                 if x.shape[0] != n:
                     raise PretuneError(f"tensor '{t}' has shape {list(x.shape)}, expected {n} rows", where,
@@ -355,6 +398,30 @@ def state_from_tensors(tensors: dict[str, torch.Tensor], c: ModelConfig, fam: st
     return state, ignored
 
 
+def mixtral_per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5 holds Mixtral's experts fused: `mlp.experts.gate_up_proj` (E, 2F, d) =
+    per expert [w1; w3], `mlp.experts.down_proj` (E, d, F) = w2, the router as `mlp.gate`. Those
+    keys are split here into the released per-expert layout (`block_sparse_moe.experts.{e}.w1`...),
+    the one the rules name; slicing, so the bits are kept."""
+    out = {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"(.*)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)", k)
+        if not m:
+            out[k] = v
+            continue
+        base = f"{m[1]}.block_sparse_moe"
+        if m[2] == "gate.weight":
+            out[f"{base}.gate.weight"] = v
+        elif m[2] == "experts.down_proj":
+            for e, w in enumerate(v.unbind(0)):
+                out[f"{base}.experts.{e}.w2.weight"] = w
+        else:
+            for e, w in enumerate(v.unbind(0)):
+                w1, w3 = w.chunk(2, 0)
+                out[f"{base}.experts.{e}.w1.weight"], out[f"{base}.experts.{e}.w3.weight"] = w1, w3
+    return out
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -381,7 +448,7 @@ def _detect_heads(fam: str, keys: set[str], hf: dict) -> dict:
     if fam == "bert":
         return {"lm_head": any(k.startswith("cls.predictions.") for k in keys),
                 "nsp_head": any(k.startswith("cls.seq_relationship.") for k in keys)}
-    if fam == "llama" and not hf.get("tie_word_embeddings", False):
+    if fam in ("llama", "mixtral") and not hf.get("tie_word_embeddings", False):
         return {"lm_head": "lm_head.weight" in keys, "nsp_head": False}
     archs = hf.get("architectures") or []
     headless = bool(archs) and all(a.endswith("Model") and "LMHead" not in a and "CausalLM" not in a for a in archs)
@@ -407,6 +474,8 @@ def load_hf_folder(folder: str | Path):
         raise PretuneError(f"config.json is not valid JSON: {e}", str(cfg_file), "fix or replace it") from e
     fam = family_of(hf, str(cfg_file))
     tensors = read_safetensors(folder)
+    if fam == "mixtral":
+        tensors = mixtral_per_expert(tensors)
     keys = set(tensors)
     p = _prefix(fam, keys)
     c = config_from_hf(hf, fam, _detect_heads(fam, keys, hf), str(cfg_file))
@@ -513,12 +582,17 @@ def hf_config(c: ModelConfig, fam: str, tok=None) -> dict:
     rope = {"rope_type": "default", "rope_theta": c.rope_theta}
     if c.rope_scaling != 1.0:
         rope = {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_scaling}
-    out = {**base, "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.d_model,
-           "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+    out = {**base, "model_type": fam, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+           "intermediate_size": c.expert_ffn_dim if fam == "mixtral" else c.ffn_dim, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
            "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_parameters": rope,
-           "rope_theta": c.rope_theta, "attention_bias": c.bias, "mlp_bias": c.bias,
-           "attention_dropout": c.dropout}
+           "rope_theta": c.rope_theta, "attention_dropout": c.dropout}
+    if fam == "llama":
+        out.update(attention_bias=c.bias, mlp_bias=c.bias)
+    else:  # mixtral; the inverse of the coefficient's conversion in `_config_from_hf` (z-loss: none in Mixtral)
+        out.update(num_local_experts=c.n_expert, num_experts_per_tok=c.top_k, sliding_window=None,
+                   router_jitter_noise=0.0, output_router_logits=False,
+                   router_aux_loss_coef=float(f"{c.aux_loss_coef * c.n_layer / c.top_k:.12g}"))
     if tok is not None:
         out.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     return out
@@ -539,6 +613,10 @@ def tensors_for_hf(model) -> tuple[dict[str, torch.Tensor], str]:
             out[r.theirs[0]] = x.t().contiguous()
         elif r.kind == "cat":
             for t, part in zip(r.theirs, x.split(list(r.sizes), 0)):
+                out[t] = part.contiguous()
+        elif r.kind == "experts":
+            parts = [part for xe in x.unbind(0) for part in xe.split(list(r.sizes), 0)]
+            for t, part in zip(r.theirs, parts, strict=True):
                 out[t] = part.contiguous()
         else:
             out[r.theirs[0]] = x.contiguous()
