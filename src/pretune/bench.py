@@ -12,8 +12,9 @@ from .errors import PretuneError
 
 
 def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None = None,
-              seconds: float = 3.0, json: bool = False) -> dict:
-    """Benchmark this machine; `--peak` measures the matmul FLOP/s per dtype and caches it for MFU.
+              seconds: float = 3.0, json: bool = False, only: list[str] | None = None,
+              quick: bool = False, rounds: int | None = None, threads: int | None = None) -> dict:
+    """Benchmark this machine: pretune against Hugging Face side by side (the suite), or `--peak`.
 
     Args:
         peak: time large square matrix multiplies (2·n³ FLOPs each) per dtype and cache the best rate
@@ -21,9 +22,13 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         dtypes: comma-separated dtypes to time (default fp32,bf16; also fp16, tf32 on a GPU)
         seconds: time budget for all dtypes together
         json: print JSON instead of a table
+        only: suite benchmarks whose label contains one of these (e.g. gpt_train,generate mini)
+        quick: leave out the GPT-2-small shape (its steps take tens of seconds on two cores)
+        rounds: A/B rounds per benchmark (default: each benchmark's own)
+        threads: torch threads for both sides (default: torch's)
     """
     if not peak:
-        raise PretuneError("nothing to benchmark", "pretune bench", "use --peak (matmul peak per dtype)")
+        return _suite(json, only, quick, rounds, threads)
     if not (seconds > 0):
         raise PretuneError(f"--seconds must be positive, got {seconds!r}", None, "e.g. --seconds 3")
     from .hardware import from_device_name
@@ -55,4 +60,23 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         print(line)
     print(f"cached in {cache_file()}: MFU on this {'CPU' if device == 'cpu' else 'device'} is measured "
           f"against these figures")
+    return out
+
+
+def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
+    """The side-by-side suite (speed.py): medians, ratios, targets; JSON with --json."""
+    from . import speed
+
+    if rounds is not None and rounds < 1:
+        raise PretuneError(f"--rounds must be at least 1, got {rounds}", None, "e.g. --rounds 5")
+    results = speed.run_suite(only=only, quick=quick, rounds=rounds, threads=threads, progress=not as_json)
+    if not results:
+        labels = ", ".join(label for label, _, _ in speed.suite_plan())
+        raise PretuneError(f"no benchmark matches --only {','.join(only or [])}", None, f"labels: {labels}")
+    out = {"results": results}
+    if as_json:
+        print(_json.dumps(out, indent=2))
+    else:
+        for r in results:
+            print(speed.describe(r))
     return out

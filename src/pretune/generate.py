@@ -49,8 +49,9 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
     cache = KVCache(c, B, T0 + max_new_tokens, p.device, p.dtype)
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     model.eval()
+    next_logits = _decode_logits(model)
     out = [prompt_ids]
-    logits = model.logits(model(prompt_ids, cache=cache)[:, -1])[:, :c.vocab_size]
+    logits = next_logits(model(prompt_ids, cache=cache)[:, -1])
     done = torch.zeros(B, dtype=torch.bool, device=p.device)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits.float(), temperature, top_k, top_p, gen)
@@ -62,8 +63,23 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
             break
         if cache.pos >= cache.length:
             break
-        logits = model.logits(model(nxt, cache=cache)[:, -1])[:, :c.vocab_size]
+        logits = next_logits(model(nxt, cache=cache)[:, -1])
     return torch.cat(out, 1)
+
+
+def _decode_logits(model: Transformer):
+    """h (B, d) -> (B, vocab) next-token logits. Each decoding step multiplies B rows by
+    the (V, d) output matrix: a matrix-vector product that reads all of W_e for a few
+    rows. On a CPU, BLAS streams it 1.5-2x faster stored as (d, V) row-major than as
+    (V, d) (docs/performance.md), so a decoder on the CPU gets one transposed copy per
+    call (V·d floats, freed on return); the result is the same product."""
+    V, head = model.config.vocab_size, model.lm_head
+    W = getattr(head, "weight", None)
+    if (isinstance(head, torch.nn.Linear) and head.bias is None and W is not None
+            and W.device.type == "cpu"):
+        W_t = W.detach().t().contiguous()
+        return lambda h: (h @ W_t)[:, :V]
+    return lambda h: model.logits(h)[:, :V]
 
 
 def _load(run: Path):

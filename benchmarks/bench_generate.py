@@ -1,0 +1,19 @@
+"""Greedy generation with a KV cache, pretune vs GPT2LMHeadModel.generate(use_cache=True).
+
+    python benchmarks/bench_generate.py --shape mini --batch 1,8
+    python benchmarks/bench_generate.py --shape gpt2 --batch 1 --rounds 2
+"""
+
+from _common import parser, report
+
+if __name__ == "__main__":
+    ap = parser(__doc__.split("\n")[0], rounds=3)
+    ap.add_argument("--shape", default="mini", help="mini or gpt2")
+    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens")
+    a = ap.parse_args()
+    from pretune import speed
+
+    report([speed.generation(a.shape, int(b), a.new_tokens, a.prompt, rounds=a.rounds, warmup=a.warmup,
+                             threads=a.threads, progress=True) for b in a.batch.split(",")], a.json)

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""One short GPU job: train the GPT-2 124M shape in bf16 and print tokens/s and MFU.
+
+    python scripts/gpu_check.py                 # CUDA: 12 layers, d=768, B=16 x 1024, 40 steps
+    python scripts/gpu_check.py --json out.json # also write the figures as JSON
+
+MFU = achieved model FLOP/s / the device's dense bf16 peak (Chowdhery et al. 2022,
+PaLM app. B). Model FLOPs per token are 6·N + 12·L·T·d (N: every parameter but the
+position table, the tied W_e once; the second term is attention's QK^T and AV);
+the 6·N-only figure, the one the CPU targets use, is printed too. The goal on an
+H100 is at least 45%.
+
+It runs pretune's own `Trainer.train_step` (fused AdamW, SDPA/flash attention,
+bf16 autocast, no host sync per step; `torch.compile` on by default on CUDA) on
+random tokens (the data is not what is measured), times `--steps` steps after
+`--warmup` ones with one synchronisation at each end, and reads the loss once.
+Without a GPU it runs a few CPU steps of a small shape instead, against this
+CPU's measured matmul peak (`pretune bench --peak`), so CI keeps it working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+# Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor datasheets, without sparsity).
+DENSE_BF16_PEAK = {
+    "H200": 989e12,  # same compute as the H100 SXM
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+}
+
+
+def dense_bf16_peak(device_name: str) -> float | None:
+    """The datasheet's dense bf16 peak for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3'."""
+    n = device_name.upper()
+    if "H200" in n:
+        return DENSE_BF16_PEAK["H200"]
+    if "H100" in n:
+        if "PCIE" in n:
+            return DENSE_BF16_PEAK["H100 PCIe"]
+        if "NVL" in n:
+            return DENSE_BF16_PEAK["H100 NVL"]
+        return DENSE_BF16_PEAK["H100 SXM"]  # "H100 80GB HBM3" is the SXM part
+    for key in ("A100", "L40S", "A10G", "L4"):
+        if key in n:
+            return DENSE_BF16_PEAK[key]
+    try:  # the cost planner's table knows more devices
+        from pretune.hardware import from_device_name
+        hw = from_device_name(device_name)
+        return hw.peak.get("bf16") if hw else None
+    except ImportError:
+        return None
+
+
+def flops_per_token(n_params: int, n_layer: int, seq_len: int, d_attn: int, attention: bool = True) -> float:
+    """Training FLOPs per token: 6·N, plus 12·L·T·d_attn for attention (PaLM app. B)."""
+    return 6.0 * n_params + (12.0 * n_layer * seq_len * d_attn if attention else 0.0)
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
+    return tokens_per_s * flops_per_tok / peak_flops
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="preset (default gpt2 on CUDA, gpt-mini on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="sequences per step (default 16 on CUDA, 2 on CPU)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024 on CUDA, 64 on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 40 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 1 on CPU)")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on for CUDA)")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp16"))
+    ap.add_argument("--cpu", action="store_true", help="run the CPU fallback even where CUDA is available")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    from pretune.config import preset
+    from pretune.model import Transformer
+    from pretune.objectives import l1_loss
+    from pretune.speed import _Repeat, six_n
+    from pretune.train import TrainConfig, Trainer
+
+    a = parse(argv)
+    cuda = torch.cuda.is_available() and not a.cpu
+    model_name = a.model or ("gpt2" if cuda else "gpt-mini")
+    B = a.batch or (16 if cuda else 2)
+    T = a.seq or (1024 if cuda else 64)
+    steps = a.steps or (40 if cuda else 3)
+    warmup = a.warmup if a.warmup is not None else (10 if cuda else 1)
+    do_compile = a.compile == "on" or (a.compile == "auto" and cuda)
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    cfg = preset(model_name, dropout=0.0, max_seq_len=max(T, 8))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(cfg.vocab_size, (B, T + 1), generator=g)
+    batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
+    tc = TrainConfig(steps=1 << 30, batch_size=B, warmup=0, device=device, precision=a.precision,
+                     compile=do_compile, lr=6e-4)
+    trainer = Trainer(model, tc, _Repeat(batch),
+                      lambda m, b: (l1_loss(m, b["input_ids"], b["targets"]), {}), "/tmp", progress=False)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        trainer.train_step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = trainer.train_step()
+    sync()
+    dt = time.perf_counter() - t0
+    tok_s = B * T * steps / dt
+
+    n = six_n(cfg)
+    fpt = flops_per_token(n, cfg.n_layer, T, cfg.n_head * cfg.head_dim)
+    fpt_6n = flops_per_token(n, cfg.n_layer, T, cfg.n_head * cfg.head_dim, attention=False)
+    if cuda:
+        name = torch.cuda.get_device_name()
+        peak, peak_src = dense_bf16_peak(name), "datasheet dense bf16"
+        if a.precision == "fp32":
+            peak, peak_src = None, "no fp32 peak listed"
+    else:
+        from pretune.peak import machine_key, measured_peak
+        name = machine_key("cpu")
+        dt_key = "bf16" if a.precision == "bf16" else "fp32"
+        peak, peak_src = measured_peak(dt_key, "cpu", measure=True, seconds=1.0), f"measured {dt_key} matmul"
+    out = {"device": name, "model": model_name, "params_6n": n, "batch": B, "seq": T, "steps": steps,
+           "warmup_steps": warmup, "warmup_s": warmup_s, "compile": do_compile, "precision": a.precision,
+           "step_s": dt / steps, "tokens_per_s": tok_s, "loss": float(loss),
+           "model_tflops": tok_s * fpt / 1e12, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_src,
+           "mfu": mfu(tok_s, fpt, peak) if peak else None, "mfu_6n": mfu(tok_s, fpt_6n, peak) if peak else None,
+           "torch": torch.__version__}
+    if cuda:
+        out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(f"{name}: {model_name} B={B} T={T} {a.precision}{' compiled' if do_compile else ''}: "
+          f"{dt / steps * 1e3:.1f} ms/step, {tok_s:,.0f} tokens/s, {out['model_tflops']:.1f} TFLOP/s"
+          + (f", MFU {out['mfu']:.1%} (6N only: {out['mfu_6n']:.1%}) of {out['peak_tflops']:.4g} TFLOP/s "
+             f"({peak_src})" if peak else ""))
+    if cuda and out["mfu"] is not None:
+        print(f"goal on an H100: MFU >= 45%: {'met' if out['mfu'] >= 0.45 else 'not met'}")
+    print(json.dumps(out))
+    if a.json:
+        from pretune.fileio import atomic_write_json
+        atomic_write_json(a.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
