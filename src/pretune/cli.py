@@ -29,6 +29,7 @@ from .errors import PretuneError
 # verb -> "module:function"; modules are imported only when their verb runs.
 VERBS: dict[str, str] = {
     "prepare": "pretune.data.shards:prepare_cmd",
+    "curate": "pretune.data.curate:curate_cmd",
     "pretrain": "pretune.train:pretrain_cmd",
     "generate": "pretune.generate:generate_cmd",
     "fill-mask": "pretune.generate:fill_mask_cmd",

@@ -136,13 +136,17 @@ def _check_out_dir(out: Path) -> None:
 
 def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "runs/data/builtin",
             val_fraction: float = 0.01, seed: int = 1234, weights: dict[str, float] | None = None,
-            max_bytes: int | None = None, chunk_bytes: int = 1 << 22, progress: bool = True) -> dict:
+            max_bytes: int | None = None, chunk_bytes: int = 1 << 22, progress: bool = True,
+            curate: list[str] | None = None, decontaminate: list[str] | None = None,
+            curation: dict | None = None) -> dict:
     """Tokenize a corpus into train/val shards under `out_dir`; returns meta.json's contents.
 
     sources: built-in source names, "builtin", or .txt/.jsonl files and folders
     tokenizer: a name for load_tokenizer, or a Tokenizer
     weights: epochs per source (see corpora.py); max_bytes: a budget on the text read
     chunk_bytes: text tokenized per step (bounds the memory)
+    curate, decontaminate, curation: curation steps, evaluation sets and thresholds (curate.py);
+        each source is curated before mixing, and meta.json["curation"] records what each step removed
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +159,12 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
     _check_out_dir(out)
     stats = ReadStats()
     parts = resolve_corpus(list(sources), weights, stats)  # checks every file before any work
+    curator = None
+    if curate or decontaminate:
+        from .curate import Curator
+        curator = Curator(curate or (), curation, decontaminate or ())
+        for q in parts:
+            q.documents = curator.wrap(q.name, q.documents)
     tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     sep = tok.doc_separator_id
@@ -241,6 +251,8 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
             "chunks": n_chunks,
             "seconds": round(time.time() - t0, 2),
         }
+        if curator is not None:
+            meta["curation"] = curator.report()
         tok.save(tmp)
         atomic_write_json(tmp / "meta.json", meta)
         # Swap the finished folder into place: the old one (if any) is removed only afterwards.
@@ -274,7 +286,8 @@ def _parse_weights(items: list[str] | None) -> dict[str, float] | None:
 
 def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", out: Path | None = None,
                 weights: list[str] | None = None, val_fraction: float = 0.01, seed: int = 1234,
-                max_mb: float | None = None) -> dict:
+                max_mb: float | None = None, curate: list[str] | None = None,
+                decontaminate: list[str] | None = None) -> dict:
     """Tokenize text into memory-mapped train/val token shards for pre-training.
 
     Args:
@@ -287,13 +300,20 @@ def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", ou
         val_fraction: the share of documents held out for validation
         seed: the seed of the held-out split
         max_mb: read at most this many MB of text (each source in proportion)
+        curate: curation steps before tokenizing: quality, exact, near, decontaminate, or default
+            (quality,exact,near) or all (see docs/data.md)
+        decontaminate: evaluation sets that must not leak into the text: built-in tasks (their test
+            split) or files, e.g. movie-sentiment,trec; documents sharing a 13-gram are dropped
     """
     corpus = list(corpus or ["builtin"])
     if out is None:
         stem = "builtin" if corpus == ["builtin"] else "-".join(Path(c).stem for c in corpus)[:60]
         out = Path("runs/data") / f"{stem}-{Path(tokenizer).stem if os.sep in tokenizer else tokenizer}"
+        if curate or decontaminate:
+            out = out.with_name(out.name + "-curated")
     meta = prepare(corpus, tokenizer, out, val_fraction=val_fraction, seed=seed, weights=_parse_weights(weights),
-                   max_bytes=None if max_mb is None else int(max_mb * 1e6))
+                   max_bytes=None if max_mb is None else int(max_mb * 1e6), curate=curate,
+                   decontaminate=decontaminate)
     sp = meta["splits"]
     print(f"{out}: train {sp['train']['tokens']:,} tokens ({sp['train']['documents']:,} documents), "
           f"val {sp['val']['tokens']:,} ({sp['val']['documents']:,}); {meta['dtype']}, "
@@ -301,6 +321,9 @@ def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", ou
     for name, s in meta["sources"].items():
         print(f"  {name:<12} {s['documents']:>7,} docs  {s['bytes'] / 1e6:7.2f} MB  "
               f"{s['train_tokens'] + s['val_tokens']:>11,} tokens")
+    if "curation" in meta:
+        from .curate import format_report
+        print(format_report(meta["curation"]))
     return meta
 
 
