@@ -583,7 +583,8 @@ def hf_config(c: ModelConfig, fam: str, tok=None) -> dict:
     if c.rope_scaling != 1.0:
         rope = {"rope_type": "linear", "rope_theta": c.rope_theta, "factor": c.rope_scaling}
     out = {**base, "model_type": fam, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
-           "intermediate_size": c.expert_ffn_dim if fam == "mixtral" else c.ffn_dim, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+           "intermediate_size": c.expert_ffn_dim if fam == "mixtral" else c.ffn_dim,
+           "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
            "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
            "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps, "rope_parameters": rope,
            "rope_theta": c.rope_theta, "attention_dropout": c.dropout}
