@@ -22,7 +22,6 @@ def parser(description: str, rounds: int) -> argparse.ArgumentParser:
 def report(results: list[dict], json_path: str | None) -> None:
     from pretune import speed
 
-    speed._add_bf16_ratio(results)
     if json_path == "-":
         print(json.dumps(results, indent=2))
         return

@@ -87,6 +87,12 @@ def test_gpt_train_bf16_tiny_round():
     assert r["precision"] == "bf16" and r["target"] is None
 
 
+def test_bf16_against_fp32_tiny_round():
+    # (the "compile" variant takes a minute to compile on two cores: benchmarks/bench_train.py --compile)
+    r = _well_formed(speed.variant_gain("tiny", "bf16", rounds=1, warmup=0), "tokens_per_s")
+    assert r["bench"] == "bf16" and r["setup_s"] is not None
+
+
 def test_bert_mlm_tiny_round():
     r = _well_formed(speed.bert_mlm("tiny", rounds=1, warmup=0), "tokens_per_s")
     assert 0 < r["masked_fraction"] < 0.5

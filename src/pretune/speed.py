@@ -53,10 +53,12 @@ def _config(shape: dict, **over) -> tuple[ModelConfig, int, int]:
     return preset(name, dropout=0.0, **{**s, **over}), B, T
 
 
+_DEFAULT_THREADS = torch.get_num_threads()
+
+
 def set_threads(threads: int | None) -> int:
-    """Both sides run with the same intra-op thread count."""
-    if threads:
-        torch.set_num_threads(threads)
+    """Both sides run with the same intra-op thread count (None: torch's default)."""
+    torch.set_num_threads(threads or _DEFAULT_THREADS)
     return torch.get_num_threads()
 
 
@@ -94,7 +96,7 @@ def _result(bench: str, shape: str, params: dict, times: dict, work: float, unit
     pt = _side(times["pretune"], work, unit, flops_per_unit)
     ref = _side(times["reference"], work, unit, flops_per_unit)
     ratio = ref["median_s"] / pt["median_s"]
-    target = TARGETS.get(target_key) if target_key else None
+    target = TARGETS.get(target_key) if target_key else extra.pop("target", None)
     return {"bench": bench, "shape": shape, **params, "threads": torch.get_num_threads(),
             "rounds": rounds, "warmup": warmup, "unit": unit, "pretune": pt, "reference": ref,
             "ratio": ratio, "target": target, "meets_target": None if target is None else ratio >= target,
@@ -262,11 +264,12 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     return res
 
 
-def compile_gain(shape: str = "mini", precision: str = "fp32", rounds: int = 5, warmup: int = 1,
+def variant_gain(shape: str = "mini", variant: str = "compile", rounds: int = 5, warmup: int = 1,
                  threads: int | None = None, progress: bool = False) -> dict:
-    """`TrainConfig.compile`: pretune's training step with `torch.compile` (the "pretune"
-    side) against the same step eager (the "reference" side), same weights and batch.
-    The compile time is the first compiled step's, minus an eager step."""
+    """pretune against itself: its training step with `variant` ("compile": `torch.compile`;
+    "bf16": bf16 autocast) on the "pretune" side, the plain fp32 eager step on the
+    "reference" side, alternated like every benchmark, same weights and batch.
+    `setup_s` is the first variant step's time minus an eager step's (the compile time)."""
     from .model import Transformer
     from .objectives import l1_loss
 
@@ -279,18 +282,22 @@ def compile_gain(shape: str = "mini", precision: str = "fp32", rounds: int = 5, 
     x = torch.randint(cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
     loss = lambda m, b: (l1_loss(m, b["input_ids"], b["targets"]), {})  # noqa: E731
-    eager = _trainer(eager_model, batch, loss, precision)
-    comp = _trainer(compiled_model, batch, loss, precision, compile=True)
+    if variant not in ("compile", "bf16"):
+        raise ValueError(f"unknown variant {variant!r}")
+    eager = _trainer(eager_model, batch, loss, "fp32")
+    comp = _trainer(compiled_model, batch, loss, "bf16" if variant == "bf16" else "fp32",
+                    compile=variant == "compile")
     t0 = time.perf_counter()
     eager.train_step()
     eager_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     comp.train_step()
-    compile_s = time.perf_counter() - t0 - eager_s
+    setup_s = time.perf_counter() - t0 - eager_s
     times = alternate({"pretune": comp.train_step, "reference": eager.train_step}, rounds, warmup, progress,
-                      f"compile {shape}")
-    return _result("compile", shape, {"precision": precision, "batch": B, "seq": T}, times, B * T,
-                   "tokens_per_s", rounds, warmup, compile_s=compile_s)
+                      f"{variant} vs fp32 eager, {shape}")
+    return _result(variant, shape, {"batch": B, "seq": T}, times, B * T, "tokens_per_s", rounds, warmup,
+                   setup_s=setup_s, target=1.3 if variant == "bf16" and cpu_has_native_bf16() and shape == "gpt2"
+                   else None)
 
 
 def bert_mlm(shape: str = "mini", rounds: int = 5, warmup: int = 1, threads: int | None = None,
@@ -452,6 +459,7 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
     plan = [
         ("gpt_train mini fp32", gpt_train, dict(shape="mini", precision="fp32", rounds=7)),
         ("gpt_train mini bf16", gpt_train, dict(shape="mini", precision="bf16", rounds=7)),
+        ("bf16 gain mini", variant_gain, dict(shape="mini", variant="bf16", rounds=5)),
         ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
         ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
         ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
@@ -462,6 +470,7 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
         plan[2:2] = [
             ("gpt_train gpt2 fp32", gpt_train, dict(shape="gpt2", precision="fp32", rounds=3)),
             ("gpt_train gpt2 bf16", gpt_train, dict(shape="gpt2", precision="bf16", rounds=3)),
+            ("bf16 gain gpt2", variant_gain, dict(shape="gpt2", variant="bf16", rounds=3)),
         ]
         plan[-2:-2] = [
             ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
@@ -482,17 +491,7 @@ def run_suite(only: list[str] | None = None, quick: bool = False, rounds: int | 
         if rounds:
             kw["rounds"] = rounds
         results.append(fn(**kw))
-    _add_bf16_ratio(results)
     return results
-
-
-def _add_bf16_ratio(results: list[dict]) -> None:
-    """pretune bf16 autocast over pretune fp32, on the same shape (target 1.3x where bf16 is native)."""
-    fp32 = {r["shape"]: r for r in results if r["bench"] == "gpt_train" and r["precision"] == "fp32"}
-    for r in results:
-        if r["bench"] == "gpt_train" and r["precision"] == "bf16" and r["shape"] in fp32:
-            r["bf16_over_fp32"] = fp32[r["shape"]]["pretune"]["median_s"] / r["pretune"]["median_s"]
-            r["bf16_target"] = 1.3 if cpu_has_native_bf16() else None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -510,7 +509,7 @@ def describe(r: dict) -> str:
     pt, ref = r["pretune"][unit], r["reference"][unit]
     what = {"gpt_train": f"GPT train {r['shape']} {r.get('precision')}", "bert_mlm": f"BERT MLM {r['shape']}",
             "generate": f"generate {r['shape']} b{r.get('batch')}",
-            "compile": f"compiled/eager {r['shape']}", "tokenize": f"tokenize {r['shape']}",
+            "compile": f"compiled/eager {r['shape']}", "bf16": f"bf16/fp32 pretune {r['shape']}", "tokenize": f"tokenize {r['shape']}",
             "loader": f"loader {r['shape']}"}[r["bench"]]
     pretty = unit.replace("_per_s", "/s").replace("mb", "MB")
     line = f"{what:<24} pretune {pt:>10,.1f} {pretty}  reference {ref:>10,.1f}  ratio {r['ratio']:5.2f}x"
@@ -520,10 +519,8 @@ def describe(r: dict) -> str:
         line += f"  {r['pretune']['gflops']:.1f} GFLOP/s"
     if r.get("fraction_of_peak") is not None:
         line += f", {r['fraction_of_peak']:.0%} of the fp32 matmul peak ({r['fp32_matmul_peak_gflops']:.0f})"
-    if r.get("compile_s") is not None:
-        line += f"  compile time {r['compile_s']:.0f} s"
-    if r.get("bf16_over_fp32"):
-        line += f"  bf16/fp32 {r['bf16_over_fp32']:.2f}x"
+    if r.get("setup_s") is not None and r["bench"] == "compile":
+        line += f"  compile time {r['setup_s']:.0f} s"
     line += f"  [{r['rounds']} rounds, {r['threads']} threads]"
     return line
 
