@@ -218,3 +218,13 @@ def test_mlm_copy_masks_text_not_specials(wordpiece):
     special = torch.isin(b["input_ids"], torch.tensor(sorted(wordpiece.special_ids))) | ~b["attention_mask"]
     assert not (chosen & special).any()
     assert torch.equal(b["mlm_input_ids"][~chosen], b["input_ids"][~chosen])
+
+
+def test_unlabelled_text_holds_the_training_split_only(tmp_path):
+    from pretune.data.tasks import write_unlabelled
+    rows = [(f"review number {i} was {'good' if i % 2 else 'bad'}", None, str(i % 2)) for i in range(50)]
+    t = make_task("toy", rows)
+    n = write_unlabelled(t, tmp_path / "u.txt")
+    docs = (tmp_path / "u.txt").read_text().strip().split("\n\n")
+    assert n == len(docs) == len(t.train)
+    assert set(docs) == {e.text for e in t.train} and not set(docs) & {e.text for e in t.val + t.test}

@@ -539,3 +539,16 @@ def eval_batches(enc: Encoded, batch_size: int, pad_id: int):
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         yield idx, collate(enc, idx, pad_id)
+
+
+def write_unlabelled(task: str | Task, path: str | Path, splits=("train",)) -> int:
+    """The texts of a task's `splits`, labels dropped, one document each (a blank line between),
+    for `pretune prepare builtin,PATH`: in-domain unlabelled text for pre-training, as in
+    semi-supervised sequence learning (Dai & Le 2015) and ULMFiT (Howard & Ruder 2018). Only the
+    training split by default, so no validation or test text is seen in pre-training."""
+    from ..fileio import atomic_write_text
+
+    t = task if isinstance(task, Task) else load_task(task)
+    texts = [e.text if e.text_b is None else f"{e.text}\n{e.text_b}" for s in splits for e in t.split(s)]
+    atomic_write_text(path, "\n\n".join(texts) + "\n")
+    return len(texts)
