@@ -47,7 +47,7 @@ from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEnco
                          read_labelled_file, subsample)
 from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text
-from .objectives import IGNORE, l2_loss, l3_loss, mlm_loss, shift_targets
+from .objectives import IGNORE, l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
 from .train import Hook, Trainer, TrainConfig, check_same_model
 
 OBJECTIVES = ("L2", "L3")
@@ -119,7 +119,7 @@ def finetune_loss(objective: str = "L2", lam: float = 0.5):
             body = model.body
             if body.config.causal:  # L1 on the labelled sequence, from the same h_n
                 targets = shift_targets(batch["input_ids"], batch["attention_mask"])
-                lm = F.cross_entropy(body.logits(h).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+                lm = next_token_loss(body, h, targets)
                 parts["l1"] = lm
             else:  # MLM on a masked copy of the labelled sequence
                 h2 = body(batch["mlm_input_ids"], segment_ids=batch.get("segment_ids"),
@@ -480,8 +480,11 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
               f"{aux_note}, "
               f"{steps} steps, frozen: {frozen}")
     keep = KeepBest()
-    trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn,
-                      hooks=[EarlyStopping(patience)] + ([] if keep_checkpoints else [keep]),
+    hooks: list[Hook] = [EarlyStopping(patience)] + ([] if keep_checkpoints else [keep])
+    if cfg.n_expert:  # the routers' loads, drops and entropy, as in pre-training
+        from .moe import MoEStatsHook
+        hooks.append(MoEStatsHook())
+    trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step

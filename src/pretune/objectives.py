@@ -21,8 +21,12 @@ IGNORE = -100
 def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
     """L1 = -sum_i log P(u_i | u_{i-k}..u_{i-1}), as a mean over the target tokens.
     `targets` are the inputs shifted left by one, IGNORE where there is none."""
-    h = model(input_ids, attention_mask=attention_mask)
-    logits = model.logits(h)
+    return next_token_loss(model, model(input_ids, attention_mask=attention_mask), targets)
+
+
+def next_token_loss(model, h, targets) -> torch.Tensor:
+    """L1 from h_n already computed (L3 reuses the classifier's forward pass)."""
+    logits = model.logits(h)[..., :model.config.vocab_size]  # the padding rows are not tokens
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
@@ -61,7 +65,7 @@ def mlm_loss(model, h, labels) -> torch.Tensor:
     """Cross-entropy at the masked positions only: the MLM head runs on those
     rows alone (about 15% of them), not on every position."""
     sel = labels != IGNORE
-    logits = model.logits(h[sel])
+    logits = model.logits(h[sel])[:, :model.config.vocab_size]
     return F.cross_entropy(logits.float(), labels[sel])
 
 
