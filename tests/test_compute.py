@@ -235,7 +235,9 @@ def test_cost_days_flags_an_impossible_claim(capsys):
     (["cost", "gpt2", "--mfu", "0"], "(0, 1]"),
     (["cost", "gpt2", "--hardware", "v100", "--precision", "bf16"], "bf16"),
     (["cost", "gpt-nine"], "unknown preset"),
-    (["bench"], "--peak"),
+    (["bench", "--peak", "--seconds", "0"], "--seconds"),
+    (["bench", "--only", "no-such-bench"], "--only"),
+    (["bench", "--rounds", "0"], "--rounds"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     assert main(argv) == 2

@@ -69,10 +69,10 @@ def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
 
     if rounds is not None and rounds < 1:
         raise PretuneError(f"--rounds must be at least 1, got {rounds}", None, "e.g. --rounds 5")
+    labels = [label for label, _, _ in speed.suite_plan(quick)]
+    if only and not any(o in label for o in only for label in labels):
+        raise PretuneError(f"no benchmark matches --only {','.join(only)}", None, f"labels: {', '.join(labels)}")
     results = speed.run_suite(only=only, quick=quick, rounds=rounds, threads=threads, progress=not as_json)
-    if not results:
-        labels = ", ".join(label for label, _, _ in speed.suite_plan())
-        raise PretuneError(f"no benchmark matches --only {','.join(only or [])}", None, f"labels: {labels}")
     out = {"results": results}
     if as_json:
         print(_json.dumps(out, indent=2))
