@@ -80,6 +80,23 @@ def test_resume_is_bit_identical(tmp_path, causal):
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
 
+def test_rerunning_a_finished_run_logs_its_final_evaluation_once(tmp_path):
+    """Killed after the final checkpoint (the plot, the exit): the rerun finds step == steps and must
+    not evaluate and log again (test_faults' SIGKILL at a random moment hit exactly this)."""
+    def trainer():
+        torch.manual_seed(0)
+        return Trainer(Transformer(cfg(True)), TrainConfig(steps=10, batch_size=4, log_every=5, eval_every=5,
+                                                           ckpt_every=5), Synthetic(True), pretrain_loss,
+                       tmp_path, eval_fn=lambda: {"val_loss": 1.5}, progress=False)
+
+    first = trainer().fit()
+    rows = (tmp_path / "metrics.jsonl").read_text()
+    again = trainer().fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    assert [json.loads(l) for l in rows.splitlines()].count({"step": 10, "val_loss": 1.5}) == 1
+    assert again["val_loss"] == first["val_loss"] == 1.5
+
+
 def test_lr_schedule_by_hand():
     tc = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1, decay="cosine")
     assert lr_at(0, tc) == pytest.approx(0.1)

@@ -245,6 +245,20 @@ class Trainer:
                     pass  # a line cut short by a crash
             atomic_write_text(mp, "".join(line + "\n" for line in keep))
 
+    def _logged_eval(self) -> dict | None:
+        """The evaluation row metrics.jsonl holds for this step, if any (only the final one can be)."""
+        mp = self._metrics_path()
+        if not mp.exists():
+            return None
+        for line in mp.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("step") == self.step and "loss" not in r and any(k.startswith("val") for k in r):
+                return {k: v for k, v in r.items() if k != "step"}
+        return None
+
     def rollback(self) -> tuple[Path, dict | None, dict | None]:
         """Go back to the newest good checkpoint before this step, keeping the data position:
         the batches read since that checkpoint (the ones that led here) are skipped, as PaLM
@@ -430,9 +444,11 @@ class Trainer:
         bar.close()
         final = {}
         if self.step >= tc.steps:
-            m = self.evaluate()
-            if m:
-                self.log({"step": self.step, **m})
+            m = self._logged_eval()  # killed after the final evaluation was logged: not again
+            if m is None:
+                m = self.evaluate()
+                if m:
+                    self.log({"step": self.step, **m})
             final = {**(last or {}), **m}
         self.save()
         try:
