@@ -13,6 +13,7 @@ from pretune import checkpoint as ckpt
 from pretune.cli import main
 from pretune.config import ModelConfig
 from pretune.data.tasks import ClassificationBatches, Example, TextEncoder, collate
+from pretune.errors import PretuneError
 from pretune.fileio import atomic_write_json
 from pretune.finetune import (Classifier, EarlyStopping, build_classifier, classification_metrics, finetune_loss,
                               freeze, load_classifier)
@@ -403,3 +404,14 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     assert not list((tmp_path / "transfer").rglob("model.safetensors"))
     again = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
     assert again["rows"] == res["rows"] and "estimated running time" not in capsys.readouterr().out
+
+
+def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):
+    """An imported sentence encoder (MiniLM) has no MLM head: its grid is pretrained and scratch only."""
+    from pretune.transfer import run_transfer_experiment
+    runs = {"encoder": make_run(tmp_path / "enc", False, toks[False], lm_head=False, nsp_head=False)}
+    res = run_transfer_experiment(runs, tmp_path / "t", sizes=(16,), task=str(toy_csv), progress=False)
+    assert sorted(r["variant"] for r in res["rows"]) == ["pretrained", "scratch"]
+    assert "no LM head, so no pretrained+L3" in capsys.readouterr().out
+    with pytest.raises(PretuneError, match="unknown variant 'L4'"):
+        run_transfer_experiment(runs, tmp_path / "t", sizes=(16,), task=str(toy_csv), variants=("L4",))

@@ -52,12 +52,26 @@ def _steps(n: int, batch_size: int) -> int:
     return max(1, math.ceil(epochs_for(n) * math.ceil(n / batch_size)))
 
 
-def _cells(models, sizes, seeds):
-    return [(m, v, n, s) for m in models for v in VARIANTS for n in sizes for s in seeds]
+def _cells(variants_of: dict, sizes, seeds):
+    return [(m, v, n, s) for m, vs in variants_of.items() for v in vs for n in sizes for s in seeds]
+
+
+def _variants_of(pretrained_runs: dict, variants) -> dict:
+    """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
+    from . import checkpoint as ckpt
+    from .config import ModelConfig
+
+    out = {}
+    for m, p in pretrained_runs.items():
+        cfg = ModelConfig.from_dict(ckpt.read_run_config(Path(p))["model"])
+        out[m] = [v for v in variants if VARIANTS[v]["objective"] != "L3" or cfg.lm_head]
+        for v in sorted(set(variants) - set(out[m])):
+            print(f"   {m}: no LM head, so no {v}")
+    return out
 
 
 @torch.no_grad()
-def _forward_seconds(init: Path, task: Task) -> dict:
+def _forward_seconds(init: Path, task: Task, objectives=("L2", "L3")) -> dict:
     """Seconds per training step (L2, L3) and per evaluated example, measured on this machine."""
     from .finetune import build_classifier, finetune_loss, load_init
     from .data.tasks import ClassificationBatches
@@ -68,7 +82,7 @@ def _forward_seconds(init: Path, task: Task) -> dict:
     enc = te.encode(subsample(task.train, 64, len(task.labels)), warn=False)
     out = {}
     with torch.enable_grad():
-        for obj in ("L2", "L3"):
+        for obj in objectives:
             mlm = None
             if obj == "L3" and not cfg.causal:
                 mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": tok.special_ids}
@@ -88,13 +102,15 @@ def _forward_seconds(init: Path, task: Task) -> dict:
     return out
 
 
-def estimate_seconds(pretrained_runs: dict, task: Task, sizes, seeds, todo=None) -> float:
+def estimate_seconds(pretrained_runs: dict, task: Task, sizes, seeds, todo=None, variants=tuple(VARIANTS)) -> float:
     """Running time of the grid, from a few timed steps per model (printed before it starts)."""
     total = 0.0
     n_test = len(task.test)
     for m, init in pretrained_runs.items():
-        sec = _forward_seconds(Path(init), task)
-        for v, kw in VARIANTS.items():
+        sec = _forward_seconds(Path(init), task, sorted({VARIANTS[v]["objective"] for v in variants
+                                                          if todo is None or any(c[:2] == (m, v) for c in todo)}))
+        for v in variants:
+            kw = VARIANTS[v]
             for n in sizes:
                 for s in seeds:
                     if todo is not None and (m, v, n, s) not in todo:
@@ -107,13 +123,15 @@ def estimate_seconds(pretrained_runs: dict, task: Task, sizes, seeds, todo=None)
 
 
 def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(100, 1000), seeds=(0,),
-                            full: bool = False, task: str = "movie-sentiment", progress: bool = True) -> dict:
+                            full: bool = False, task: str = "movie-sentiment", progress: bool = True,
+                            variants=tuple(VARIANTS)) -> dict:
     """Fine-tune each pre-trained run as (a) pretrained, (b) scratch, (c) pretrained+L3 at each
     labelled-set size and seed; print the table, save transfer.png / transfer.json / transfer.md.
 
     pretrained_runs: {"gpt-mini": "runs/demo/gpt-mini", "bert-mini": "runs/demo/bert-mini"}
     sizes: labelled training examples per run (None = all of them)
     full: sizes (100, 1,000, all), seeds (0, 1, 2)
+    variants: a subset of VARIANTS (pretrained+L3 is left out by itself for a model without an LM head)
     """
     from .finetune import finetune
 
@@ -123,17 +141,21 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     for m, p in pretrained_runs.items():
         if not (Path(p) / "config.json").exists():
             raise PretuneError(f"the pre-trained run of {m} is missing", str(p), "pre-train it first (pretune demo)")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise PretuneError(f"unknown variant '{unknown[0]}'", None, f"use {', '.join(VARIANTS)}")
     t = load_task(task)
+    variants_of = _variants_of(pretrained_runs, variants)
     sizes = tuple(None if n is None or n >= len(t.train) else int(n) for n in sizes)
-    cells = _cells(list(pretrained_runs), sizes, seeds)
+    cells = _cells(variants_of, sizes, seeds)
     todo = {c for c in cells if not (_cell_dir(out_dir, *c) / "results.json").exists()}
     maj_label, maj = t.majority_baseline("test")
     print(f"== transfer experiment: {task}, {len(t.train):,} train / {len(t.test):,} test reviews; "
           f"majority class '{maj_label}' {maj:.1%} of the test set")
     if todo:
-        est = estimate_seconds(pretrained_runs, t, sizes, seeds, todo)
-        print(f"   {len(cells)} fine-tuning runs ({len(todo)} to do; {len(pretrained_runs)} models x "
-              f"{len(VARIANTS)} variants x labels {', '.join(_size_name(n, t) for n in sizes)} x "
+        est = estimate_seconds(pretrained_runs, t, sizes, seeds, todo, variants)
+        shape = " + ".join(f"{m} x {len(vs)} variant{'s' if len(vs) > 1 else ''}" for m, vs in variants_of.items())
+        print(f"   {len(cells)} fine-tuning runs ({len(todo)} to do; {shape} x labels {', '.join(_size_name(n, t) for n in sizes)} x "
               f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}); estimated running time "
               f"{_fmt_time(est)} on this machine")
     t0 = time.time()
