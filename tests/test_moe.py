@@ -385,6 +385,8 @@ def test_stats_are_logged_and_resume_is_bit_identical(tmp_path, causal=True):
     (["--arch.n-expert", "4", "--arch.top-k", "5"], "top_k"),
     (["--arch.n-expert", "-1"], "n_expert"),
     (["--arch.n-expert", "4", "--arch.capacity-factor", "0"], "capacity_factor"),
+    (["--arch.n-expert", "0", "--arch.capacity-factor", "1.25"], "zero experts"),
+    (["--arch.n-expert", "0", "--arch.shared-expert"], "zero experts"),
 ])
 def test_bad_expert_options_exit_2_with_one_line(tmp_path, capsys, args, word):
     rc = cli_main(["pretrain", "--model", "gpt-mini", "--out", str(tmp_path / "run"), *args])

@@ -119,6 +119,12 @@ class ModelConfig:
             bad(f"rope_scaling={self.rope_scaling} must be >= 1", "use 1 for the trained window")
         if self.n_expert < 0:
             bad(f"n_expert={self.n_expert} must be >= 0", "use 0 for a dense model")
+        moe_only = [f for f, on in (("capacity_factor", self.capacity_factor is not None),
+                                    ("shared_expert", self.shared_expert), ("d_expert_ff", self.d_expert_ff is not None),
+                                    ("moe_every", self.moe_every != 1)) if on]
+        if self.n_expert == 0 and moe_only:  # zero experts asked for alongside expert options: a slip
+            bad(f"n_expert=0 (a dense model, zero experts) but {', '.join(moe_only)} set",
+                "set n_expert to 1 or more for a mixture of experts, or drop the expert options")
         if self.n_expert > 0:
             if self.top_k <= 0 or self.top_k > self.n_expert:
                 bad(f"top_k={self.top_k} must be between 1 and n_expert={self.n_expert}",
