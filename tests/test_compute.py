@@ -192,6 +192,18 @@ def test_mfu_hook_logs_flops_and_mfu(cached_cpu_peak):
     assert rec["mfu"] == pytest.approx(100 * 855_166_464 / 1e11)
 
 
+def test_masked_lm_counts_the_head_only_at_the_masked_positions():
+    """BERT-base's MLM head (transform d x d, decoder V x d with V padded to 30,528) runs on 15% of
+    the positions, so 85% of its 6 FLOPs per weight are not model FLOPs."""
+    cfg = preset("bert-base")
+    head = 30_528 * 768 + 768 * 768
+    full, sparse = train_flops_per_token(cfg, 512), train_flops_per_token(cfg, 512, predicted=0.15)
+    assert full - sparse == pytest.approx(6 * 0.85 * head)
+    assert MFUHook(cfg, 512).flops_per_token == pytest.approx(sparse)  # the encoder's default
+    gpt = preset("gpt2")
+    assert MFUHook(gpt, 1024).flops_per_token == train_flops_per_token(gpt, 1024)
+
+
 def test_peak_measurement_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("PRETUNE_CACHE", str(tmp_path))
     res = peak_mod.measure_peaks(("fp32",), "cpu", seconds=0.2, progress=False)

@@ -65,12 +65,19 @@ def d_attn(cfg: ModelConfig) -> int:
     return cfg.n_head * cfg.head_dim
 
 
-def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, predicted: float = 1.0) -> float:
     """Model FLOPs per trained token, 6·N + 12·L·T·d_attn (PaLM app. B): what MFU is counted in.
 
+    predicted: the fraction of positions the LM head runs on. 1 for L1; for masked-LM 0.15,
+    since only the masked positions need the head (BERT's own code gathers them, as
+    objectives.mlm_loss does), so the head's 6·(V·d + d²) counts at that fraction.
     Recomputed activations are not counted (that would be hardware FLOPs, HFU)."""
     T = seq_len or cfg.max_seq_len
-    return 6.0 * flop_params(cfg) + 12.0 * cfg.n_layer * T * d_attn(cfg)
+    head = 0
+    if cfg.lm_head:
+        head = cfg.padded_vocab_size * cfg.d_model + (0 if cfg.causal else cfg.d_model * cfg.d_model)
+    n = flop_params(cfg) - head * (1.0 - predicted)
+    return 6.0 * n + 12.0 * cfg.n_layer * T * d_attn(cfg)
 
 
 def training_flops(cfg: ModelConfig, tokens: float, seq_len: int | None = None) -> dict[str, float]:
@@ -237,8 +244,11 @@ class MFUHook:
     this module stays free of torch at import). FLOP/s = tokens/s × train_flops_per_token; the peak
     is the one `device_peak` names, printed once at the start."""
 
-    def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32"):
-        self.flops_per_token = train_flops_per_token(model_cfg, seq_len)
+    def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32",
+                 predicted: float | None = None):
+        if predicted is None:  # masked-LM pre-training predicts 15% of the positions (BERT)
+            predicted = 1.0 if model_cfg.causal else 0.15
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len, predicted)
         self.precision = precision
         self.peak: float | None = None
         self.peak_label = ""
