@@ -218,6 +218,7 @@ def test_unigram_entropy_by_hand(tmp_path):
     h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert unigram_entropy(tmp_path, "val") == pytest.approx(h, rel=1e-12)
     assert unigram_entropy(tmp_path, "val", chunk=3) == pytest.approx(h, rel=1e-12)  # chunked counting
+    assert unigram_entropy(tmp_path, "val", exclude={7}) == 0.0  # without the separator: only 5s
 
 
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path, gpt2, capsys):

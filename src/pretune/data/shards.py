@@ -363,14 +363,16 @@ class Shard:
         return len(self.tokens)
 
 
-def unigram_entropy(data_dir, split: str = "val", chunk: int = 1 << 22) -> float:
+def unigram_entropy(data_dir, split: str = "val", chunk: int = 1 << 22, exclude=()) -> float:
     """H = -sum_v p(v) ln p(v) in nats, p the token frequencies of the split itself: the
     loss of the best context-free model of that text, the bar a language model must clear
-    (document separators count as tokens, as the LM loss counts them)."""
+    (document separators count as tokens, as the LM loss counts them). `exclude`: token ids
+    left out, e.g. the special tokens masked-LM never predicts."""
     shard = Shard(data_dir, split)
     counts = np.zeros(int(shard.meta["vocab_size"]), np.int64)
     for i in range(0, len(shard), chunk):
         counts += np.bincount(shard.tokens[i:i + chunk], minlength=len(counts))[:len(counts)]
+    counts[[i for i in exclude if 0 <= i < len(counts)]] = 0
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
