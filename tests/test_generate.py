@@ -33,3 +33,23 @@ def test_generation_stops_at_the_window():
     m = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, n_layer=1, n_head=2, d_model=16)).eval()
     y = generate(m, torch.zeros(1, 5, dtype=torch.long), 100, temperature=1.0, seed=1)
     assert y.shape == (1, 8)
+
+
+def test_generation_leaves_the_parameters_as_they_were_and_trainable():
+    """generate() re-lays out the Linear weights for fast matrix-vector products on the
+    CPU (generate.gemv_layout); afterwards they must be the same Parameters, bit-identical,
+    contiguous, still tied, and usable by autograd, even if generate ran under inference_mode."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, max_seq_len=32, n_layer=2, n_head=2, d_model=32, dropout=0.0))
+    before = {n: (p, p.detach().clone(), p.stride()) for n, p in m.named_parameters()}
+    x = torch.randint(0, 50, (1, 4))
+    with torch.inference_mode():
+        generate(m, x, 5, temperature=0.0)
+    for n, p in m.named_parameters():
+        param, values, stride = before[n]
+        assert p is param and torch.equal(p, values) and p.stride() == stride and p.is_contiguous(), n
+        assert not p.is_inference(), n
+    assert m.lm_head.weight is m.wte.weight
+    m.train()
+    m.logits(m(x)).sum().backward()  # would raise if a weight had become an inference tensor
+    assert all(p.grad is not None for p in m.parameters())
