@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from .linear_cross_entropy import IGNORE, linear_cross_entropy
 
 
 def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
@@ -26,7 +26,12 @@ def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
 
 def next_token_loss(model, h, targets) -> torch.Tensor:
     """L1 from h_n already computed (L3 reuses the classifier's forward pass)."""
-    logits = model.logits(h)[..., :model.config.vocab_size]  # the padding rows are not tokens
+    V, head = model.config.vocab_size, model.lm_head
+    if (isinstance(head, torch.nn.Linear) and head.bias is None and h.dtype == head.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(h.device.type)):
+        # the same value without the (N, V) logits: linear_cross_entropy.py
+        return linear_cross_entropy(h, head.weight[:V], targets)  # the padding rows are not tokens
+    logits = model.logits(h)[..., :V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
