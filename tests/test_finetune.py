@@ -339,6 +339,23 @@ def test_finetune_encoder_l3_from_preset_free_run(toks, tmp_path, toy_csv):
     assert isinstance(model, Classifier) and info["labels"] == ["neg", "pos"]
 
 
+
+def test_finetuning_a_moe_model_logs_its_routers(toks, tmp_path, toy_csv):
+    """The routers' loads, drops and entropy reach metrics.jsonl while fine-tuning, as in pre-training."""
+    init = make_run(tmp_path / "moe", True, toks[True], n_expert=4, top_k=2)
+    out = tmp_path / "ft"
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--objective", "L3", "--lr", "3e-3",
+                 "--epochs", "1", "--batch-size", "16", "--train-examples", "64", "--train.log-every", "1",
+                 "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "moe_expert_frac" in r]
+    assert logged, "no router statistics in metrics.jsonl"
+    for r in logged:
+        assert len(r["moe_expert_frac"]) == 2  # one list per routed layer
+        for layer in r["moe_expert_frac"]:
+            assert len(layer) == 4 and abs(sum(layer) - 1) < 1e-4  # logged to 5 decimals
+        assert 0 <= r["moe_entropy"] <= np.log(4) + 1e-6 and "moe_aux" in r
+
 # ---- bad input: one line, exit 2, nothing written ------------------------------------------
 
 def bad(argv, capsys, match, out=None):
