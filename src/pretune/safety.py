@@ -1,6 +1,6 @@
 """Nothing unsafe is loaded: safetensors checked before reading, pickles refused, paths contained.
 
-A pickle is a program: `pickle.load` (and `torch.load` without
+A pickle is a program: unpickling it (pickle's `load`, or torch's `load` without
 `weights_only=True`) calls whatever `__reduce__` names, so a checkpoint from
 the wrong place can run code on load. pretune stores weights as safetensors
 and state as JSON, and never unpickles. A folder pretune would load from that
