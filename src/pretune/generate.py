@@ -73,9 +73,9 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
 def gemv_layout(model: torch.nn.Module):
     """Decoding multiplies a few rows by every weight matrix: matrix-vector products,
     bound by how fast BLAS streams W. `F.linear` computes x W^T; with W (out, in)
-    row-major, MKL's kernel for that runs at 8 GB/s here, but with the same values
-    stored (in, out) row-major, i.e. W^T contiguous, at 30-50 GB/s: 1.9x over a
-    decoder's linears (docs/performance.md). So on the CPU, for the duration of
+    row-major, MKL's kernel for that streamed 8 GB/s here, and with the same values
+    stored (in, out) row-major, i.e. W^T contiguous, 28 GB/s: 1.9x over a decoder's
+    linears (docs/performance.md). So on the CPU, for the duration of
     generation, each `nn.Linear` weight (a tied W_e once) is re-laid out in place as
     the transpose of a contiguous (in, out) tensor: same values, same Parameter,
     no extra memory; the layout is restored on exit, so training is unaffected."""
