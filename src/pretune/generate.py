@@ -78,10 +78,15 @@ def gemv_layout(model: torch.nn.Module):
     linears (docs/performance.md). So on the CPU, for the duration of
     generation, each `nn.Linear` weight (a tied W_e once) is re-laid out in place as
     the transpose of a contiguous (in, out) tensor: same values, same Parameter,
-    no extra memory; the layout is restored on exit, so training is unaffected."""
+    no extra memory; the layout is restored on exit, so training is unaffected.
+    A narrowing matrix (out < in, the MLP's d_ff -> d projection) keeps its own
+    layout: there (out, in) is the faster one (gpt-mini, 17 products cycled:
+    1.14-1.28 ms all re-laid out, 0.94-1.06 ms with these kept)."""
     params = []
     for m in model.modules():
         if isinstance(m, torch.nn.Linear) and m.weight.device.type == "cpu" and m.weight.dim() == 2:
+            if m.out_features < m.in_features:
+                continue
             if all(m.weight is not q for q in params):
                 params.append(m.weight)
     # Ordinary tensors even when called under inference_mode: these stay the parameters.
