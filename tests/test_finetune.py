@@ -432,3 +432,32 @@ def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, 
     assert "no LM head, so no pretrained+L3" in capsys.readouterr().out
     with pytest.raises(PretuneError, match="unknown variant 'L4'"):
         run_transfer_experiment(runs, tmp_path / "t", sizes=(16,), task=str(toy_csv), variants=("L4",))
+
+
+def _summary(cells):
+    return [{"model": m, "variant": v, "labels": n, "mean": acc} for m, v, n, acc in cells]
+
+
+def test_pretraining_gains_are_pretrained_minus_scratch_in_points():
+    from pretune.transfer import gain_lines, pretraining_gains
+
+    s = _summary([("gpt-mini", "pretrained", 100, 0.586), ("gpt-mini", "scratch", 100, 0.497),
+                  ("gpt-mini", "pretrained", 1000, 0.565), ("gpt-mini", "scratch", 1000, 0.634),
+                  ("gpt-mini", "pretrained+L3", 1000, 0.9)])  # L3 is not part of the gain
+    g = pretraining_gains(s)
+    assert g["gpt-mini"][100] == pytest.approx(8.9) and g["gpt-mini"][1000] == pytest.approx(-6.9)
+    assert gain_lines(s) == ["pre-training buys gpt-mini: +8.9 points at 100 labels; -6.9 points at 1,000 labels"]
+
+
+def test_the_demo_explains_a_loss_to_scratch_and_says_nothing_otherwise():
+    from pretune.demo import transfer_caveat
+
+    losing = {"bert-mini": {"unigram_entropy": 6.305, "lm_loss": 5.985},
+              "transfer": {"summary": _summary([("bert-mini", "pretrained", 1000, 0.504),
+                                                ("bert-mini", "scratch", 1000, 0.628)])}}
+    note = transfer_caveat(losing, full=False)
+    assert "bert-mini" in note and "0.32 nats below" in note and "--full" in note
+    assert transfer_caveat(losing, full=True) is None  # the full grid has the real checkpoints beside it
+    winning = {"transfer": {"summary": _summary([("bert-mini", "pretrained", 1000, 0.7),
+                                                 ("bert-mini", "scratch", 1000, 0.6)])}}
+    assert transfer_caveat(winning, full=False) is None

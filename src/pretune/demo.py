@@ -66,14 +66,14 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         report[name] = {"val_loss": final.get("val_loss"), "steps": steps}
         if cfg.causal:
             h = unigram_entropy(data, "val")
-            report[name]["unigram_entropy"] = h
+            report[name].update(unigram_entropy=h, lm_loss=final["val_loss"])
             gap = h - final["val_loss"]
             print(f"{name}: validation loss {final['val_loss']:.3f} nats/token; unigram entropy of the "
                   f"same split {h:.3f}; below it by {gap:.3f} nats ({'>= 1 nat: learned' if gap >= 1 else '< 1 nat'})")
         elif final.get("val_mlm") is not None:  # masked-LM never predicts a special token
             from .tokenizer import Tokenizer
             h = unigram_entropy(data, "val", exclude=Tokenizer.load(out / name).special_ids)
-            report[name]["unigram_entropy"] = h
+            report[name].update(unigram_entropy=h, lm_loss=final["val_mlm"])
             print(f"{name}: validation MLM loss {final['val_mlm']:.3f} nats/masked token (unigram entropy of "
                   f"the split's ordinary tokens {h:.3f}: {h - final['val_mlm']:+.3f} below it); "
                   f"NSP {final.get('val_nsp', float('nan')):.3f} (chance ln 2 = 0.693)")
@@ -85,9 +85,35 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print("(fine-tuning experiment not available in this build)")
         else:
             report["transfer"] = run_transfer_experiment(runs, out / "transfer", full=full)
+            note = transfer_caveat(report, full)
+            if note:
+                print(note)
     report["minutes"] = (time.time() - t0) / 60
     print(f"demo finished in {report['minutes']:.1f} minutes; runs in {out}")
     return report
+
+
+def transfer_caveat(report: dict, full: bool) -> str | None:
+    """When a mini's pre-training did not pay in the default demo, say why one should not
+    conclude that pre-training does not pay: the budget, the single seed, and where to look."""
+    from .transfer import pretraining_gains
+
+    losing = [m for m, by_n in pretraining_gains(report["transfer"]["summary"]).items()
+              if any(g < 0 for g in by_n.values())]
+    if full or not losing:
+        return None
+    how = []
+    for m in losing:
+        r = report.get(m, {})
+        if r.get("unigram_entropy") is not None and r.get("lm_loss") is not None:
+            how.append(f"{m} {r['unigram_entropy'] - r['lm_loss']:.2f} nats below the unigram entropy")
+    return (f"note: in some cells above pre-training lost to training from scratch ({', '.join(losing)}). "
+            f"The pre-training here is a few minutes on about 1M tokens"
+            + (f" ({'; '.join(how)})" if how else "")
+            + ", and each cell is one seed of 50-130 fine-tuning steps, which moves by several points. "
+            "`pretune demo --full` runs three seeds and adds the packaged all-MiniLM-L6 and SmolLM2 "
+            "checkpoints, pre-trained on billions of tokens; docs/finetuning.md sets MiniLM against the same "
+            "architecture trained from scratch.")
 
 
 def _show(runs: dict) -> None:

@@ -235,18 +235,21 @@ def format_table(summary: list[dict], majority: float) -> str:
     return "\n".join(lines)
 
 
-def gain_lines(summary: list[dict]) -> list[str]:
-    """What pre-training buys: pretrained minus scratch, in accuracy points, at each size."""
-    out = []
+def pretraining_gains(summary: list[dict]) -> dict[str, dict[int, float]]:
+    """What pre-training buys: {model: {labels: pretrained minus scratch, in accuracy points}}."""
+    out: dict[str, dict[int, float]] = {}
     for m in dict.fromkeys(s["model"] for s in summary):
-        parts = []
         for n in sorted({s["labels"] for s in summary if s["model"] == m}):
             get = {s["variant"]: s["mean"] for s in summary if s["model"] == m and s["labels"] == n}
             if "pretrained" in get and "scratch" in get:
-                parts.append(f"{100 * (get['pretrained'] - get['scratch']):+.1f} points at {n:,} labels")
-        if parts:
-            out.append(f"pre-training buys {m}: " + "; ".join(parts))
+                out.setdefault(m, {})[n] = 100 * (get["pretrained"] - get["scratch"])
     return out
+
+
+def gain_lines(summary: list[dict]) -> list[str]:
+    """The gains as one line per model."""
+    return [f"pre-training buys {m}: " + "; ".join(f"{g:+.1f} points at {n:,} labels" for n, g in by_n.items())
+            for m, by_n in pretraining_gains(summary).items()]
 
 
 def plot_transfer(summary: list[dict], majority: float, path: Path, task: str) -> None:
