@@ -111,6 +111,24 @@ def test_head_reads_the_same_summary_padded_or_alone(toks, causal):
         torch.testing.assert_close(logits[r], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_mean_pooling_is_the_mean_over_the_real_tokens(toks, causal):
+    """pool='mean' (Sentence-BERT's): each padded row's logits equal W_y applied to the plain
+    mean of h_n over that sequence run alone, padding excluded."""
+    tok = toks[causal]
+    torch.manual_seed(0)
+    model = build_classifier(Transformer(tiny_cfg(causal, tok)), tiny_cfg(causal, tok), 3, pool="mean").eval()
+    assert model.head.pooler is None
+    b, _ = toy_batch(tok, causal)
+    logits, _ = model(b["input_ids"], b["attention_mask"], b["lengths"], b.get("segment_ids"))
+    for r in range(len(b["labels"])):
+        n = int(b["lengths"][r])
+        h = model.body(b["input_ids"][r:r + 1, :n],
+                       segment_ids=b["segment_ids"][r:r + 1, :n] if not causal else None)[0]
+        want = model.head.out(sum(h[i] for i in range(n)) / n)
+        torch.testing.assert_close(logits[r], want, rtol=1e-5, atol=1e-5)
+
+
 def test_encoder_head_starts_from_the_nsp_pooler(toks, tmp_path):
     from pretune.finetune import load_init
     run = make_run(tmp_path / "bert", False, toks[False])
@@ -337,6 +355,29 @@ def test_finetune_encoder_l3_from_preset_free_run(toks, tmp_path, toy_csv):
     assert cfg["finetune"]["freeze"] == "the embeddings"
     model, _, _, info = load_classifier(out)
     assert isinstance(model, Classifier) and info["labels"] == ["neg", "pos"]
+    assert model.head.pool == "cls"
+
+
+def test_a_mean_pooled_run_is_served_mean_pooled(toks, tmp_path, toy_csv, capsys):
+    """--pool mean is recorded in the run; classify rebuilds the same head and gives the
+    probabilities the fine-tuned model gives."""
+    init = make_run(tmp_path / "bert", False, toks[False])
+    out = tmp_path / "ft"
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--pool", "mean", "--lr", "3e-3",
+                 "--epochs", "1", "--batch-size", "32", "--train-examples", "64", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["finetune"]["head"] == "mean"
+    model, cfg, tok, _ = load_classifier(out)
+    assert model.head.pool == "mean" and model.head.pooler is None
+    te = TextEncoder(tok, cfg.causal, 32)
+    enc = te.encode([Example("a great film", 0)])
+    b = collate(enc, [0], te.pad_id)
+    with torch.no_grad():
+        h = model.body(b["input_ids"], segment_ids=b["segment_ids"])[0]
+        want = model.head.out(h.mean(0)).softmax(-1)
+    capsys.readouterr()
+    assert main(["classify", "--run", str(out), "a great film", "--json-out"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[0])["probabilities"]
+    assert [got[k] for k in ("neg", "pos")] == pytest.approx(want.tolist(), abs=1e-3)
 
 
 
@@ -382,6 +423,8 @@ def test_bad_input(toks, tmp_path, toy_csv, capsys):
         "does not match the checkpoint's vocabulary", out)
     bad(ft + ["--task", str(toy_csv), "--objective", "L4"], capsys, "unknown objective", out)
     bad(ft + ["--task", str(toy_csv), "--freeze", "7"], capsys, "the model has 2 blocks", out)
+    bad(ft + ["--task", str(toy_csv), "--pool", "max"], capsys, "unknown pooling 'max'", out)
+    bad(ft + ["--task", str(toy_csv), "--pool", "cls"], capsys, "a decoder has no [CLS]", out)
     # a fine-tuned run: unseen labels and empty texts at use time
     run = tmp_path / "ft"
     assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--epochs", "1", "--batch-size", "64",
@@ -421,6 +464,18 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     assert not list((tmp_path / "transfer").rglob("model.safetensors"))
     again = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
     assert again["rows"] == res["rows"] and "estimated running time" not in capsys.readouterr().out
+    # the decoder reads its last token, the encoder the mean of its tokens; a cell an earlier
+    # recipe left with another head is fine-tuned again, the others are reused
+    heads = {p.parent.relative_to(tmp_path / "transfer").parts[0]: json.loads(p.read_text())["finetune"]["head"]
+             for p in (tmp_path / "transfer").rglob("config.json")}
+    assert heads == {"tiny-gpt": "last", "tiny-bert": "mean"}
+    old = tmp_path / "transfer" / "tiny-bert" / "pretrained" / "n16-s0" / "config.json"
+    cfg = json.loads(old.read_text())
+    cfg["finetune"]["head"] = "cls"
+    old.write_text(json.dumps(cfg))
+    run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
+    assert "1 to do" in capsys.readouterr().out
+    assert json.loads(old.read_text())["finetune"]["head"] == "mean"
 
 
 def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):

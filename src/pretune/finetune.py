@@ -10,6 +10,10 @@ decoder  h_l^m is h_n at the last real (non-pad) token, the extract token `<e>`,
 encoder  the pooled [CLS]: tanh(h_[CLS] W_p + b_p) (Devlin et al. 2019, sec. 4.1).
          W_p starts from the NSP head's pooler when the checkpoint has one (BERT's own
          fine-tuning reuses it), else it is fresh.
+mean     (`pool="mean"`, either family) the mean of h_n over the real tokens, as
+         Sentence-BERT pools (Reimers & Gurevych 2019, sec. 3); what an encoder whose
+         [CLS] learned little besides NSP, or a sentence encoder trained this way
+         (all-MiniLM), classifies from best (docs/finetuning.md).
 
 Dropout 0.1 sits before W_y, as in both papers. Objectives:
 
@@ -55,12 +59,21 @@ OBJECTIVES = ("L2", "L3")
 
 # ---- the model -------------------------------------------------------------------
 
+POOLS = ("last", "cls", "mean")
+
+
+def default_pool(causal: bool) -> str:
+    """Each paper's own: GPT reads the last token, BERT the pooled [CLS]."""
+    return "last" if causal else "cls"
+
+
 class ClassificationHead(nn.Module):
-    """softmax(h_l^m W_y) over a summary of h_n: the last real token (decoder) or the pooled [CLS] (encoder)."""
+    """softmax(h_l^m W_y) over a summary of h_n: the last real token (decoder), the pooled
+    [CLS] (encoder), or the mean over the real tokens (either)."""
 
     def __init__(self, d_model: int, n_classes: int, pool: str, dropout: float = 0.1):
         super().__init__()
-        if pool not in ("last", "cls"):
+        if pool not in POOLS:
             raise ValueError(pool)
         self.pool = pool
         self.pooler = nn.Linear(d_model, d_model) if pool == "cls" else None  # BERT's pooler, tanh
@@ -72,8 +85,12 @@ class ClassificationHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def summary(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One vector per sequence; padding is on the right, so the real tokens are h[:, :length]."""
         if self.pool == "last":
             return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
+        if self.pool == "mean":
+            real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
+            return (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
         return torch.tanh(self.pooler(h[:, 0]))
 
     def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -84,11 +101,11 @@ class ClassificationHead(nn.Module):
 class Classifier(nn.Module):
     """The Transformer (`body`) and its classification head; saved together as one safetensors file."""
 
-    def __init__(self, body: nn.Module, n_classes: int, head_dropout: float = 0.1):
+    def __init__(self, body: nn.Module, n_classes: int, head_dropout: float = 0.1, pool: str | None = None):
         super().__init__()
         self.body = body
         c = body.config
-        self.head = ClassificationHead(c.d_model, n_classes, "last" if c.causal else "cls", head_dropout)
+        self.head = ClassificationHead(c.d_model, n_classes, pool or default_pool(c.causal), head_dropout)
 
     @property
     def config(self) -> ModelConfig:
@@ -192,7 +209,7 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
 
 
 def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None = None,
-                     dropout: float | None = None) -> Classifier:
+                     dropout: float | None = None, pool: str | None = None) -> Classifier:
     """The body without its NSP head (its pooler, if any, initialises the head's) plus W_y."""
     body.train()
     if getattr(body, "nsp_head", None) is not None:
@@ -204,7 +221,7 @@ def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None
                 m.p = dropout
         for b in body.blocks:
             b.attn.dropout = dropout
-    clf = Classifier(body, n_classes)
+    clf = Classifier(body, n_classes, pool=pool)
     if pooler is not None and clf.head.pooler is not None:
         clf.head.pooler.load_state_dict(pooler)
     return clf
@@ -260,7 +277,7 @@ def load_classifier(run_dir: str | Path, device: str = "cpu"):
         raise PretuneError("not a fine-tuned run (its config.json has no task)", str(run_dir),
                            "fine-tune it first with `pretune finetune --init RUN`")
     cfg = ModelConfig.from_dict(d["model"], str(run_dir / "config.json"))
-    model = Classifier(Transformer(cfg), len(d["task"]["labels"]))
+    model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
     ck = _best_checkpoint(run_dir)
     if ck is None:
         raise PretuneError("no usable checkpoint", str(run_dir / "checkpoints"),
@@ -394,7 +411,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
              dropout: float | None = None, text_column="text", label_column: str = "label",
              eval_examples: int | None = None, eval_every: int | None = None, weight_decay: float = 0.01,
              train: dict | None = None, progress: bool = True, keep_checkpoints: bool = True,
-             verbose: bool = True) -> dict:
+             verbose: bool = True, pool: str | None = None) -> dict:
     """Fine-tune and test; returns results.json's contents. Everything that can be wrong
     with the input is checked before the run directory is written."""
     t0 = time.time()
@@ -409,6 +426,10 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         raise PretuneError(f"--train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
     t = task if isinstance(task, Task) else load_task(task, text_column, label_column)
     body, cfg, tok, pooler, origin = load_init(init, scratch, tokenizer, seed)
+    if pool is not None and pool not in POOLS:
+        raise PretuneError(f"unknown pooling '{pool}'", None, f"use one of {', '.join(POOLS)}")
+    if pool == "cls" and cfg.causal:
+        raise PretuneError("a decoder has no [CLS] token to pool", str(init), "use --pool last or --pool mean")
     if objective == "L3" and not cfg.lm_head:
         raise PretuneError("L3 needs the model's LM head (L1 for a decoder, MLM for an encoder); this "
                            "checkpoint has none", str(init), "use --objective L2")
@@ -439,7 +460,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
               f"test {enc_test.truncated:,})", file=sys.stderr)
 
     torch.manual_seed(seed)  # W_y's initialisation
-    model = build_classifier(body, cfg, len(t.labels), pooler, dropout)
+    model = build_classifier(body, cfg, len(t.labels), pooler, dropout, pool)
     frozen = freeze(model, freeze_what)
     steps_per_epoch = math.ceil(len(enc_train) / batch_size)
     steps = max(1, math.ceil(epochs * steps_per_epoch))
@@ -540,7 +561,7 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", obj
                  train_examples: int | None = None, max_len: int | None = None, scratch: bool = False,
                  seed: int = 0, tokenizer: str | None = None, dropout: float | None = None,
                  text_column: str = "text", label_column: str = "label", eval_examples: int | None = None,
-                 train: TrainConfig = None, out: Path | None = None) -> dict:
+                 pool: str | None = None, train: TrainConfig = None, out: Path | None = None) -> dict:
     """Fine-tune a pre-trained run on a labelled task (L2 or L3) and report test accuracy, macro-F1, confusion.
 
     Args:
@@ -563,6 +584,7 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", obj
         text_column: a user file's text column, or two comma-separated for text pairs
         label_column: a user file's label column
         eval_examples: validate on a fixed stratified subset of this many examples (default: all)
+        pool: what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
         out: the run directory (default: runs/finetune/<task>-<init name>)
     """
     if out is None:
@@ -570,7 +592,7 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", obj
         out = Path("runs/finetune") / f"{tname}-{Path(str(init)).name}{'-scratch' if scratch else ''}"
     res = finetune(init, task, out, objective, lam, lr, epochs, warmup, batch_size, freeze, patience,
                    train_examples, max_len, scratch, seed, tokenizer, dropout, text_column, label_column,
-                   eval_examples, train=train or None)
+                   eval_examples, train=train or None, pool=pool)
     print(f"run directory: {out} (results.json, confusion.png)")
     return res
 
