@@ -149,7 +149,7 @@ def estimate_seconds(pretrained_runs: dict, task: Task, sizes, seeds, todo=None,
 
 def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(100, 1000), seeds=(0,),
                             full: bool = False, task: str = "movie-sentiment", progress: bool = True,
-                            variants=tuple(VARIANTS)) -> dict:
+                            variants=tuple(VARIANTS), pool: dict | None = None) -> dict:
     """Fine-tune each pre-trained run as (a) pretrained, (b) scratch, (c) pretrained+L3 at each
     labelled-set size and seed; print the table, save transfer.png / transfer.json / transfer.md.
 
@@ -157,6 +157,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     sizes: labelled training examples per run (None = all of them)
     full: sizes (100, 1,000, all), seeds (0, 1, 2)
     variants: a subset of VARIANTS (pretrained+L3 is left out by itself for a model without an LM head)
+    pool: {model: "last" | "cls" | "mean"} to read a model otherwise than POOL does
     """
     from .finetune import finetune
 
@@ -173,7 +174,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     variants_of = _variants_of(pretrained_runs, variants)
     sizes = tuple(None if n is None or n >= len(t.train) else int(n) for n in sizes)
     cells = _cells(variants_of, sizes, seeds)
-    pool = {m: POOL[_causal(p)] for m, p in pretrained_runs.items()}
+    pool = {m: (pool or {}).get(m) or POOL[_causal(p)] for m, p in pretrained_runs.items()}
     todo = {c for c in cells if not _cell_done(_cell_dir(out_dir, *c), pool[c[0]])}
     maj_label, maj = t.majority_baseline("test")
     print(f"== transfer experiment: {task}, {len(t.train):,} train / {len(t.test):,} test reviews; "
