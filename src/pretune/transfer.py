@@ -64,8 +64,9 @@ def _cells(variants_of: dict, sizes, seeds):
 
 def _causal(run) -> bool:
     from . import checkpoint as ckpt
+    from .config import ModelConfig
 
-    return bool(ckpt.read_run_config(Path(run))["model"].get("causal", True))
+    return ModelConfig.from_dict(ckpt.read_run_config(Path(run))["model"]).causal
 
 
 def _cell_head(d: Path) -> str | None:
