@@ -82,6 +82,12 @@ def _cell_done(d: Path, pool: str) -> bool:
     return (d / "results.json").exists() and _cell_head(d) == pool
 
 
+def _clear_other_head(d: Path, pool: str) -> None:
+    """Remove a cell an earlier recipe left with another head: its config would refuse this one."""
+    if _cell_head(d) not in (None, pool):
+        shutil.rmtree(d)
+
+
 def _variants_of(pretrained_runs: dict, variants) -> dict:
     """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
     from . import checkpoint as ckpt
@@ -194,8 +200,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
         if (m, v, n, s) not in todo:
             res = json.loads(res_file.read_text())
         else:
-            if _cell_head(d) not in (None, pool[m]):  # an earlier recipe's cell: its config would refuse
-                shutil.rmtree(d)
+            _clear_other_head(d, pool[m])
             kw = VARIANTS[v]
             res = finetune(pretrained_runs[m], t, d, objective=kw["objective"], lam=kw.get("lam", 0.5),
                            lr=LR["scratch" if kw["scratch"] else "pretrained"], epochs=epochs_for(n or len(t.train)),
@@ -351,8 +356,7 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
         if _cell_done(d, pool):
             res = json.loads((d / "results.json").read_text())
         else:
-            if _cell_head(d) not in (None, pool):
-                shutil.rmtree(d)
+            _clear_other_head(d, pool)
             res = finetune(run, t, d, objective=objective, lam=0.5, lr=lr, epochs=epochs, train_examples=n,
                            freeze_what=freeze, seed=0, progress=progress, keep_checkpoints=False, verbose=False,
                            pool=pool, **REAL_RECIPE)
