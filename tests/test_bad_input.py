@@ -246,6 +246,8 @@ CASES = [
     ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "--gpt-steps -5 must be a positive"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
+    ("recipe-unknown", lambda w, t: _gpt(w, t, "--arch.recipe", "gpt5"), "recipe='gpt5' is unknown"),
+    ("no-decay-kind", lambda w, t: _gpt(w, t, "--train.no-decay", "bias,layernorm"), "'layernorm' is not a kind"),
 ]
 
 SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu",

@@ -107,9 +107,10 @@ def test_lr_schedule_by_hand():
     assert lr_at(35, lin) == pytest.approx(0.75)
 
 
-def test_no_weight_decay_on_biases_norms_embeddings():
+def test_no_weight_decay_on_biases_norms_and_embeddings_when_asked():
+    """The policy before recipes (tests/test_recipes.py checks each family's): embeddings kept too."""
     m = Transformer(cfg(True))
-    decay, no_decay = param_groups(m, 0.1)
+    decay, no_decay = param_groups(m, 0.1, "bias,norm,embedding")
     names = {id(p): n for n, p in m.named_parameters()}
     assert all(names[id(p)].endswith("weight") and "norm" not in names[id(p)] for p in decay["params"])
     assert any("wte" in names[id(p)] for p in no_decay["params"])

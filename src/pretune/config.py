@@ -63,6 +63,9 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # Switch Transformer load balancing
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
     tokenizer: str = "gpt2"  # the vocabulary this shape expects (see tokenizer.py)
+    # how the family initialises and trains (None: the family's, by shape; recipes.py)
+    residual_scale_init: bool | None = None  # residual projections' init std / sqrt(2 n_layer) (GPT-2)
+    recipe: str | None = None  # the training recipe (recipes.RECIPES): gpt1 | gpt3 | bert | llama
 
     def __post_init__(self):
         self.validate()
@@ -88,6 +91,22 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         m = max(1, self.vocab_multiple)
         return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def residual_scaled(self) -> bool:
+        """Whether the init scales residual projections by 1/sqrt(2 n_layer): GPT-2 (Radford et al.
+        2019, sec. 2.3) does, with its move to pre-LN; GPT-1 ("a simple weight initialization of
+        N(0, 0.02) was sufficient", 2018 sec. 4.1) and BERT (N(0, 0.02) everywhere) do not. Unset
+        (an import, an older config.json): by the shape, pre-LN scaled, post-LN not."""
+        if self.residual_scale_init is not None:
+            return self.residual_scale_init
+        return self.norm_placement == "pre"
+
+    @property
+    def train_recipe(self) -> str:
+        """The recipe this model trains by: the field, else the family's by shape (recipes.py)."""
+        from .recipes import recipe_name
+        return recipe_name(self)
 
     def is_moe_block(self, i: int) -> bool:
         return self.n_expert > 0 and (i + 1) % self.moe_every == 0
@@ -134,6 +153,12 @@ class ModelConfig:
             if self.capacity_factor is not None and not self.capacity_factor > 0:
                 bad(f"capacity_factor={self.capacity_factor} must be positive",
                     "use e.g. 1.25, or leave it empty for dropless routing")
+        if self.recipe is not None:
+            from .recipes import RECIPES
+            if self.recipe not in RECIPES:
+                near = difflib.get_close_matches(str(self.recipe), RECIPES, n=1)
+                bad(f"recipe={self.recipe!r} is unknown",
+                    (f"did you mean '{near[0]}'? " if near else "") + f"use one of {', '.join(RECIPES)}")
         if self.nsp_head and self.causal:
             bad("next-sentence prediction needs an encoder (causal=False)", "set nsp_head=false")
 
@@ -168,14 +193,21 @@ class ModelConfig:
 # Presets: the published shapes.
 # --------------------------------------------------------------------------
 
+# Each family names its init and its training recipe (recipes.py cites the numbers):
+# GPT-1 N(0, 0.02) unscaled (Radford et al. 2018, sec. 4.1); GPT-2/3 residual projections
+# scaled by 1/sqrt(2 n_layer) (Radford et al. 2019, sec. 2.3), trained by GPT-3's recipe (GPT-2's
+# paper gives none); BERT N(0, 0.02) unscaled (google-research/bert `initializer_range`).
 _GPT1 = dict(causal=True, norm_placement="post", mlp="gelu_tanh", vocab_size=40478, max_seq_len=512,
-             tokenizer="openai-gpt")
-_GPT2 = dict(causal=True, norm_placement="pre", mlp="gelu_tanh", vocab_size=50257, max_seq_len=1024)
+             tokenizer="openai-gpt", residual_scale_init=False, recipe="gpt1")
+_GPT2 = dict(causal=True, norm_placement="pre", mlp="gelu_tanh", vocab_size=50257, max_seq_len=1024,
+             residual_scale_init=True, recipe="gpt3")
 _GPT3 = dict(_GPT2, max_seq_len=2048)
 _BERT = dict(causal=False, norm_placement="post", embedding_norm=True, mlp="gelu", vocab_size=30522,
-             max_seq_len=512, type_vocab_size=2, norm_eps=1e-12, nsp_head=True, tokenizer="bert-uncased")
+             max_seq_len=512, type_vocab_size=2, norm_eps=1e-12, nsp_head=True, tokenizer="bert-uncased",
+             residual_scale_init=False, recipe="bert")
+# Llama's init is not published; GPT-2's scaling is kept (pre-LN, as GPT-2).
 _LLAMA = dict(causal=True, norm="rmsnorm", norm_placement="pre", position="rotary", mlp="swiglu",
-              bias=False, dropout=0.0)
+              bias=False, dropout=0.0, residual_scale_init=True, recipe="llama")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training", sec. 4.1

@@ -60,7 +60,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print(f"== preparing the built-in corpus for {cfg.tokenizer}")
             prepare(["builtin"], cfg.tokenizer, data)
         print(f"== pre-training {name} ({steps} steps)")
-        tc = TrainConfig(**{**train_kw, "steps": steps})
+        tc = TrainConfig.for_model(cfg, None, **{**train_kw, "steps": steps})  # the recipe under the budget
         final = pretrain(cfg, tc, data, out / name)
         runs[name] = out / name
         report[name] = {"val_loss": final.get("val_loss"), "steps": steps}

@@ -405,20 +405,23 @@ class EarlyStopping(Hook):
 # ---- fine-tuning ----------------------------------------------------------------
 
 def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str = "L2", lam: float = 0.5,
-             lr: float = 1e-4, epochs: float = 3.0, warmup: float = 0.1, batch_size: int = 32,
+             lr: float | None = None, epochs: float | None = None, warmup: float | None = None,
+             batch_size: int | None = None,
              freeze_what: str | None = None, patience: int | None = None, train_examples: int | None = None,
              max_len: int | None = None, scratch: bool = False, seed: int = 0, tokenizer: str | None = None,
              dropout: float | None = None, text_column="text", label_column: str = "label",
-             eval_examples: int | None = None, eval_every: int | None = None, weight_decay: float = 0.01,
+             eval_examples: int | None = None, eval_every: int | None = None, weight_decay: float | None = None,
              train: dict | None = None, progress: bool = True, keep_checkpoints: bool = True,
              verbose: bool = True, pool: str | None = None) -> dict:
     """Fine-tune and test; returns results.json's contents. Everything that can be wrong
-    with the input is checked before the run directory is written."""
+    with the input is checked before the run directory is written. lr, epochs, warmup,
+    batch_size and weight_decay left None are the body's fine-tuning recipe (recipes.py)."""
     t0 = time.time()
     out = Path(out)
     if objective not in OBJECTIVES:
         raise PretuneError(f"unknown objective '{objective}'", None, "use L2 or L3")
-    if not (lr > 0 and math.isfinite(lr)) or epochs <= 0 or batch_size <= 0 or warmup < 0:
+    if (lr is not None and not (lr > 0 and math.isfinite(lr))) or (epochs is not None and epochs <= 0) \
+            or (batch_size is not None and batch_size <= 0) or (warmup is not None and warmup < 0):
         raise PretuneError("lr, epochs and batch size must be positive, warmup >= 0", None, "fix the options")
     if lam < 0:
         raise PretuneError(f"--lam {lam} is negative", None, "use lambda >= 0 (0.5 in the GPT paper)")
@@ -426,6 +429,11 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         raise PretuneError(f"--train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
     t = task if isinstance(task, Task) else load_task(task, text_column, label_column)
     body, cfg, tok, pooler, origin = load_init(init, scratch, tokenizer, seed)
+    from .recipes import recipe_for
+    recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
+    lr, epochs, warmup, batch_size, weight_decay = (recipe[k] if v is None else v for k, v in (
+        ("lr", lr), ("epochs", epochs), ("warmup", warmup), ("batch_size", batch_size),
+        ("weight_decay", weight_decay)))
     if pool is not None and pool not in POOLS:
         raise PretuneError(f"unknown pooling '{pool}'", None, f"use one of {', '.join(POOLS)}")
     if pool == "cls" and cfg.causal:
@@ -465,12 +473,11 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     steps_per_epoch = math.ceil(len(enc_train) / batch_size)
     steps = max(1, math.ceil(epochs * steps_per_epoch))
     ev = eval_every or steps_per_epoch
-    tc = TrainConfig.from_overrides(train, steps=steps, batch_size=batch_size, lr=lr,
-                                    warmup=int(warmup * steps) if warmup < 1 else int(warmup),
-                                    decay="linear", min_lr_ratio=0.0, weight_decay=weight_decay,
-                                    beta2=0.999, eval_every=ev, ckpt_every=ev if keep_checkpoints else steps,
-                                    log_every=max(1, min(10, ev)),
-                                    keep_last=1, seed=seed, seq_len=max_len)
+    tc = TrainConfig.for_model(cfg, train, "finetune", steps=steps, batch_size=batch_size, lr=lr,
+                               warmup=int(warmup * steps) if warmup < 1 else int(warmup),
+                               weight_decay=weight_decay, eval_every=ev,
+                               ckpt_every=ev if keep_checkpoints else steps, log_every=max(1, min(10, ev)),
+                               keep_last=1, seed=seed, seq_len=max_len)
     mlm = None
     if objective == "L3" and not cfg.causal:
         mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": sorted(tok.special_ids)}
@@ -556,8 +563,8 @@ def _check_same_run(out: Path, run_config: dict) -> None:
 
 
 def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", objective: str = "L2",
-                 lam: float = 0.5, lr: float = 1e-4, epochs: float = 3.0, warmup: float = 0.1,
-                 batch_size: int = 32, freeze: str | None = None, patience: int | None = None,
+                 lam: float = 0.5, lr: float | None = None, epochs: float | None = None,
+                 warmup: float | None = None, batch_size: int | None = None, freeze: str | None = None, patience: int | None = None,
                  train_examples: int | None = None, max_len: int | None = None, scratch: bool = False,
                  seed: int = 0, tokenizer: str | None = None, dropout: float | None = None,
                  text_column: str = "text", label_column: str = "label", eval_examples: int | None = None,
@@ -569,10 +576,12 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", obj
         task: movie-sentiment, tweet-sentiment, sms-spam, trec, or a .csv/.tsv/.jsonl file
         objective: L2 (the label's log-likelihood) or L3 = L2 + lam * L1 (an encoder's L1 is MLM)
         lam: the weight of the auxiliary LM loss in L3 (0.5 in the GPT paper)
-        lr: peak learning rate (linear warmup, then linear decay to 0)
-        epochs: passes over the training examples
-        warmup: warmup, as a fraction of the steps if < 1, else a number of steps
-        batch_size: examples per step
+        lr: peak learning rate, linear warmup then linear decay to 0 (default: the recipe's, 6.25e-5 for
+            a GPT (GPT-1), 5e-5 for a BERT)
+        epochs: passes over the training examples (default: 3, both papers)
+        warmup: warmup, as a fraction of the steps if < 1, else a number of steps (default: 0.002 for a
+            GPT (GPT-1), 0.1 for a BERT)
+        batch_size: examples per step (default: 32, both papers)
         freeze: 'embeddings', or N to freeze the embeddings and the lowest N blocks
         patience: stop after this many evaluations (one per epoch) without a better validation loss
         train_examples: use only N labelled training examples (stratified, fixed by the seed)

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.c = c
         self.qkv = nn.Linear(c.d_model, (c.n_head + 2 * c.kv_heads) * c.head_dim, bias=c.bias)
         self.proj = nn.Linear(c.n_head * c.head_dim, c.d_model, bias=c.bias)
-        self.proj.residual_scale = True  # GPT-2 init: std / sqrt(2 n_layer)
+        self.proj.residual_scale = True  # GPT-2 init: std / sqrt(2 n_layer), if the config asks
         self.dropout = c.dropout
 
     def forward(self, x, rope=None, pos=None, mask=None, cache: KVCache | None = None, layer: int = 0):
@@ -212,10 +212,12 @@ class Transformer(nn.Module):
         self.apply(self._init)
 
     def _init(self, m: nn.Module):
-        # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 n_layer) (Radford et al. 2019, sec. 2.3)
+        # N(0, 0.02) everywhere (GPT-1, GPT-2, BERT); GPT-2 also scales the residual projections by
+        # 1/sqrt(2 n_layer) (Radford et al. 2019, sec. 2.3), GPT-1 and BERT do not (`residual_scale_init`)
         std = 0.02
         if isinstance(m, nn.Linear):
-            s = std / math.sqrt(2 * self.config.n_layer) if getattr(m, "residual_scale", False) else std
+            scaled = getattr(m, "residual_scale", False) and self.config.residual_scaled
+            s = std / math.sqrt(2 * self.config.n_layer) if scaled else std
             if m.weight is not self.wte.weight:
                 nn.init.normal_(m.weight, 0.0, s)
             if m.bias is not None:

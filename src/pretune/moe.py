@@ -123,13 +123,14 @@ class MoE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # GPT-2 init (Radford et al. 2019, sec. 2.3), as Transformer._init gives a dense MLP:
-        # N(0, 0.02), the residual (down) projection scaled by 1/sqrt(2 n_layer). The model's
-        # `apply(_init)` sees only nn.Linear / nn.Embedding, so the stacked tensors are done here.
+        # The family's init, as Transformer._init gives a dense MLP: N(0, 0.02), the residual (down)
+        # projection scaled by 1/sqrt(2 n_layer) where the family does (GPT-2, Radford et al. 2019,
+        # sec. 2.3; not GPT-1 or BERT). The model's `apply(_init)` sees only nn.Linear / nn.Embedding,
+        # so the stacked tensors are done here.
         std = 0.02
         nn.init.normal_(self.router.weight, 0.0, std)
         nn.init.normal_(self.fc_weight, 0.0, std)
-        nn.init.normal_(self.proj_weight, 0.0, std / math.sqrt(2 * self.c.n_layer))
+        nn.init.normal_(self.proj_weight, 0.0, std / math.sqrt(2 * self.c.n_layer) if self.c.residual_scaled else std)
         for b in (self.fc_bias, self.proj_bias):
             if b is not None:
                 nn.init.zeros_(b)

@@ -26,19 +26,24 @@ from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text
 
 
+NO_DECAY_KINDS = ("bias", "norm", "embedding")
+
+
 @dataclass
 class TrainConfig:
-    """How to train: the optimiser, the schedule, precision, logging and checkpoints."""
+    """How to train: the optimiser, the schedule, precision, logging and checkpoints.
+    The defaults here are GPT-3's recipe; `for_model` gives a model its own family's (recipes.py)."""
 
     steps: int = 1000  # optimizer steps in all
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int | None = None  # tokens per sequence; None = the model's window
-    lr: float = 6e-4  # peak learning rate
+    lr: float = 6e-4  # peak learning rate (this and the optimiser's fields: the model's recipe, recipes.py)
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    warmup: int = 100  # linear warmup steps
+    warmup: int = 100  # linear warmup steps (recipe: the paper's count, at most a tenth of the steps)
     decay: str = "cosine"  # cosine | linear (BERT) | constant
-    weight_decay: float = 0.1  # AdamW; never on biases, norms or embeddings
+    weight_decay: float = 0.1  # AdamW's decoupled decay, on every parameter no_decay does not name
+    no_decay: str = "bias,norm"  # kinds AdamW does not decay: bias, norm (gains), embedding; "" = none
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -75,6 +80,11 @@ class TrainConfig:
             bad(f"decay={self.decay!r} is unknown", "use cosine, linear or constant")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             bad("warmup must be >= 0 and min_lr_ratio in [0, 1]", "fix the schedule options")
+        kinds = [k for k in str(self.no_decay).split(",") if k.strip()]
+        wrong = [k for k in kinds if k.strip() not in NO_DECAY_KINDS]
+        if wrong:
+            bad(f"no_decay={self.no_decay!r}: '{wrong[0]}' is not a kind of parameter",
+                f"list some of {', '.join(NO_DECAY_KINDS)}, comma-separated (or '' to decay all)")
         if not self.guard_factor > 1 or self.guard_window < 3 or not 0 < self.guard_lr_scale <= 1 \
                 or self.guard_cooldown < 0 or self.guard_max < 0:
             bad("guard_factor must be > 1, guard_window >= 3, guard_lr_scale in (0, 1], "
@@ -87,6 +97,24 @@ class TrainConfig:
             if k not in known:
                 raise PretuneError(f"unknown training option '{k}'", None, f"known: {', '.join(sorted(known))}")
         return cls(**{**defaults, **(d or {})})
+
+    @classmethod
+    def for_model(cls, model_cfg, d: dict | None = None, stage: str = "pretrain", **defaults) -> "TrainConfig":
+        """The model's recipe for `stage` (pretrain | finetune; recipes.py), under the caller's
+        `defaults` (a demo's tuned budget, finetune's steps), under the user's options `d`
+        (--train.*): `--train.beta2 0.95` wins over any recipe."""
+        from .recipes import recipe_for, train_defaults, warmup_steps
+
+        cls.from_overrides(d, **defaults)  # an unknown or bad option fails here, before the recipe is read
+        recipe = recipe_for(model_cfg, stage)
+        base = train_defaults(recipe)
+        given = {**defaults, **(d or {})}
+        if stage == "pretrain" and "warmup" not in given:
+            dflt = {f.name: f.default for f in fields(cls)}
+            get = lambda k: given.get(k, base.get(k, dflt[k]))
+            tokens_per_step = get("batch_size") * get("grad_accum") * (get("seq_len") or model_cfg.max_seq_len)
+            base["warmup"] = warmup_steps(recipe, get("steps"), tokens_per_step)
+        return cls.from_overrides(d, **{**base, **defaults})
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -103,27 +131,43 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases, norm gains and embedding tables get none
-    (as in GPT-2/3 and BERT's `exclude_from_weight_decay`)."""
-    decay, no_decay, seen = [], [], set()
-    for mod_name, mod in model.named_modules():
+_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+
+
+def param_kind(mod: torch.nn.Module, name: str, p: torch.Tensor) -> str:
+    """bias | norm | embedding | weight. A bias by name (the stacked expert biases of moe.py are
+    (E, F)), a norm's gain by its module or by being 1-D, an embedding table by its module."""
+    if name.endswith("bias"):
+        return "bias"
+    if isinstance(mod, _NORMS) or p.dim() < 2:
+        return "norm"
+    return "embedding" if isinstance(mod, torch.nn.Embedding) else "weight"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: str = "bias,norm") -> list[dict]:
+    """[decayed, not decayed]: every trainable parameter whose kind `no_decay` does not name is
+    decayed. The recipes' "bias,norm" is GPT-1's "all non bias or gain weights" (Radford et al. 2018,
+    sec. 4.1) and BERT's `exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]`: the
+    embeddings decay (recipes.py). A tied W_e is one parameter, classed by the embedding table."""
+    skip = {k.strip() for k in no_decay.split(",") if k.strip()}
+    decay, keep, seen = [], [], set()
+    for _, mod in model.named_modules():
         for name, p in mod.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            # stacked expert biases (moe.py) are (E, F): matrices by shape, biases by name
-            is_matrix = p.dim() >= 2 and not isinstance(mod, torch.nn.Embedding) and not name.endswith("bias")
-            (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (keep if param_kind(mod, name, p) in skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
 def make_optimizer(model, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the decoupled weight decay of Loshchilov & Hutter (what GPT-1's "modified L2" and
+    BERT's AdamWeightDecayOptimizer do), tc's betas and eps, decay on param_groups' first group."""
     kw = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
     try:  # fused AdamW: one kernel for all parameters (CPU and CUDA in torch >= 2.4)
-        return torch.optim.AdamW(param_groups(model, tc.weight_decay), fused=True, **kw)
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.no_decay), fused=True, **kw)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(param_groups(model, tc.weight_decay), foreach=True, **kw)
+        return torch.optim.AdamW(param_groups(model, tc.weight_decay, tc.no_decay), foreach=True, **kw)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -571,6 +615,8 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
                  data: Path | None = None, out: Path | None = None) -> dict:
     """Pre-train a GPT (L1) or BERT (MLM + NSP) from scratch; rerun the same command to resume.
 
+    The optimiser and schedule are the preset's recipe (docs/training.md); --train.* overrides any.
+
     Args:
         model: a preset name (gpt-mini, bert-mini, gpt2, bert-base, ...) or a config.json path
         data: a folder made by `pretune prepare` (default: the built-in corpus, prepared on first use)
@@ -583,7 +629,7 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
         cfg = cfg.replace(**(arch or {})) if arch else cfg
     else:
         cfg = preset(model, **(arch or {}))
-    tc = TrainConfig.from_overrides(train)
+    tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (recipes.py)
     if data is None:
         from .data.shards import prepare
         data = default_data_dir(cfg.tokenizer)

@@ -1,0 +1,201 @@
+"""Each family trains by its paper's recipe: the optimiser and schedule a preset's run builds,
+which parameters decay, the residual init, and that a --train.* option still wins.
+The expected numbers are the papers' (cited in src/pretune/recipes.py) or computed by hand."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from pretune import train as train_mod
+from pretune.cli import main
+from pretune.config import ModelConfig, preset
+from pretune.finetune import finetune
+from pretune.model import Transformer
+from pretune.tokenizer import train_tokenizer
+from pretune.train import lr_at, make_optimizer
+
+CPU = torch.device("cpu")
+TINY = ["--arch.n-layer", "1", "--arch.d-model", "8", "--arch.n-head", "2", "--arch.vocab-size", "16",
+        "--arch.vocab-multiple", "1", "--arch.max-seq-len", "8"]
+
+
+def pretrain_run(monkeypatch, tmp_path, *argv):
+    """(ModelConfig, TrainConfig) that `pretune pretrain ARGV` hands to the training run."""
+    seen = {}
+
+    def fake_pretrain(cfg, tc, data, out, **kw):
+        seen.update(cfg=cfg, tc=tc)
+        return {}
+
+    monkeypatch.setattr(train_mod, "pretrain", fake_pretrain)
+    assert main(["pretrain", *argv, "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 0
+    return seen["cfg"], seen["tc"]
+
+
+def groups_by_name(model, opt):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in opt.param_groups}
+
+
+# ---- BERT's optimiser and schedule (Devlin et al. 2019, sec. A.2; optimization.py) ----------------
+
+def test_a_bert_preset_run_builds_berts_adamw_and_linear_schedule(monkeypatch, tmp_path):
+    cfg, tc = pretrain_run(monkeypatch, tmp_path, "--model", "bert-mini", "--train.steps", "1000000")
+    opt = make_optimizer(Transformer(cfg), tc, CPU)
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.999) and g["eps"] == 1e-6
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
+    # lr 1e-4, warmup over the first 10,000 steps, then linear decay to 0 at step 1,000,000:
+    # lr(s) = 1e-4 (s + 1) / 10,000 in warmup, 1e-4 (1 - (s - 10,000) / 990,000) after
+    for step, want in ((0, 1e-8), (4999, 5e-5), (9999, 1e-4), (10_000, 1e-4), (505_000, 5e-5),
+                       (752_500, 2.5e-5), (1_000_000, 0.0)):
+        assert lr_at(step, tc) == pytest.approx(want, abs=1e-15), step
+
+
+def test_a_short_bert_run_warms_up_over_a_tenth_of_it(monkeypatch, tmp_path):
+    """1,000 steps: BERT's 10,000 warmup steps are cut to 100, then linear to 0 at step 1,000."""
+    _, tc = pretrain_run(monkeypatch, tmp_path, "--model", "bert-mini", "--train.steps", "1000")
+    assert tc.warmup == 100
+    assert lr_at(49, tc) == pytest.approx(5e-5)
+    assert lr_at(550, tc) == pytest.approx(1e-4 * (1 - 450 / 900))
+
+
+def test_gpt_presets_keep_gpt3s_adam_and_gpt1_its_own(monkeypatch, tmp_path):
+    _, tc = pretrain_run(monkeypatch, tmp_path, "--model", "gpt-mini")  # Brown et al. 2020, sec. B
+    assert (tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.decay, tc.min_lr_ratio) == \
+        (0.9, 0.95, 1e-8, 0.1, "cosine", 0.1)
+    _, tc = pretrain_run(monkeypatch, tmp_path, "--model", "gpt1", *TINY)  # Radford et al. 2018, sec. 4.1
+    assert (tc.lr, tc.weight_decay, tc.decay, tc.min_lr_ratio) == (2.5e-4, 0.01, "cosine", 0.0)
+
+
+def test_a_train_option_wins_over_the_recipe(monkeypatch, tmp_path):
+    cfg, tc = pretrain_run(monkeypatch, tmp_path, "--model", "bert-mini", "--train.beta2", "0.95",
+                           "--train.warmup", "7")
+    assert tc.beta2 == 0.95 and tc.warmup == 7
+    assert tc.eps == 1e-6 and tc.lr == 1e-4  # the rest is still BERT's
+    opt = make_optimizer(Transformer(cfg), tc, CPU)
+    assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+
+
+# ---- which parameters decay -----------------------------------------------------------------------
+
+BLOCK_MATRICES = ["blocks.0.attn.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc.weight",
+                  "blocks.0.mlp.proj.weight"]
+BLOCK_BIASES_GAINS = ["blocks.0.attn.proj.bias", "blocks.0.attn.qkv.bias", "blocks.0.mlp.fc.bias",
+                      "blocks.0.mlp.proj.bias", "blocks.0.norm1.bias", "blocks.0.norm1.weight",
+                      "blocks.0.norm2.bias", "blocks.0.norm2.weight"]
+
+
+def test_gpt1_decays_all_non_bias_non_gain_weights_embeddings_included(monkeypatch, tmp_path):
+    """Radford et al. 2018, sec. 4.1: "w = 0.01 on all non bias or gain weights"."""
+    cfg, tc = pretrain_run(monkeypatch, tmp_path, "--model", "gpt1", *TINY)
+    m = Transformer(cfg)
+    assert groups_by_name(m, make_optimizer(m, tc, CPU)) == {
+        0.01: sorted(["wte.weight", "wpe.weight", *BLOCK_MATRICES]),  # W_e (tied to the output) and W_p
+        0.0: sorted(BLOCK_BIASES_GAINS)}
+
+
+def test_bert_decays_all_but_layernorm_and_biases(monkeypatch, tmp_path):
+    """optimization.py: exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]."""
+    cfg, tc = pretrain_run(monkeypatch, tmp_path, "--model", "bert-mini", *TINY)
+    m = Transformer(cfg)
+    assert groups_by_name(m, make_optimizer(m, tc, CPU)) == {
+        0.01: sorted(["wte.weight", "wpe.weight", "wse.weight", *BLOCK_MATRICES, "lm_head.dense.weight",
+                      "nsp_head.pooler.dense.weight", "nsp_head.classifier.weight"]),
+        0.0: sorted(["emb_norm.weight", "emb_norm.bias", *BLOCK_BIASES_GAINS, "lm_head.bias",
+                     "lm_head.dense.bias", "lm_head.norm.weight", "lm_head.norm.bias",
+                     "nsp_head.pooler.dense.bias", "nsp_head.classifier.bias"])}
+
+
+def test_gpt2_decays_embeddings_as_nanogpt_and_the_old_policy_is_an_option(monkeypatch, tmp_path):
+    cfg, tc = pretrain_run(monkeypatch, tmp_path, "--model", "gpt2", *TINY)
+    m = Transformer(cfg)
+    gains = sorted([*BLOCK_BIASES_GAINS, "norm_f.bias", "norm_f.weight"])
+    assert groups_by_name(m, make_optimizer(m, tc, CPU)) == {
+        0.1: sorted(["wte.weight", "wpe.weight", *BLOCK_MATRICES]), 0.0: gains}
+    _, old = pretrain_run(monkeypatch, tmp_path, "--model", "gpt2", *TINY, "--train.no-decay", "bias,norm,embedding")
+    assert groups_by_name(m, make_optimizer(m, old, CPU)) == {
+        0.1: BLOCK_MATRICES, 0.0: sorted([*gains, "wte.weight", "wpe.weight"])}
+
+
+# ---- the init: GPT-2 scales the residual projections, GPT-1 and BERT do not -----------------------
+
+def _std(ws):
+    return torch.cat([w.detach().flatten() for w in ws]).std().item()
+
+
+@pytest.mark.parametrize("name, scaled", [("bert-mini", False), ("gpt-mini", True), ("gpt1", False)])
+def test_residual_projections_init(name, scaled):
+    """std 0.02 / sqrt(2 n_layer) = 0.00707 for 4 layers where GPT-2's init scales, 0.02 where not;
+    1.3M draws (four layers of 256 x 1024 + 256 x 256) pin the std to about 0.1%."""
+    torch.manual_seed(0)
+    c = preset(name, n_layer=4, d_model=256, n_head=4, vocab_size=64, max_seq_len=16)
+    m = Transformer(c)
+    residual = [w for b in m.blocks for w in (b.attn.proj.weight, b.mlp.proj.weight)]
+    want = 0.02 / (2 * 4) ** 0.5 if scaled else 0.02
+    assert _std(residual) == pytest.approx(want, rel=0.01)
+    assert _std([b.attn.qkv.weight for b in m.blocks]) == pytest.approx(0.02, rel=0.01)  # never scaled
+
+
+@pytest.mark.parametrize("placement, scaled", [("post", False), ("pre", True)])
+def test_expert_projections_follow_the_family_init(placement, scaled):
+    torch.manual_seed(0)
+    c = ModelConfig(n_layer=2, d_model=128, n_head=2, vocab_size=64, max_seq_len=16, n_expert=4, top_k=1,
+                    norm_placement=placement, causal=placement == "pre")
+    w = [b.mlp.proj_weight for b in Transformer(c).blocks]  # 2 x 4 experts x 512 x 128
+    assert _std(w) == pytest.approx(0.02 / 2 if scaled else 0.02, rel=0.01)
+
+
+# ---- configs without the fields: the family's, by shape --------------------------------------------
+
+def test_a_config_json_without_the_new_fields_gets_its_familys():
+    old = {k: v for k, v in preset("bert-base").to_dict().items() if k not in ("recipe", "residual_scale_init")}
+    bert = ModelConfig.from_dict(old)
+    assert bert.recipe is None and bert.train_recipe == "bert" and not bert.residual_scaled
+    gpt2 = ModelConfig.from_dict({"n_layer": 2, "d_model": 32, "n_head": 2})
+    assert gpt2.train_recipe == "gpt3" and gpt2.residual_scaled
+    gpt1 = ModelConfig.from_dict({"n_layer": 2, "d_model": 32, "n_head": 2, "norm_placement": "post"})
+    assert gpt1.train_recipe == "gpt1" and not gpt1.residual_scaled
+
+
+# ---- fine-tuning: GPT-1's recipe for a decoder, BERT's for an encoder -------------------------------
+
+def _toy_run(tmp_path, causal):
+    rows = [(f"{'good great' if i % 2 else 'bad awful'} film {i}", "pos" if i % 2 else "neg") for i in range(120)]
+    task = tmp_path / "toy.csv"
+    with open(task, "w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *rows])
+    tok = train_tokenizer("bpe" if causal else "wordpiece", 300 if causal else 120, [t for t, _ in rows])
+    cfg = ModelConfig(name="tiny", causal=causal, vocab_size=tok.vocab_size, vocab_multiple=8, max_seq_len=16,
+                      n_layer=1, n_head=2, d_model=16, dropout=0.0, type_vocab_size=0 if causal else 2,
+                      embedding_norm=not causal, norm_placement="pre" if causal else "post")
+    run = tmp_path / ("gpt" if causal else "bert")
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))  # no recipe: an import's config
+    tok.save(run)
+    from pretune import checkpoint as ckpt
+    ckpt.save_checkpoint(run, 0, Transformer(cfg))
+    return run, task
+
+
+@pytest.mark.parametrize("causal, lr, eps, warmup", [(True, 6.25e-5, 1e-8, 0.002), (False, 5e-5, 1e-6, 0.1)],
+                         ids=["gpt1-recipe", "bert-recipe"])
+def test_finetuning_uses_the_familys_recipe(tmp_path, causal, lr, eps, warmup):
+    """GPT-1 (Radford et al. 2018, sec. 4.1): lr 6.25e-5, batch 32, 3 epochs, warmup 0.2%;
+    BERT (Devlin et al. 2019, sec. 4.1, run_classifier.py): lr 5e-5, batch 32, 3 epochs, warmup 10%."""
+    run, task = _toy_run(tmp_path, causal)
+    finetune(run, str(task), tmp_path / "ft", progress=False, verbose=False, keep_checkpoints=False)
+    conf = json.loads((tmp_path / "ft" / "config.json").read_text())
+    tc, ft = conf["train"], conf["finetune"]
+    steps = 3 * -(-ft["train_examples"] // 32)  # 3 epochs of ceil(n / 32) steps
+    assert (tc["lr"], tc["batch_size"], tc["steps"], ft["epochs"]) == (lr, 32, steps, 3.0)
+    assert (tc["eps"], tc["beta2"], tc["weight_decay"], tc["decay"], tc["min_lr_ratio"]) == \
+        (eps, 0.999, 0.01, "linear", 0.0)
+    assert tc["warmup"] == int(warmup * steps)
+    # an explicit option still wins
+    finetune(run, str(task), tmp_path / "ft2", lr=3e-3, train={"eps": 1e-7}, progress=False, verbose=False,
+             keep_checkpoints=False)
+    tc = json.loads((tmp_path / "ft2" / "config.json").read_text())["train"]
+    assert (tc["lr"], tc["eps"]) == (3e-3, 1e-7)
