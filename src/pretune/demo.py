@@ -23,6 +23,7 @@ MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [M
 
 
 # Budgets sized for about 3.5 minutes each on 2 quiet CPU cores (gpt-mini 0.8M tokens, bert-mini 1M).
+# What a budget leaves out (eps, beta1, which parameters decay, the clip) is the preset's recipe.
 GPT_TRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
                  weight_decay=0.1, eval_every=100, eval_batches=8, log_every=10, ckpt_every=100)
 # bert-mini: many small steps. Masked-LM sits on the unigram plateau until attention learns to
