@@ -79,39 +79,109 @@ def straight(tmp_path_factory):
     return run
 
 
-def damage_and_resume(straight, tmp_path, damage):
-    """Copy the run as it was at step 15, damage step 15, resume to 20: must equal the straight run."""
+def damage_and_resume(straight, tmp_path, damage, capsys):
+    """Copy the run as it was at step 15, damage step 15, resume to 20: must equal the straight run.
+    The broken checkpoint is named in one clean `warning:` line (no Python warning machinery)."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     shutil.rmtree(run / "checkpoints" / "step-000020")
     damage(run / "checkpoints" / "step-000015")
-    with pytest.warns(UserWarning, match=r"step-000015 is unusable"):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would fail the test
         t = trainer(run)
         t.fit()
+    err = capsys.readouterr().err.splitlines()
+    assert [l for l in err if "unusable" in l] == [l for l in err if l.startswith("warning: checkpoint step-000015 "
+                                                                              "is unusable (")]
+    assert any("falling back to the previous one" in l for l in err), err
     assert same_weights(weights(run / "checkpoints" / "step-000020"), weights(straight / "checkpoints" / "step-000020"))
     return run
 
 
-def test_corrupted_latest_falls_back_and_resumes_exactly(straight, tmp_path):
+def test_corrupted_latest_falls_back_and_resumes_exactly(straight, tmp_path, capsys):
     def flip(d):
         p = d / "model.safetensors"
         b = bytearray(p.read_bytes())
         b[-5] ^= 0x01  # one bit of one weight
         p.write_bytes(bytes(b))
-    run = damage_and_resume(straight, tmp_path, flip)
+    run = damage_and_resume(straight, tmp_path, flip, capsys)
     assert (run / "checkpoints" / ".broken-step-000015").is_dir()  # set aside for a post-mortem
 
 
-def test_truncated_latest_falls_back(straight, tmp_path):
+def test_truncated_latest_falls_back(straight, tmp_path, capsys):
     def cut(d):
         p = d / "optimizer.safetensors"
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    damage_and_resume(straight, tmp_path, cut)
+    damage_and_resume(straight, tmp_path, cut, capsys)
 
 
-def test_missing_manifest_falls_back(straight, tmp_path):
-    damage_and_resume(straight, tmp_path, lambda d: (d / "manifest.json").unlink())
+def test_missing_manifest_falls_back(straight, tmp_path, capsys):
+    damage_and_resume(straight, tmp_path, lambda d: (d / "manifest.json").unlink(), capsys)
+
+
+def _damaged_run(straight, tmp_path, keep=("step-000020",)):
+    """A copy of the straight run with a config.json, keeping only the `keep` checkpoints, each with
+    its model.safetensors cut in half."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for p in ck.list_checkpoints(run):
+        if p.name not in keep:
+            shutil.rmtree(p)
+        else:
+            f = p / "model.safetensors"
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (run / "config.json").write_text(json.dumps({"model": CFG.to_dict()}))
+    return run
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_says_so_in_clean_lines(straight, tmp_path):
+    """`python -m pretune generate` on it: `warning:` lines and one error line naming the count, exit 2."""
+    import re
+    import subprocess
+    import sys
+    run = _damaged_run(straight, tmp_path)
+    p = subprocess.run([sys.executable, "-m", "pretune", "generate", "hi", "--run", str(run)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2, p.stderr
+    assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr and ".py:" not in p.stderr
+    assert lines[:-1] == ["warning: checkpoint step-000020 is unusable (checksum mismatch in model.safetensors) "
+                          f"({run / 'checkpoints'})"], p.stderr
+    assert lines[-1].startswith("pretune: error: ") and re.search(r"\b1 checkpoint\b.*damaged", lines[-1]), lines[-1]
+    assert "train the run first" not in lines[-1] and "backup" in lines[-1]
+
+
+def test_all_checkpoints_damaged_is_an_error_for_every_reader(straight, tmp_path, capsys):
+    """Two damaged checkpoints: loading the model (generate, embed, export, finetune --init) and
+    resuming the training both say so; the training does not quietly start again from step 0."""
+    from pretune.cli import main
+    run = _damaged_run(straight, tmp_path, keep=("step-000015", "step-000020"))
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged") as e:
+            ck.load_model(run)
+        assert "step-000015" in str(e.value) and "step-000020" in str(e.value)
+        err = capsys.readouterr().err.splitlines()
+        assert [l.split(" (")[0] for l in err] == [
+            "warning: checkpoint step-000020 is unusable", "warning: checkpoint step-000015 is unusable"], err
+        assert "falling back" in err[0] and "falling back" not in err[1]
+        metrics = (run / "metrics.jsonl").read_text()
+        with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged"):
+            trainer(run).fit()
+        assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained from scratch
+        task = tmp_path / "task.csv"
+        task.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40)))
+        assert main(["finetune", "--init", str(run), "--task", str(task), "--out", str(tmp_path / "ft")]) == 2
+        assert "2 checkpoints exist, but all are damaged" in capsys.readouterr().err
+    # a run whose damaged checkpoints an earlier resume set aside names them too
+    for p in ck.list_checkpoints(run):
+        p.rename(p.parent / f".broken-{p.name}")
+    with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged \(2 set aside"):
+        ck.load_model(run)
 
 
 def test_verify_names_each_problem(straight, tmp_path):

@@ -280,8 +280,7 @@ def load_classifier(run_dir: str | Path, device: str = "cpu"):
     model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
     ck = _best_checkpoint(run_dir)
     if ck is None:
-        raise PretuneError("no usable checkpoint", str(run_dir / "checkpoints"),
-                           "run the fine-tuning (again) to write one")
+        raise ckpt.no_checkpoint_error(run_dir, "run the fine-tuning (again) to write one")
     ckpt.load_weights(model, ck)
     if not (run_dir / "tokenizer.json").exists():
         raise PretuneError("the run has no tokenizer.json", str(run_dir), "copy the pre-trained run's tokenizer.json")

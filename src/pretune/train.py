@@ -208,6 +208,8 @@ class Trainer:
         ckpt.clean_partial(self.run_dir)
         ck = ckpt.latest_checkpoint(self.run_dir)
         if ck is None:
+            if ckpt.list_checkpoints(self.run_dir):  # written, then damaged: never silently start over
+                raise ckpt.no_checkpoint_error(self.run_dir, "")
             return False
         state = self._restore(ck)
         for h, hs in zip(self.hooks, state.get("hooks", [])):
