@@ -358,6 +358,8 @@ def _safetensors_bytes(header: dict, data: bytes, n=None) -> bytes:
     (None, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "does not fill"),
     (None, {"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "dtype"),
     (None, [1, 2], b"", "not a JSON object"),
+    (None, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
 ])
 def test_absurd_safetensors_headers_are_rejected_before_allocating(tmp_path, n, header, data, needle):
     import tracemalloc
