@@ -75,11 +75,15 @@ def test_learned_positions_extend_cyclically_and_short_inputs_are_unchanged():
     assert m(torch.randint(0, 97, (1, 32))).shape == (1, 32, 32)
 
 
-def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_range():
+def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_range(tmp_path):
     """Chen et al. 2023: extended by s, position p rotates as p / s did in training. Checked
-    against rotary computed here from its definition (Su et al. 2021, half-split layout)."""
+    against rotary computed here from its definition (Su et al. 2021, half-split layout), and
+    the whole extended model against transformers' Llama with linear rope scaling."""
+    import copy
+    from pretune.interop.hf import export_hf
     c = _tiny(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_head=2)
     m = randomize(Transformer(c))
+    trained = copy.deepcopy(m)
     m.extend_window(64)  # 4x
     assert m.config.rope_scaling == 4.0 and m.max_positions == 64
     hd = c.head_dim
@@ -94,10 +98,28 @@ def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_r
     y = m.rope(x, torch.arange(64))
     for p in (0, 1, 4, 17, 63):
         torch.testing.assert_close(y[0, 0, p].double(), rope_ref(x[0, 0, p], p / 4), rtol=0, atol=1e-5)
-    # the largest angle stays below what the trained window of 16 positions reached
-    assert 63 / 4 < 16
-    out = m(torch.randint(0, 97, (2, 64)))
-    assert out.shape == (2, 64, 32) and torch.isfinite(out).all()
+    # position 4q of the extended window is rotated exactly as position q of the trained one, so
+    # every angle of the 64 positions lies within what the 16 trained positions reached
+    q = torch.arange(16)
+    torch.testing.assert_close(y[:, :, 4 * q], trained.rope(x[:, :, 4 * q], q), rtol=0, atol=1e-6)
+    # the whole extended model, over all 64 positions, is transformers' Llama with
+    # rope_scaling {"rope_type": "linear", "factor": 4} on the same weights
+    out = export_hf(m, None, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 4.0
+    assert cfg["max_position_embeddings"] == 64
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    ids = torch.randint(0, 97, (2, 64))
+    with torch.no_grad():
+        ours = m.logits(m(ids))[..., :97]
+        theirs = ref(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # ...and differs from the unscaled rotary beyond the trained window (the scaling is not a no-op)
+    plain = transformers.LlamaForCausalLM.from_pretrained(
+        str(out), rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - theirs)[:, 16:].abs().max().item() > 1e-2
 
 
 def test_extended_decoder_generates_past_its_trained_window():
