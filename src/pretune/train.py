@@ -555,6 +555,7 @@ def check_resume(run_dir: str | Path, run_config: dict, extra: Callable[[dict], 
     allowed = set(allowed_changes((run_config.get("train") or {}).get("allow_change")))
     changed = [k for k in old if k in new and old[k] != new[k]]
     refused = [k for k in changed if k not in RESUME_FREE and not (k in RESUME_DELIBERATE and k in allowed)]
+    refused.sort(key=lambda k: k in ("data_sha256", "examples_sha256"))  # a named option first, if any changed
     if refused:
         k = refused[0]
         a, b = _shown(k, old[k], old_cfg), _shown(k, new[k], run_config)
@@ -567,7 +568,7 @@ def check_resume(run_dir: str | Path, run_config: dict, extra: Callable[[dict], 
             fix = (f"use the original options, a new --out folder, or --train.allow-change {','.join(refused)} "
                    "to continue with the new value on purpose (docs/training.md)")
         raise PretuneError(what, str(run_dir), fix)
-    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed]
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed if k != "allow_change"]
 
 
 def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
