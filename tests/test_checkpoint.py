@@ -79,39 +79,109 @@ def straight(tmp_path_factory):
     return run
 
 
-def damage_and_resume(straight, tmp_path, damage):
-    """Copy the run as it was at step 15, damage step 15, resume to 20: must equal the straight run."""
+def damage_and_resume(straight, tmp_path, damage, capsys):
+    """Copy the run as it was at step 15, damage step 15, resume to 20: must equal the straight run.
+    The broken checkpoint is named in one clean `warning:` line (no Python warning machinery)."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     shutil.rmtree(run / "checkpoints" / "step-000020")
     damage(run / "checkpoints" / "step-000015")
-    with pytest.warns(UserWarning, match=r"step-000015 is unusable"):
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would fail the test
         t = trainer(run)
         t.fit()
+    err = capsys.readouterr().err.splitlines()
+    assert [l for l in err if "unusable" in l] == [l for l in err if l.startswith("warning: checkpoint step-000015 "
+                                                                              "is unusable (")]
+    assert any("falling back to the previous one" in l for l in err), err
     assert same_weights(weights(run / "checkpoints" / "step-000020"), weights(straight / "checkpoints" / "step-000020"))
     return run
 
 
-def test_corrupted_latest_falls_back_and_resumes_exactly(straight, tmp_path):
+def test_corrupted_latest_falls_back_and_resumes_exactly(straight, tmp_path, capsys):
     def flip(d):
         p = d / "model.safetensors"
         b = bytearray(p.read_bytes())
         b[-5] ^= 0x01  # one bit of one weight
         p.write_bytes(bytes(b))
-    run = damage_and_resume(straight, tmp_path, flip)
+    run = damage_and_resume(straight, tmp_path, flip, capsys)
     assert (run / "checkpoints" / ".broken-step-000015").is_dir()  # set aside for a post-mortem
 
 
-def test_truncated_latest_falls_back(straight, tmp_path):
+def test_truncated_latest_falls_back(straight, tmp_path, capsys):
     def cut(d):
         p = d / "optimizer.safetensors"
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    damage_and_resume(straight, tmp_path, cut)
+    damage_and_resume(straight, tmp_path, cut, capsys)
 
 
-def test_missing_manifest_falls_back(straight, tmp_path):
-    damage_and_resume(straight, tmp_path, lambda d: (d / "manifest.json").unlink())
+def test_missing_manifest_falls_back(straight, tmp_path, capsys):
+    damage_and_resume(straight, tmp_path, lambda d: (d / "manifest.json").unlink(), capsys)
+
+
+def _damaged_run(straight, tmp_path, keep=("step-000020",)):
+    """A copy of the straight run with a config.json, keeping only the `keep` checkpoints, each with
+    its model.safetensors cut in half."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for p in ck.list_checkpoints(run):
+        if p.name not in keep:
+            shutil.rmtree(p)
+        else:
+            f = p / "model.safetensors"
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    (run / "config.json").write_text(json.dumps({"model": CFG.to_dict()}))
+    return run
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_says_so_in_clean_lines(straight, tmp_path):
+    """`python -m pretune generate` on it: `warning:` lines and one error line naming the count, exit 2."""
+    import re
+    import subprocess
+    import sys
+    run = _damaged_run(straight, tmp_path)
+    p = subprocess.run([sys.executable, "-m", "pretune", "generate", "hi", "--run", str(run)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2, p.stderr
+    assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr and ".py:" not in p.stderr
+    assert lines[:-1] == ["warning: checkpoint step-000020 is unusable (checksum mismatch in model.safetensors) "
+                          f"({run / 'checkpoints'})"], p.stderr
+    assert lines[-1].startswith("pretune: error: ") and re.search(r"\b1 checkpoint\b.*damaged", lines[-1]), lines[-1]
+    assert "train the run first" not in lines[-1] and "backup" in lines[-1]
+
+
+def test_all_checkpoints_damaged_is_an_error_for_every_reader(straight, tmp_path, capsys):
+    """Two damaged checkpoints: loading the model (generate, embed, export, finetune --init) and
+    resuming the training both say so; the training does not quietly start again from step 0."""
+    from pretune.cli import main
+    run = _damaged_run(straight, tmp_path, keep=("step-000015", "step-000020"))
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged") as e:
+            ck.load_model(run)
+        assert "step-000015" in str(e.value) and "step-000020" in str(e.value)
+        err = capsys.readouterr().err.splitlines()
+        assert [l.split(" (")[0] for l in err] == [
+            "warning: checkpoint step-000020 is unusable", "warning: checkpoint step-000015 is unusable"], err
+        assert "falling back" in err[0] and "falling back" not in err[1]
+        metrics = (run / "metrics.jsonl").read_text()
+        with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged"):
+            trainer(run).fit()
+        assert (run / "metrics.jsonl").read_text() == metrics  # nothing trained from scratch
+        task = tmp_path / "task.csv"
+        task.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(40)))
+        assert main(["finetune", "--init", str(run), "--task", str(task), "--out", str(tmp_path / "ft")]) == 2
+        assert "2 checkpoints exist, but all are damaged" in capsys.readouterr().err
+    # a run whose damaged checkpoints an earlier resume set aside names them too
+    for p in ck.list_checkpoints(run):
+        p.rename(p.parent / f".broken-{p.name}")
+    with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged \(2 set aside"):
+        ck.load_model(run)
 
 
 def test_verify_names_each_problem(straight, tmp_path):
@@ -288,6 +358,8 @@ def _safetensors_bytes(header: dict, data: bytes, n=None) -> bytes:
     (None, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, "does not fill"),
     (None, {"w": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "dtype"),
     (None, [1, 2], b"", "not a JSON object"),
+    (None, {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, "overlap"),
 ])
 def test_absurd_safetensors_headers_are_rejected_before_allocating(tmp_path, n, header, data, needle):
     import tracemalloc
@@ -315,12 +387,99 @@ def test_load_weights_checks_the_header_first(straight, tmp_path):
         ck.load_weights(Transformer(CFG), d)
 
 
+# ---- no unpickling anywhere in the source -------------------------------------------------
+
+PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve"}
+
+
+def unpickling(source: str) -> list[str]:
+    """Every way `source` could unpickle, found in its syntax tree (strings and comments that only
+    mention pickle do not count): an import of a pickling module in any form (`import pickle as p`,
+    `from pickle import loads`, `importlib.import_module("dill")`, `__import__("shelve")`), a
+    `torch.load` (under any alias, or imported by name) without `weights_only=True`, an
+    `allow_pickle=` that is not `False` (`numpy.load`), and `Unpickler` / `read_pickle`."""
+    import ast
+    tree = ast.parse(source)
+    torch_names = {"torch"}  # local names bound to the torch module
+    found = []
+
+    def where(node, what):
+        found.append(f"line {node.lineno}: {what}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in PICKLING_MODULES:
+                    where(node, f"import {a.name}")
+                if a.name == "torch":
+                    torch_names.add(a.asname or "torch")
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if mod.split(".")[0] in PICKLING_MODULES:
+                where(node, f"from {mod} import ...")
+            if mod.split(".")[0] == "torch" and any(a.name in ("load", "serialization") for a in node.names):
+                where(node, f"from {mod} import {', '.join(a.name for a in node.names)}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
+                    and str(node.args[0].value).split(".")[0] in PICKLING_MODULES:
+                where(node, f"{name}({node.args[0].value!r})")
+            kw = {k.arg: k.value for k in node.keywords}
+            if "allow_pickle" in kw and not (isinstance(kw["allow_pickle"], ast.Constant)
+                                             and kw["allow_pickle"].value is False):
+                where(node, f"{name}(..., allow_pickle=...)")
+        if isinstance(node, ast.Attribute):
+            if node.attr == "load" and isinstance(node.value, ast.Name) and node.value.id in torch_names:
+                parent = next((c for c in ast.walk(tree) if isinstance(c, ast.Call) and c.func is node), None)
+                kw = {k.arg: k.value for k in parent.keywords} if parent else {}
+                ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                if not ok:
+                    where(node, f"{node.value.id}.load without weights_only=True")
+            if node.attr in ("Unpickler", "read_pickle"):
+                where(node, f".{node.attr}")
+            if node.attr == "serialization" and isinstance(node.value, ast.Name) and node.value.id in torch_names:
+                where(node, f"{node.value.id}.serialization")  # torch's pickle loader lives there
+        if isinstance(node, ast.Name) and node.id in ("Unpickler", "read_pickle"):
+            where(node, node.id)
+    return found
+
+
+FORBIDDEN = [
+    "import pickle", "import pickle as p", "import _pickle", "import dill", "import cloudpickle",
+    "import joblib", "import shelve\nshelve.open('db')", "import os, pickle", "from pickle import loads",
+    "from pickle import Unpickler as U", "from dill import *", "from joblib import load",
+    "from cloudpickle.cloudpickle import loads", "import importlib\nimportlib.import_module('pickle')",
+    "__import__('dill')", "import torch\ntorch.load('x.pt')", "import torch\ntorch.load('x.pt', weights_only=False)",
+    "import torch as T\nT.load(f)", "import torch\nf = torch.load", "from torch import load",
+    "from torch.serialization import load", "import torch\ntorch.serialization.load(f)",
+    "import numpy as np\nnp.load('a.npy', allow_pickle=True)", "import numpy\nnumpy.load(f, allow_pickle=yes)",
+    "import pandas as pd\npd.read_pickle('x')", "x.Unpickler(f).load()",
+]
+ALLOWED = [
+    "import torch\ntorch.load('x.pt', weights_only=True)", "import numpy as np\nnp.load('a.npy')",
+    "import numpy as np\nnp.load('a.npy', allow_pickle=False)", "s = 'import pickle; pickle.loads(b)'  # pickle",
+    "from .safety import looks_like_pickle, refuse_pickles\nlooks_like_pickle(p)", "import json\njson.loads(s)",
+    "import safetensors.torch\nsafetensors.torch.load_file(p)",
+]
+
+
+@pytest.mark.parametrize("code", FORBIDDEN)
+def test_the_pickle_scan_catches(code):
+    assert unpickling(code), code
+
+
+@pytest.mark.parametrize("code", ALLOWED)
+def test_the_pickle_scan_lets_through(code):
+    assert unpickling(code) == [], code
+
+
 def test_no_pickle_in_the_source():
-    """`grep -rn "pickle\\|torch.load" src`: only mentions that refuse or document it."""
+    """No file of the package, its scripts or benchmarks can unpickle (the scan above, on each)."""
     import pathlib
-    import re
-    src = pathlib.Path(ck.__file__).parent
-    for f in src.rglob("*.py"):
-        for i, line in enumerate(f.read_text().splitlines(), 1):
-            if re.search(r"\bimport pickle\b|pickle\.loads?\(|\bUnpickler\b|torch\.load\(", line):
-                assert "weights_only=True" in line, f"{f.name}:{i}: {line.strip()}"
+    root = pathlib.Path(ck.__file__).parents[2]
+    files = [f for d in ("src", "scripts", "benchmarks") for f in (root / d).rglob("*.py")]
+    assert len(files) > 30
+    bad = {str(f.relative_to(root)): u for f in files if (u := unpickling(f.read_text()))}
+    assert bad == {}

@@ -75,11 +75,15 @@ def test_learned_positions_extend_cyclically_and_short_inputs_are_unchanged():
     assert m(torch.randint(0, 97, (1, 32))).shape == (1, 32, 32)
 
 
-def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_range():
+def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_range(tmp_path):
     """Chen et al. 2023: extended by s, position p rotates as p / s did in training. Checked
-    against rotary computed here from its definition (Su et al. 2021, half-split layout)."""
+    against rotary computed here from its definition (Su et al. 2021, half-split layout), and
+    the whole extended model against transformers' Llama with linear rope scaling."""
+    import copy
+    from pretune.interop.hf import export_hf
     c = _tiny(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_head=2)
     m = randomize(Transformer(c))
+    trained = copy.deepcopy(m)
     m.extend_window(64)  # 4x
     assert m.config.rope_scaling == 4.0 and m.max_positions == 64
     hd = c.head_dim
@@ -94,10 +98,28 @@ def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_r
     y = m.rope(x, torch.arange(64))
     for p in (0, 1, 4, 17, 63):
         torch.testing.assert_close(y[0, 0, p].double(), rope_ref(x[0, 0, p], p / 4), rtol=0, atol=1e-5)
-    # the largest angle stays below what the trained window of 16 positions reached
-    assert 63 / 4 < 16
-    out = m(torch.randint(0, 97, (2, 64)))
-    assert out.shape == (2, 64, 32) and torch.isfinite(out).all()
+    # position 4q of the extended window is rotated exactly as position q of the trained one, so
+    # every angle of the 64 positions lies within what the 16 trained positions reached
+    q = torch.arange(16)
+    torch.testing.assert_close(y[:, :, 4 * q], trained.rope(x[:, :, 4 * q], q), rtol=0, atol=1e-6)
+    # the whole extended model, over all 64 positions, is transformers' Llama with
+    # rope_scaling {"rope_type": "linear", "factor": 4} on the same weights
+    out = export_hf(m, None, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "linear" and cfg["rope_parameters"]["factor"] == 4.0
+    assert cfg["max_position_embeddings"] == 64
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(out), attn_implementation="eager").eval()
+    ids = torch.randint(0, 97, (2, 64))
+    with torch.no_grad():
+        ours = m.logits(m(ids))[..., :97]
+        theirs = ref(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    # ...and differs from the unscaled rotary beyond the trained window (the scaling is not a no-op)
+    plain = transformers.LlamaForCausalLM.from_pretrained(
+        str(out), rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (plain(input_ids=ids).logits - theirs)[:, 16:].abs().max().item() > 1e-2
 
 
 def test_extended_decoder_generates_past_its_trained_window():
@@ -335,6 +357,222 @@ def test_bad_checkpoints_are_named_in_one_line(tiny_bert_folder, capsys):
     save_file({**w, "bert.embeddings.position_ids": torch.arange(32)[None]}, str(w_file))
     assert main(["import", f"hf:{d}", "--out", str(d.parent / "ok")]) == 0  # listed as ignored
     assert "bert.embeddings.position_ids" in capsys.readouterr().out
+
+
+# ---- nothing unsafe is read from a Hugging Face folder ----------------------------------
+
+class _Payload:
+    """A pickle that, if ever unpickled, creates a file (it could as well run anything)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _never_opened(monkeypatch, paths):
+    """Fail the test if Python opens any of `paths` (the pickle check must go by names alone)."""
+    import builtins
+    import io
+    real = builtins.open
+    banned = {str(Path(p).resolve()) for p in paths}
+
+    def guarded(file, *a, **k):
+        if isinstance(file, (str, Path)) and str(Path(file).resolve()) in banned:
+            raise AssertionError(f"opened {file}")
+        return real(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+    monkeypatch.setattr(io, "open", guarded)
+
+
+@pytest.mark.parametrize("names", [["pytorch_model.bin"], ["model.pt"], ["weights.ckpt"], ["model.pkl"],
+                                   ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]])
+def test_a_folder_of_pickled_weights_is_refused_unopened(tiny_bert_folder, capsys, monkeypatch, names):
+    import pickle
+    d = tiny_bert_folder
+    (d / "model.safetensors").unlink()
+    marker = d.parent / "pwned"
+    for n in names:
+        (d / n).write_bytes(pickle.dumps(_Payload(marker)))
+    _never_opened(monkeypatch, [d / n for n in names])
+    err = _bad_import(capsys, d)
+    assert "never unpickles" in err and "convert the weights to safetensors" in err, err
+    assert names[0] in err, err
+    assert not marker.exists()
+
+
+def test_safetensors_next_to_pickles_are_used_and_the_pickles_never_opened(tiny_bert_folder, capsys, monkeypatch):
+    """A hub download often holds both: the safetensors are read, the pickles left alone."""
+    import pickle
+    d = tiny_bert_folder
+    marker = d.parent / "pwned"
+    pickles = [d / "pytorch_model.bin", d / "training_args.bin", d / "optimizer.pt"]
+    for p in pickles:
+        p.write_bytes(pickle.dumps(_Payload(marker)))
+    _never_opened(monkeypatch, pickles)
+    assert main(["import", f"hf:{d}", "--out", str(d.parent / "run")]) == 0, capsys.readouterr().err
+    assert not marker.exists()
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header with `edit(header)`, keeping its data bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    h = json.dumps(header).encode()
+    path.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+
+
+def _first_two(h):
+    a, b = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])[:2]
+    return a, b
+
+
+def _overlap(h):
+    a, b = _first_two(h)
+    size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+    start = h[a]["data_offsets"][0]
+    h[b]["data_offsets"] = [start, start + size]  # b now reads a's bytes
+
+
+def _past_the_end(h):
+    a, _ = _first_two(h)
+    h[a]["data_offsets"] = [10**9, 10**9 + h[a]["data_offsets"][1] - h[a]["data_offsets"][0]]
+
+
+def _wrong_shape(h):
+    a, _ = _first_two(h)
+    h[a]["shape"] = [*h[a]["shape"], 2]
+
+
+def _unknown_dtype(h):
+    a, _ = _first_two(h)
+    h[a]["dtype"] = "F7"
+
+
+def _cut(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _not_json(path: Path):
+    raw = bytearray(path.read_bytes())
+    raw[8] = ord("]")
+    path.write_bytes(bytes(raw))
+
+
+def _huge_length(path: Path):
+    path.write_bytes((2**63 - 1).to_bytes(8, "little") + path.read_bytes()[8:])
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: _rewrite_header(p, _overlap), "overlap"),
+    (lambda p: _rewrite_header(p, _past_the_end), "past the"),
+    (lambda p: _rewrite_header(p, _wrong_shape), "does not fill"),
+    (lambda p: _rewrite_header(p, _unknown_dtype), "no known dtype"),
+    (_cut, "past the"),  # the header is intact, the data cut short
+    (_not_json, "not JSON"),
+    (_huge_length, "header length 9,223,372,036,854,775,807"),
+], ids=["overlap", "offsets-past-end", "shape-vs-span", "dtype", "truncated", "header-not-json", "huge-length"])
+def test_a_damaged_safetensors_file_is_named_with_what_is_wrong(tiny_bert_folder, capsys, damage, needle):
+    d = tiny_bert_folder
+    damage(d / "model.safetensors")
+    err = _bad_import(capsys, d)
+    assert err.startswith("pretune: error: not a valid safetensors file: ") and needle in err, err
+    assert f"({d / 'model.safetensors'})" in err, err
+
+
+def _shard(d: Path, names=("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")) -> dict:
+    """Split model.safetensors into two shards and an index, as save_pretrained(max_shard_size=...) does."""
+    w = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    keys = sorted(w)
+    parts = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    wm = {}
+    for name, ks in zip(names, parts):
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: w[k] for k in ks}, str(d / name))
+        wm.update({k: name for k in ks})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return w
+
+
+def test_sharded_weights_load_as_the_single_file_did(tiny_bert_folder):
+    from pretune.interop.hf import load_hf_folder
+    one, _, _ = load_hf_folder(tiny_bert_folder)
+    _shard(tiny_bert_folder)
+    two, _, _ = load_hf_folder(tiny_bert_folder)
+    a, b = one.state_dict(), two.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink-out", "pickle-shard", "missing"])
+def test_index_shard_names_stay_inside_the_folder(tiny_bert_folder, tmp_path, capsys, how):
+    """The index names a file outside the folder (a real, loadable one: before the check it was read)."""
+    d = tiny_bert_folder
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    w = _shard(d)
+    wm = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    victim = "model-00002-of-00002.safetensors"
+    (outside / victim).write_bytes((d / victim).read_bytes())
+    if how == "dotdot":
+        (d / victim).unlink()
+        name = f"../{outside.name}/{victim}"
+    elif how == "absolute":
+        (d / victim).unlink()
+        name = str(outside / victim)
+    elif how == "symlink-out":
+        (d / victim).unlink()
+        (d / victim).symlink_to(outside / victim)
+        name = victim
+    elif how == "pickle-shard":
+        name = "pytorch_model-00002-of-00002.bin"
+        (d / name).write_bytes(b"\x80\x04K\x01.")
+    else:
+        (d / victim).unlink()
+        name = victim
+    wm = {k: (name if v == victim else v) for k, v in wm.items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    if how == "dotdot":  # the path really reaches the file: without the check the import would read it
+        assert (d / name).resolve() == (outside / victim).resolve()
+    words = {"dotdot": "climbs out of the folder", "absolute": "is an absolute path", "symlink-out": "links outside",
+             "pickle-shard": "is not a .safetensors file", "missing": "does not exist"}[how]
+    err = _bad_import(capsys, d)
+    assert f"the shard '{name}' named in model.safetensors.index.json {words}" in err, err
+    assert len(w) > 2
+
+
+def test_a_hub_cache_snapshot_whose_files_link_into_its_blobs_imports(tiny_bert_folder, tmp_path, capsys):
+    """huggingface_hub's cache: models--X/snapshots/REV/FILE are links to models--X/blobs/SHA. Those links
+    leave the snapshot folder but stay in the repo's cache, and are followed."""
+    import hashlib
+    repo = tmp_path / "hub" / "models--someone--tiny-bert"
+    snap, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in tiny_bert_folder.iterdir():
+        blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    assert main(["import", f"hf:{snap}", "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+
+
+def test_a_damaged_index_is_named(tiny_bert_folder, capsys):
+    d = tiny_bert_folder
+    _shard(d)
+    idx = d / "model.safetensors.index.json"
+    good = json.loads(idx.read_text())
+    idx.write_text("{oops")
+    assert "model.safetensors.index.json is not valid JSON" in _bad_import(capsys, d)
+    idx.write_text(json.dumps({"metadata": {}}))
+    assert "has no weight_map" in _bad_import(capsys, d)
+    k = sorted(good["weight_map"])[0]
+    other = next(v for v in set(good["weight_map"].values()) if v != good["weight_map"][k])
+    idx.write_text(json.dumps({"weight_map": {**good["weight_map"], k: other}}))
+    assert f"maps tensor '{k}' to {other}, which does not hold it" in _bad_import(capsys, d)
 
 
 def _write_gguf(path: Path, embd: "object", arch: str = "llama"):

@@ -33,7 +33,7 @@ import json
 import os
 import re
 import shutil
-import warnings
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -256,15 +256,20 @@ def verify(path: str | Path) -> str | None:
     return None
 
 
+def warn(msg: str) -> None:
+    """One `warning: ...` line on stderr: what a person reads, without Python's source path."""
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def latest_checkpoint(run_dir: str | Path, before: int | None = None) -> Path | None:
     """The newest checkpoint (at a step below `before`, if given) that verifies; each broken
     newer one is named in a warning. A checkpoint folder holding a pickle, or one that is a
     link to outside the run's checkpoints folder, is refused (PretuneError), not skipped:
     someone put it there, and a person should look."""
     ckdir = Path(run_dir) / "checkpoints"
-    for p in reversed(list_checkpoints(run_dir)):
-        if before is not None and int(STEP_RE.match(p.name).group(1)) >= before:
-            continue
+    cands = [p for p in list_checkpoints(run_dir)
+             if before is None or int(STEP_RE.match(p.name).group(1)) < before]
+    for i, p in enumerate(reversed(cands)):
         if not contained(p, ckdir):
             raise PretuneError(f"checkpoint {p.name} links outside the run directory", str(p),
                                "replace the link with the checkpoint folder itself")
@@ -272,8 +277,37 @@ def latest_checkpoint(run_dir: str | Path, before: int | None = None) -> Path | 
         problem = verify(p)
         if problem is None:
             return p
-        warnings.warn(f"checkpoint {p} is unusable ({problem}); falling back to the previous one")
+        older = i + 1 < len(cands)
+        warn(f"checkpoint {p.name} is unusable ({problem})"
+             + ("; falling back to the previous one" if older else "") + f" ({ckdir})")
     return None
+
+
+def no_checkpoint_error(run_dir: str | Path, fix: str) -> PretuneError:
+    """Why a run has no checkpoint to load: none written yet (`fix` says what to do), or every
+    one written is damaged (then restoring a backup or retraining is what is left)."""
+    ckdir = Path(run_dir) / "checkpoints"
+    broken = [p.name for p in list_checkpoints(run_dir)]
+    aside = sorted(p.name for p in ckdir.glob(".broken-step-*")) if ckdir.is_dir() else []
+    if not broken and not aside:
+        return PretuneError("no usable checkpoint", str(ckdir), fix)
+    n = len(broken) + len(aside)
+    names = ", ".join(broken + aside)
+    what = ("1 checkpoint exists, but it is damaged" if n == 1
+            else f"{n} checkpoints exist, but all are damaged")
+    if aside:
+        what += f" ({len(aside)} set aside by an earlier resume as .broken-step-N)"
+    return PretuneError(f"no usable checkpoint: {what} ({names})", str(ckdir),
+                        "restore the checkpoints folder from a backup, or retrain the run "
+                        "(a new --out, or move the damaged folders out of checkpoints/)")
+
+
+def require_checkpoint(run_dir: str | Path, fix: str) -> Path:
+    """`latest_checkpoint`, or the PretuneError of `no_checkpoint_error`."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise no_checkpoint_error(run_dir, fix)
+    return ck
 
 
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
@@ -330,10 +364,7 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
         return clf.body, cfg, tok
     cfg = ModelConfig.from_dict(cfg_d["model"], str(Path(run_dir) / "config.json"))
     model = Transformer(cfg)
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        raise PretuneError("no usable checkpoint", str(Path(run_dir) / "checkpoints"),
-                           "train the run first, or import weights into it")
+    ck = require_checkpoint(run_dir, "train the run first, or import weights into it")
     load_weights(model, ck)
     tok = Tokenizer.load(run_dir) if (Path(run_dir) / "tokenizer.json").exists() else None
     return model.to(device).eval(), cfg, tok

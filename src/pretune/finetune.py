@@ -52,7 +52,7 @@ from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEnco
 from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text
 from .objectives import IGNORE, l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
-from .train import Hook, Trainer, TrainConfig, check_same_model
+from .train import Hook, Trainer, TrainConfig, check_resume
 
 OBJECTIVES = ("L2", "L3")
 
@@ -280,8 +280,7 @@ def load_classifier(run_dir: str | Path, device: str = "cpu"):
     model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
     ck = _best_checkpoint(run_dir)
     if ck is None:
-        raise PretuneError("no usable checkpoint", str(run_dir / "checkpoints"),
-                           "run the fine-tuning (again) to write one")
+        raise ckpt.no_checkpoint_error(run_dir, "run the fine-tuning (again) to write one")
     ckpt.load_weights(model, ck)
     if not (run_dir / "tokenizer.json").exists():
         raise PretuneError("the run has no tokenizer.json", str(run_dir), "copy the pre-trained run's tokenizer.json")
@@ -485,10 +484,13 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
 
     ft = {"init": str(init), "origin": origin, "scratch": scratch, "objective": objective, "lam": lam,
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
-          "epochs": epochs, "aux_lm": ("L1" if cfg.causal else "MLM") if objective == "L3" else None}
+          "epochs": epochs, "aux_lm": ("L1" if cfg.causal else "MLM") if objective == "L3" else None,
+          "examples_sha256": examples_fingerprint(enc_train)}
     run_config = {"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
                   "finetune": ft, "task": t.info()}
-    _check_same_run(out, run_config)
+    changes = check_resume(out, run_config, finetune_options)
+    if changes and verbose:
+        print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", run_config)
     tok.save(out)
@@ -546,20 +548,31 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     return res
 
 
-def _check_same_run(out: Path, run_config: dict) -> None:
-    """Rerunning the same command resumes; a different model, task or objective is refused."""
-    p = out / "config.json"
-    if not p.exists() or not ckpt.list_checkpoints(out):
-        return
-    check_same_model(out, run_config["model"])
-    old = json.loads(p.read_text())
-    for section, keys in (("task", ("name", "labels", "pair")), ("finetune", ("objective", "lam", "init", "scratch",
-                                                                              "train_examples", "max_len"))):
-        for k in keys:
-            a, b = old.get(section, {}).get(k), run_config[section].get(k)
-            if a != b:
-                raise PretuneError(f"the run was started with {section} {k}={a!r}, now {b!r}", str(out),
-                                   "use the original options, or a new --out folder")
+def examples_fingerprint(enc: Encoded) -> str:
+    """SHA-256 of the training examples as the model reads them (token ids, segments, labels): the
+    task's texts, the tokenizer, the cut to max_len and the subsample, in one identity."""
+    import hashlib
+    return hashlib.sha256(json.dumps([enc.ids, enc.segments, enc.labels]).encode()).hexdigest()
+
+
+# config.json section, key -> the name a resume's refusal uses
+_FT_OPTIONS = {("task", "name"): "task", ("task", "labels"): "labels", ("task", "pair"): "pair",
+               ("task", "text_columns"): "text_column", ("task", "label_column"): "label_column",
+               ("finetune", "lam"): "lam", ("finetune", "init"): "init", ("finetune", "scratch"): "scratch",
+               ("finetune", "train_examples"): "train_examples", ("finetune", "max_len"): "max_len",
+               ("finetune", "freeze"): "freeze", ("finetune", "head"): "pool",
+               ("finetune", "examples_sha256"): "examples_sha256"}
+
+
+def finetune_options(run_config: dict) -> dict:
+    """What a fine-tuning resume compares besides the model and training options (`check_resume`):
+    the task, the encoded training examples, the objective's lambda, the init, freezing, the head."""
+    out = {}
+    for (section, key), name in _FT_OPTIONS.items():
+        d = run_config.get(section)
+        if isinstance(d, dict) and key in d:
+            out[name] = d[key]
+    return out
 
 
 def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", objective: str = "L2",

@@ -10,8 +10,9 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 (dtype, shape, data_offsets per tensor), then the raw data. A corrupted or
 hostile N (say 2**63) would make a naive reader allocate that much memory, so
 `check_safetensors` reads the 8 bytes and compares N with the file size and a
-cap before reading the header, then checks every tensor's offsets and byte
-count against the file before any tensor is read.
+cap before reading the header, then checks every tensor's dtype, its offsets and
+byte count against the file, and that no two tensors share bytes, before any
+tensor is read.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def check_safetensors(path: str | Path, max_header: int = MAX_HEADER_BYTES) -> d
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
     data = size - 8 - n
+    spans = []
     for name, t in header.items():
         if name == "__metadata__":
             continue
@@ -75,6 +77,12 @@ def check_safetensors(path: str | Path, max_header: int = MAX_HEADER_BYTES) -> d
             raise bad(f"tensor '{name}' lies at bytes {a:,}..{b:,}, past the {data:,} data bytes of the file")
         if b - a != math.prod(shape) * DTYPE_BYTES[t["dtype"]]:
             raise bad(f"tensor '{name}' of shape {shape} {t['dtype']} does not fill its {b - a:,} bytes")
+        if b > a:  # an empty tensor shares no bytes
+            spans.append((a, b, name))
+    spans.sort()
+    for (a, b, x), (c, d, y) in zip(spans, spans[1:]):
+        if c < b:  # two tensors sharing bytes: a crafted file, or a damaged header
+            raise bad(f"tensors '{x}' (bytes {a:,}..{b:,}) and '{y}' (bytes {c:,}..{d:,}) overlap")
     return header
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import PretuneError
+from ..safety import PICKLE_SUFFIXES, check_safetensors, contained
 
 ARCHS = {  # model_type -> family
     "bert": "bert", "gpt2": "gpt2", "openai-gpt": "openai-gpt", "llama": "llama", "mixtral": "mixtral",
@@ -422,26 +423,102 @@ def mixtral_per_expert(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def _weight_roots(folder: Path) -> list[Path]:
+    """Where the weight files of `folder` may lie, links followed: the folder itself, and for a
+    Hugging Face hub cache snapshot (models--X/snapshots/REV/) the repo's blobs/ folder, which
+    the snapshot's files link into."""
+    roots = [folder]
+    if folder.resolve().parent.name == "snapshots":
+        roots.append(folder.resolve().parent.parent / "blobs")
+    return roots
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return any(contained(path, r) for r in _weight_roots(folder))
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files holding the weights: model.safetensors, else the shards that
+    model.safetensors.index.json names, each checked to stay inside the folder. A folder with
+    neither is refused; if it holds pickles (pytorch_model.bin, *.pt, *.ckpt...) the refusal says
+    so, and they are never opened: they are found by their names."""
+    single, index = folder / "model.safetensors", folder / INDEX
+    if single.is_file():
+        if not _inside(single, folder):
+            raise PretuneError("model.safetensors links outside the folder", str(folder),
+                               "replace the link with the file itself")
+        return [single]
+    if index.is_file():
+        return _index_shards(folder, index)
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES | {".bin"})
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise PretuneError(f"no model.safetensors, only pickled weights ({shown}), which pretune never unpickles: "
+                           "loading a pickle can run any code", str(folder),
+                           "convert the weights to safetensors first, where you trust the file "
+                           "(transformers: model.save_pretrained(DIR, safe_serialization=True))")
+    other = [n for n in ("tf_model.h5", "flax_model.msgpack") if (folder / n).exists()]
+    raise PretuneError("no model.safetensors" + (f" (only {other[0]}, which pretune does not read)" if other else ""),
+                       str(folder), "convert the weights to safetensors first")
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files of model.safetensors.index.json, each a plain relative name of a
+    .safetensors file inside the folder (no absolute path, no `..`, no link out of it)."""
+    where = str(index)
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        why = "has no weight_map" if isinstance(e, (KeyError, TypeError)) else f"is not valid JSON ({e})"
+        raise PretuneError(f"{INDEX} {why}", where, "restore the file the checkpoint was saved with") from None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise PretuneError(f"{INDEX}'s weight_map is not a mapping of tensor names to file names", where,
+                           "restore the file the checkpoint was saved with")
+    files = []
+    for name in sorted(set(wm.values())):
+        rel = Path(name)
+        bad = ("is an absolute path" if rel.is_absolute() or name.startswith(("/", "\\")) else
+               "climbs out of the folder (..)" if ".." in rel.parts or ".." in name.split("\\") else
+               "is not a .safetensors file" if rel.suffix != ".safetensors" else
+               "links outside the folder" if not _inside(folder / rel, folder) else
+               "does not exist" if not (folder / rel).is_file() else None)
+        if bad:
+            raise PretuneError(f"the shard '{name}' named in {INDEX} {bad}", where,
+                               "give the shards as file names inside the model folder")
+        files.append(folder / rel)
+    return files
+
+
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors file(s), each file's header checked first
+    (`safety.check_safetensors`: a damaged or crafted one is named with what is wrong)."""
     from safetensors.torch import load_file
 
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    try:
-        if single.is_file():
-            return load_file(str(single))
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out = {}
-            for f in files:
-                out.update(load_file(str(folder / f)))
-            return out
-    except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise PretuneError(f"cannot read the weights: {str(e).splitlines()[0]}", str(folder),
-                           "the safetensors file is damaged") from e
-    pickled = [n for n in ("pytorch_model.bin", "tf_model.h5") if (folder / n).exists()]
-    raise PretuneError("no model.safetensors" + (f" (only {pickled[0]}, which pretune never unpickles)"
-                                                 if pickled else ""), str(folder),
-                       "convert the weights to safetensors first")
+    files = weight_files(folder)
+    index = None
+    if len(files) > 1 or files[0].name != "model.safetensors":
+        index = json.loads((folder / INDEX).read_text())["weight_map"]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        header = check_safetensors(f)
+        if index is not None:
+            for k, v in index.items():
+                if (folder / v) == f and k not in header:
+                    raise PretuneError(f"{INDEX} maps tensor '{k}' to {v}, which does not hold it", str(f),
+                                       "the shards do not match their index; restore them")
+        dup = sorted(set(header) & set(out) - {"__metadata__"})
+        if dup:
+            raise PretuneError(f"tensor '{dup[0]}' is in more than one shard", str(f),
+                               "the shards do not match their index; restore them")
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types on corrupt files
+            raise PretuneError(f"cannot read {f.name}: {str(e).splitlines()[0]}", str(f),
+                               "the safetensors file is damaged") from e
+    return out
 
 
 def _detect_heads(fam: str, keys: set[str], hf: dict) -> dict:
