@@ -22,7 +22,8 @@ TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, 
 TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
         "--arch.vocab-size", "320"]
 TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
-         "--train.log-every", "1", "--train.device", "cpu"]
+         "--train.log-every", "1", "--train.device", "cpu",
+         "--train.warmup", "100"]  # the old default, explicit: within warmup the lr does not depend on the total
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -201,7 +202,7 @@ def test_allow_change_only_takes_schedule_options(w, tmp_path, capsys):
 FINETUNE_REFUSED = [
     (["--seed", "1"], "seed=0, now seed=1"),
     (["--batch-size", "8"], "batch_size=16, now batch_size=8"),
-    (["--lr", "0.001"], "lr=0.0001, now lr=0.001"),
+    (["--lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (recipes.py)
     (["--freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
     (["--pool", "mean"], "pool='last', now pool='mean'"),
     (["--objective", "L3"], "objective='L2', now objective='L3'"),
