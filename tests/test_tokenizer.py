@@ -129,6 +129,36 @@ def test_builtin_vocabulary_is_trained_once(tmp_path, monkeypatch):
     assert list(tmp_path.rglob("tokenizer.json"))
 
 
+def _trained_on(tmp_path, monkeypatch) -> tuple[dict, str]:
+    monkeypatch.setenv("PRETUNE_CACHE", str(tmp_path))
+    seen = []
+
+    def tiny_corpus(weights=None, max_bytes=None):
+        seen.append(weights)
+        return (("tiny", t) for t in CORPUS)
+
+    import pretune.data.corpora as C
+    monkeypatch.setattr(C, "builtin_corpus", tiny_corpus)
+    load_tokenizer("bpe-300")
+    (file,) = tmp_path.rglob("tokenizer.json")
+    return seen[0], file.parent.name
+
+
+def test_builtin_vocabulary_is_the_default_sources_whatever_is_installed(tmp_path, monkeypatch, austen):
+    """bpe-N is trained on movies, wikipedia and bible, each once, with Jane Austen installed or not."""
+    assert _trained_on(tmp_path, monkeypatch) == ({"movies": 1.0, "wikipedia": 1.0, "bible": 1.0},
+                                                 "bpe-300-movies+wikipedia+bible-v1")
+
+
+def test_builtin_vocabulary_leaves_out_an_installed_optional_source(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pretune.data.corpora as C
+    monkeypatch.setitem(C.SOURCES, "austen", dataclasses.replace(C.SOURCES["austen"], available=lambda: True))
+    monkeypatch.delenv("PRETUNE_HIDE_SOURCES", raising=False)
+    assert _trained_on(tmp_path, monkeypatch)[0] == {"movies": 1.0, "wikipedia": 1.0, "bible": 1.0}
+
+
 def test_unknown_tokenizer_suggests():
     with pytest.raises(PretuneError, match="did you mean gpt2"):
         load_tokenizer("gtp2")

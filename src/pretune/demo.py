@@ -1,7 +1,7 @@
 """`pretune demo`: the whole paradigm on a laptop CPU, in about ten minutes.
 
-1. prepare the built-in corpus (movie dialogs, Wikipedia, the King James Bible,
-   Jane Austen where installed) for each tokenizer;
+1. prepare the built-in corpus (movie dialogs, Wikipedia, the King James Bible)
+   for each tokenizer;
 2. pre-train gpt-mini (L1) and bert-mini (MLM + NSP) from scratch;
 3. show that gpt-mini learned: its validation loss against the unigram
    entropy of the same validation split, samples, and bert-mini's fill-mask;
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .config import preset
 from .errors import PretuneError
+from .fileio import check_creatable
 from .train import TrainConfig, default_data_dir, pretrain
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
@@ -51,6 +52,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     for flag, v in (("--gpt-steps", gpt_steps), ("--bert-steps", bert_steps)):
         if v <= 0:
             raise PretuneError(f"{flag} {v} must be a positive number of steps", "pretune demo", f"e.g. {flag} 100")
+    check_creatable(out, "the demo folder")  # before the corpus is prepared and the models trained
     t0 = time.time()
     report: dict = {}
     runs = {}

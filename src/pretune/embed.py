@@ -93,8 +93,10 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
         batch_size: texts per forward pass
     """
     from .checkpoint import load_model, read_run_config
-    from .fileio import atomic_write_bytes, atomic_write_json
+    from .fileio import atomic_write_bytes, atomic_write_json, check_creatable
 
+    if out is not None:
+        check_creatable(out, "the embeddings file", folder=False)  # before the model is loaded
     src = read_run_config(run).get("source") or {}
     model, cfg, tok = load_model(run)
     if tok is None:

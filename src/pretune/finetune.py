@@ -50,7 +50,7 @@ from .config import ModelConfig
 from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEncoder, eval_batches, load_task,
                          read_labelled_file, subsample)
 from .errors import PretuneError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, make_dir
 from .objectives import IGNORE, l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
 from .train import Hook, Trainer, TrainConfig, check_resume
 
@@ -491,7 +491,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     changes = check_resume(out, run_config, finetune_options)
     if changes and verbose:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the run directory")
     atomic_write_json(out / "config.json", run_config)
     tok.save(out)
 

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import ModelConfig
 from .errors import PretuneError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, check_creatable, make_dir
 
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
@@ -423,7 +423,7 @@ class Trainer:
 
         tc = self.tc
         torch.manual_seed(tc.seed)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.run_dir, "the run directory")
         resumed = self.resume()
         if resumed:
             print(f"resuming {self.run_dir} from step {self.step}")
@@ -674,7 +674,7 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len)
     if changes:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "the run directory")
     atomic_write_json(out / "config.json", run_config)
     if not (out / "tokenizer.json").exists():
         tok.save(out)
@@ -720,12 +720,13 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
     else:
         cfg = preset(model, **(arch or {}))
     tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (recipes.py)
+    out = Path(out or f"runs/{cfg.name}")
+    check_creatable(out, "the run directory")  # before the built-in corpus is prepared
     if data is None:
         from .data.shards import prepare
         data = default_data_dir(cfg.tokenizer)
         if not (data / "meta.json").exists():
             prepare(["builtin"], cfg.tokenizer, data)
-    out = Path(out or f"runs/{cfg.name}")
     final = pretrain(cfg, tc, Path(data), out)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
     print(f"run directory: {out}")

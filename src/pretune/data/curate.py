@@ -606,7 +606,8 @@ def curate_cmd(corpus: list[str], out: Path | None = None, steps: list[str] | No
     """Curate text (quality filters, exact and near dedup, eval-set decontamination) into a JSONL file.
 
     Args:
-        corpus: built-in sources (builtin = all), .txt/.jsonl files or folders; each document is read once
+        corpus: built-in sources (builtin = movies, wikipedia, bible; austen only when named), UTF-8
+            .txt/.jsonl files or folders; each document is read once
         out: the JSONL file to write ({"text", "source"} per kept document; a .report.json beside it)
         steps: comma-separated steps among quality, exact, near, decontaminate (default: quality,exact,near)
         decontaminate: evaluation sets whose texts must not leak: built-in tasks (their test split),
@@ -616,16 +617,18 @@ def curate_cmd(corpus: list[str], out: Path | None = None, steps: list[str] | No
     """
     from tqdm.auto import tqdm
 
-    from .corpora import ReadStats, resolve_corpus
+    from ..fileio import check_creatable, make_dir
+    from .corpora import resolve_corpus
 
     if out is None:
         raise PretuneError("no output file given", "pretune curate", "add --out FILE.jsonl")
     out = Path(out)
     if out.is_dir():
         raise PretuneError("the output is a folder", str(out), "give a file name, e.g. curated.jsonl")
+    check_creatable(out, "the curated file", folder=False)
     cur = Curator(steps or DEFAULT_STEPS, curation or None, decontaminate or ())
-    parts = resolve_corpus(list(corpus or ["builtin"]), None, ReadStats())
-    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = resolve_corpus(list(corpus or ["builtin"]))
+    make_dir(out.parent, "the curated file")
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         umask = os.umask(0)

@@ -10,7 +10,7 @@ the corpus size. A prepared folder holds, per split (train, val):
   {split}.sents.bin  int64 (n_sentences, 2): [start, end) of each sentence in the stream
   {split}.docs.bin   int64 (n_documents + 1): each document's first sentence index
   meta.json          dtype, counts per split and per source, the tokenizer's special ids,
-                     bytes replaced as not UTF-8
+                     text_sha256: the checksum of the text tokenized (corpora.TextDigest)
   tokenizer.json     the tokenizer that made it
 
 Held-out split: a whole document goes to validation when a keyed hash of its
@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from itertools import chain
 from pathlib import Path
@@ -48,8 +47,8 @@ import numpy as np
 import torch
 
 from ..errors import PretuneError
-from ..fileio import atomic_write_json, fsync_dir
-from .corpora import ReadStats, _unit_hash, corpus_documents, resolve_corpus
+from ..fileio import atomic_write_json, check_creatable, fsync_dir, make_dir
+from .corpora import TextDigest, _unit_hash, corpus_documents, resolve_corpus
 
 FORMAT = 1
 SPLITS = ("train", "val")
@@ -150,32 +149,38 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
     """
     from tqdm.auto import tqdm
 
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import check_tokenizer_name, load_tokenizer
 
+    # The options first, then the corpus: nothing is read (or trained on) before all are good.
     if not 0.0 < val_fraction < 1.0:
         raise PretuneError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}", None,
                            "use e.g. 0.01")
     out = Path(out_dir)
     _check_out_dir(out)
-    stats = ReadStats()
-    parts = resolve_corpus(list(sources), weights, stats)  # checks every file before any work
+    check_creatable(out, "the data folder")
+    # a file or a packaged vocabulary loads now; bpe-N / wordpiece-N may train on the built-in corpus
+    tok = None if check_tokenizer_name(tokenizer) else load_tokenizer(tokenizer)
     curator = None
     if curate or decontaminate:
         from .curate import Curator
         curator = Curator(curate or (), curation, decontaminate or ())
+    parts = resolve_corpus(list(sources), weights)  # checks every file before any work
+    if curator is not None:
         for q in parts:
             q.documents = curator.wrap(q.name, q.documents)
-    tok = load_tokenizer(tokenizer)
+    if tok is None:
+        tok = load_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     sep = tok.doc_separator_id
     salt = f"val{seed}"
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "the data folder")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    make_dir(tmp, "the data folder", where=out)
     t0 = time.time()
     per_source: dict[str, dict] = {}
+    digest = TextDigest()
     try:
         writers = {s: _SplitWriter(tmp, s, dtype) for s in SPLITS}
         est = int(sum(q.approx_bytes * q.weight for q in parts))
@@ -212,6 +217,7 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
         for name, doc in corpus_documents(parts, max_bytes):
             if not doc.strip():
                 continue
+            digest.update(doc)
             chunk.append((name, doc))
             size += len(doc)
             if size >= chunk_bytes:
@@ -230,8 +236,6 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
             raise PretuneError(f"the {empty} split is empty ({n_docs} documents, val_fraction={val_fraction})",
                                ", ".join(map(str, sources)),
                                "give more documents (blank lines separate them) or change --val-fraction")
-        for path, n in stats.replaced.items():
-            print(f"note: {n:,} bytes that are not UTF-8 were replaced with U+FFFD in {path}", file=sys.stderr)
         meta = {
             "format": FORMAT,
             "tokenizer": tok.name,
@@ -247,7 +251,7 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
             "val_fraction": val_fraction,
             "seed": seed,
             "split_rule": f"blake2b(text, person='{salt}') / 2**64 < val_fraction -> val",
-            "replaced_bytes": dict(stats.replaced),
+            "text_sha256": digest.hexdigest(),
             "chunks": n_chunks,
             "seconds": round(time.time() - t0, 2),
         }
@@ -291,9 +295,9 @@ def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", ou
     """Tokenize text into memory-mapped train/val token shards for pre-training.
 
     Args:
-        corpus: comma-separated built-in sources (builtin = all of movies, wikipedia, bible,
-            austen) or .txt/.jsonl files and folders; in .txt files a blank line ends a
-            document (default: builtin)
+        corpus: comma-separated built-in sources (builtin = movies, wikipedia, bible; austen,
+            opt-in, only when named) or UTF-8 .txt/.jsonl files and folders; in .txt files a
+            blank line ends a document (default: builtin)
         tokenizer: gpt2, bert-uncased, bpe-N, wordpiece-N, or a tokenizer.json path
         out: the output folder (default: runs/data/<corpus>-<tokenizer>)
         weights: epochs per source, e.g. wikipedia=2,movies=0.5 (GPT-3-style mixing)
@@ -321,6 +325,7 @@ def prepare_cmd(corpus: list[str] | None = None, tokenizer: str = "bpe-8192", ou
     for name, s in meta["sources"].items():
         print(f"  {name:<12} {s['documents']:>7,} docs  {s['bytes'] / 1e6:7.2f} MB  "
               f"{s['train_tokens'] + s['val_tokens']:>11,} tokens")
+    print(f"  text sha256  {meta['text_sha256']} (the documents tokenized, in order; docs/data.md)")
     if "curation" in meta:
         from .curate import format_report
         print(format_report(meta["curation"]))

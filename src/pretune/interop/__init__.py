@@ -43,13 +43,13 @@ def load_source(source: str):
 def write_run(out: str | Path, model, tok, source: dict) -> Path:
     """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place."""
     from ..checkpoint import save_checkpoint
-    from ..fileio import atomic_write_json, fsync_dir
+    from ..fileio import atomic_write_json, fsync_dir, make_dir
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PretuneError("the run directory exists and is not empty", str(out),
                            "choose a new --out, or delete the folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent, "the run directory", where=out)
     cfg = model.config
     if tok is not None and cfg.tokenizer in ("run",):
         # the run's own tokenizer.json; load_tokenizer() accepts a path
@@ -105,6 +105,8 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
     if format != "hf":
         raise PretuneError(f"unknown export format '{format}'", None, "use --format hf")
     from ..checkpoint import load_model, read_run_config
+    from ..fileio import check_creatable
+    check_creatable(out, "the export folder")  # before any weights are read
     from .hf import export_hf, hf_class, hf_family
 
     hf_family(read_config(run))  # refuse before loading any weights

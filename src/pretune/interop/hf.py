@@ -723,7 +723,7 @@ def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Pa
 
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_write_json, fsync_dir
+    from ..fileio import atomic_write_json, fsync_dir, make_dir
 
     c = model.config
     tensors, fam = tensors_for_hf(model)
@@ -733,7 +733,7 @@ def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Pa
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PretuneError("the output folder exists and is not empty", str(out_dir),
                            "choose a new --out, or delete the folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent, "the export folder", where=out_dir)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
