@@ -240,6 +240,9 @@ CASES = [
     ("task-too-small", lambda w, t: _ft(w, t, task=_file(t, "t.csv", "text,label\na,x\nb,y\nc,x\n")), "small"),
     ("task-bad-jsonl", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n[1]\n')),
      "line 2 is not a JSON object"),
+    ("task-jsonl-label-object", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n\n'
+                                                                               '{"text": "b", "label": {"y": 1}}\n')),
+     "line 3 has an object as its label in column 'label'"),
     ("finetune-objective", lambda w, t: _ft(w, t, "--objective", "L4"), "unknown objective 'L4'"),
     ("finetune-init", lambda w, t: _ft(w, t, "--init", str(t / "nope")), "neither a run directory nor a preset"),
     ("finetune-lam", lambda w, t: _ft(w, t, "--lam", "-1"), "negative"),
