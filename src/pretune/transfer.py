@@ -85,7 +85,8 @@ def _cell_done(d: Path, pool: str, weights: bool = False) -> bool:
     a cell that keeps its weights is finished only with them (an older demo deleted them)."""
     from .finetune import _best_checkpoint
 
-    return (d / "results.json").exists() and _cell_head(d) == pool and (not weights or _best_checkpoint(d) is not None)
+    return (d / "results.json").exists() and _cell_head(d) == pool and \
+        (not weights or _best_checkpoint(d) is not None)
 
 
 def _clear_stale(d: Path, pool: str) -> None:
