@@ -232,6 +232,24 @@ CASES = [
     ("generate-encoder", lambda w, t: ["generate", "hi", "--run", str(w / "bert")], "encoder"),
     ("generate-window", lambda w, t: ["generate", "fox " * 200, "--run", str(w / "gpt")], "window"),
     ("generate-empty", lambda w, t: ["generate", "", "--run", str(w / "gpt")], "empty"),
+    ("generate-temperature", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--temperature", "-0.5"],
+     "--temperature -0.5 is negative"),
+    ("generate-temperature-nan", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--temperature", "nan"],
+     "--temperature nan is not a number"),
+    ("generate-top-p-above-1", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--top-p", "1.5"],
+     "--top-p 1.5 is outside (0, 1]"),
+    ("generate-top-p-zero", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--top-p", "0"],
+     "--top-p 0.0 is outside (0, 1]"),
+    ("generate-top-k", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--top-k", "-2"],
+     "--top-k -2 is negative"),
+    ("generate-max-new-tokens", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--max-new-tokens", "-3"],
+     "--max-new-tokens -3 must be at least 1"),
+    ("generate-num-samples", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--num-samples", "0"],
+     "--num-samples 0 must be at least 1"),
+    ("fill-mask-top-k", lambda w, t: ["fill-mask", "a [MASK] b", "--run", str(w / "bert"), "--top-k", "0"],
+     "--top-k 0 must be at least 1"),
+    ("fill-mask-top-k-vocab", lambda w, t: ["fill-mask", "a [MASK] b", "--run", str(w / "bert"), "--top-k", "999"],
+     "--top-k 999 is more than the 320 tokens"),
     ("fill-mask-no-mask", lambda w, t: ["fill-mask", "no mask here", "--run", str(w / "bert")], "no [MASK]"),
     ("fill-mask-decoder", lambda w, t: ["fill-mask", "a [MASK] b", "--run", str(w / "gpt")], "encoder"),
     ("embed-pooling", lambda w, t: ["embed", "hello", "--run", str(w / "bert"), "--pooling", "max"],
@@ -250,6 +268,9 @@ CASES = [
     ("task-too-small", lambda w, t: _ft(w, t, task=_file(t, "t.csv", "text,label\na,x\nb,y\nc,x\n")), "small"),
     ("task-bad-jsonl", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n[1]\n')),
      "line 2 is not a JSON object"),
+    ("task-jsonl-label-object", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n\n'
+                                                                               '{"text": "b", "label": {"y": 1}}\n')),
+     "line 3 has an object as its label in column 'label'"),
     ("finetune-objective", lambda w, t: _ft(w, t, "--objective", "L4"), "unknown objective 'L4'"),
     ("finetune-init", lambda w, t: _ft(w, t, "--init", str(t / "nope")), "neither a run directory nor a preset"),
     ("finetune-lam", lambda w, t: _ft(w, t, "--lam", "-1"), "negative"),
@@ -283,7 +304,7 @@ CASES = [
 ]
 
 SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu",
-              "task-not-utf8", "corpus-binary", *(f"out-under-file-{v}" for v in WRITERS)}
+              "task-not-utf8", "corpus-binary", "generate-max-new-tokens", *(f"out-under-file-{v}" for v in WRITERS)}
 
 # Cases that read the built-in corpus (or would, were the options good) run with the optional source
 # 'austen' both present and hidden (conftest.py), so no machine state decides them.

@@ -85,10 +85,27 @@ def test_bert_pretrain_and_fill_mask(corpus, capsys):
                  "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32", "--train.steps", "3",
                  *TRAIN]) == 0
     capsys.readouterr()
-    assert main(["fill-mask", "the quick brown [MASK] jumps.", "--run", str(run), "--top-k", "3", "--json-out"]) == 0
+    text = "the quick brown [MASK] jumps."
+    assert main(["fill-mask", text, "--run", str(run), "--top-k", "3", "--json-out"]) == 0
     ans = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert len(ans) == 1 and len(ans[0]) == 3
-    assert abs(sum(p for _, p in ans[0])) <= 1.0
+    # the reference: Hugging Face's BertForMaskedLM on the same saved weights (exported), its own
+    # tokenizer, softmax of its logits at the [MASK], the three largest in order
+    transformers = pytest.importorskip("transformers")
+    import torch
+    assert main(["export", str(run), "--out", str(corpus / "bert-hf")]) == 0
+    ref = transformers.BertForMaskedLM.from_pretrained(str(corpus / "bert-hf")).eval()
+    rtok = transformers.AutoTokenizer.from_pretrained(str(corpus / "bert-hf"))
+    enc = rtok(text, return_tensors="pt")
+    with torch.no_grad():
+        logits = ref(**enc).logits[0]
+    at = (enc["input_ids"][0] == rtok.mask_token_id).nonzero().flatten().tolist()
+    assert len(at) == 1 and len(ans) == 1
+    probs = logits[at[0]].softmax(-1).tolist()
+    ids = sorted(range(len(probs)), key=lambda i: -probs[i])[:3]
+    assert [w for w, _ in ans[0]] == [rtok.decode([i]).strip() for i in ids]
+    # three steps leave the model near uniform (p ~ 5e-5 over 30,522 tokens): compare relatively
+    assert [p for _, p in ans[0]] == pytest.approx([probs[i] for i in ids], rel=1e-5, abs=0)
+    assert [p for _, p in ans[0]] == sorted((p for _, p in ans[0]), reverse=True)
     assert main(["fill-mask", "no mask here", "--run", str(run)]) == 2
     assert main(["generate", "hello", "--run", str(run)]) == 2  # an encoder does not generate
 

@@ -49,9 +49,9 @@ POINTS = {  # PRETUNE_FAULT -> the checkpoint the rerun resumes from
     "before_rename:4": 10,       # saving step 15: manifest written, not renamed into place
 }
 assert {p.split(":")[0] for p in POINTS} == set(FAULT_POINTS)
-# Fine-tuning (10 steps, no guard): saves at steps 3, 6, 9 and 10.
-FT_POINTS = {"after_forward:8": 6, "in_optimizer_step:5": 3, "after_weights:2": 3, "before_manifest:3": 6,
-             "before_rename:2": 3}
+# Fine-tuning (10 steps; the guard, on by default there too, writes step 0 first): saves at steps 0, 3, 6, 9, 10.
+FT_POINTS = {"after_forward:8": 6, "in_optimizer_step:5": 3, "after_weights:3": 3, "before_manifest:4": 6,
+             "before_rename:3": 3}
 assert {p.split(":")[0] for p in FT_POINTS} == set(FAULT_POINTS)
 
 ENV = {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}

@@ -3,6 +3,7 @@ early stopping, exact resume through the Trainer, and the three commands end to 
 
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -397,6 +398,103 @@ def test_finetuning_a_moe_model_logs_its_routers(toks, tmp_path, toy_csv):
             assert len(layer) == 4 and abs(sum(layer) - 1) < 1e-4  # logged to 5 decimals
         assert 0 <= r["moe_entropy"] <= np.log(4) + 1e-6 and "moe_aux" in r
 
+# ---- the loss-spike guard, as in pre-training (guard.py) ----------------------------------------
+
+class LrBurst(Hook):
+    """The lr multiplied by `factor` for the first `n` steps at or after `start` (transient:
+    spent once, it does not come back after a rollback), as tests/test_guard.py injects it."""
+
+    def __init__(self, start, n, factor):
+        self.start, self.left, self.factor = start, n, factor
+
+    def before_step(self, trainer):
+        hit = trainer.step >= self.start and self.left > 0
+        self.left -= hit
+        for g in trainer.optimizer.param_groups:
+            g["lr_scale"] = self.factor if hit else 1.0
+
+
+def inject(monkeypatch, fault):
+    """A NaN loss at the 40th training batch, or the lr x 1000 for 3 steps from step 40."""
+    import pretune.finetune as ftm
+    if fault == "nan":
+        real, calls = ftm.finetune_loss, [0]
+
+        def poisoned(objective="L2", lam=0.5):
+            fn = real(objective, lam)
+
+            def loss_fn(model, batch):
+                loss, parts = fn(model, batch)
+                calls[0] += 1
+                return (loss * float("nan") if calls[0] == 40 else loss), parts
+            return loss_fn
+        monkeypatch.setattr(ftm, "finetune_loss", poisoned)
+    else:
+        class Bursting(ftm.Trainer):
+            def __init__(self, *a, hooks=None, **kw):
+                super().__init__(*a, hooks=[LrBurst(40, 3, 1000.0), *(hooks or [])], **kw)
+        monkeypatch.setattr(ftm, "Trainer", Bursting)
+
+
+def _vals_and_events(run):
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r], [r for r in rows if r.get("event") == "rollback"]
+
+
+@pytest.mark.parametrize("fault", ["nan", "lr-burst"])
+def test_finetuning_guard_rolls_back_a_fault_and_finishes_finite(toks, tmp_path, toy_csv, monkeypatch, fault):
+    """--train.guard (on by default) guards fine-tuning too: 72 steps of 16 (6 epochs, a checkpoint
+    per epoch); the fault at step 40 is rolled back to step 36 and the run ends where a clean run
+    ends (validation loss 0.018). With --train.guard false the same fault ruins the weights."""
+    init = make_run(tmp_path / "gpt", True, toks[True])
+    argv = ["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
+            "--batch-size", "16", "--train.device", "cpu"]
+    with monkeypatch.context() as m:
+        inject(m, fault)
+        assert main(argv + ["--out", str(tmp_path / "guarded")]) == 0
+    with monkeypatch.context() as m:
+        inject(m, fault)
+        assert main(argv + ["--out", str(tmp_path / "unguarded"), "--train.guard", "false"]) == 0
+    assert main(argv + ["--out", str(tmp_path / "clean")]) == 0
+    clean, none = _vals_and_events(tmp_path / "clean")
+    assert none == [] and clean[-1] < 0.05  # no false alarm on a healthy run, whose loss heads for 0
+
+    vals, events = _vals_and_events(tmp_path / "guarded")
+    assert 1 <= len(events) <= 3 and all(e["to_checkpoint"] == "step-000036" for e in events)
+    assert events[0]["reason"].startswith("non-finite loss" if fault == "nan" else "loss spike")
+    assert all(math.isfinite(v) for v in vals) and vals[-1] < 2 * clean[-1], (vals, clean)
+    w = ckpt.latest_checkpoint(tmp_path / "guarded")
+    assert w.name == "step-000072"
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(str(w / "model.safetensors")).values())
+
+    vals, events = _vals_and_events(tmp_path / "unguarded")
+    assert events == []
+    assert not math.isfinite(vals[-1]) or vals[-1] > 100 * clean[-1], (vals, clean)
+    if fault == "nan":
+        last = load_file(str(ckpt.latest_checkpoint(tmp_path / "unguarded") / "model.safetensors"))
+        assert not all(torch.isfinite(t).all() for t in last.values())
+
+
+def test_keep_best_forgets_weights_a_rollback_undid():
+    """Without checkpoints per evaluation (the transfer experiment) the guard can roll back past
+    the best evaluation KeepBest holds; those weights belong to a future that did not happen."""
+    from pretune.finetune import KeepBest
+
+    class T:
+        model = torch.nn.Linear(2, 2)
+        step, best_step = 36, 36
+    k, t = KeepBest(), T()
+    k.on_eval(t, {"val_loss": 0.1})
+    assert k.step == 36 and k.state is not None
+    t.step = 36
+    k.on_checkpoint(t, None)  # a periodic save at the same step keeps it
+    assert k.step == 36
+    t.step = 0
+    k.on_checkpoint(t, None)  # the save right after a rollback to step 0
+    assert k.state is None and k.step is None
+
+
 # ---- bad input: one line, exit 2, nothing written ------------------------------------------
 
 def bad(argv, capsys, match, out=None):
@@ -460,8 +558,13 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     out = capsys.readouterr().out
     assert "estimated running time" in out and "| majority class |" in out and "pre-training buys tiny-gpt" in out
     assert (tmp_path / "transfer" / "transfer.png").stat().st_size > 0
-    # no checkpoints are kept per cell; a rerun reuses every finished cell
-    assert not list((tmp_path / "transfer").rglob("model.safetensors"))
+    # no training checkpoints are kept per cell, only each model's kept classifier (weights alone);
+    # a rerun reuses every finished cell
+    weights = sorted(p for p in (tmp_path / "transfer").rglob("*.safetensors") if p.name != "rng.safetensors")
+    assert [str(p.parents[2].relative_to(tmp_path / "transfer")) for p in weights] == [
+        "tiny-bert/pretrained/n16-s0", "tiny-gpt/pretrained/n16-s0"]
+    for p in weights:  # at the step the cell was tested at
+        assert p.parent.name == f"step-{json.loads((p.parents[2] / 'results.json').read_text())['best_step']:06d}"
     again = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
     assert again["rows"] == res["rows"] and "estimated running time" not in capsys.readouterr().out
     # the decoder reads its last token, the encoder the mean of its tokens; a cell an earlier
@@ -476,6 +579,106 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
     assert "1 to do" in capsys.readouterr().out
     assert json.loads(old.read_text())["finetune"]["head"] == "mean"
+
+
+def _by_hand(run, text):
+    """P(y | text) from the run's saved weights, read by hand: the safetensors tensors, a fresh
+    Transformer for h_n, then the summary (h at the last token for a decoder, the mean over the
+    tokens for an encoder, as config.json's head says) and softmax(summary W_y^T + b)."""
+    from safetensors.torch import load_file
+    from pretune.tokenizer import Tokenizer
+
+    d = json.loads((run / "config.json").read_text())
+    cfg = ModelConfig.from_dict(d["model"])
+    ck = run / "checkpoints" / f"step-{json.loads((run / 'results.json').read_text())['best_step']:06d}"
+    w = load_file(str(ck / "model.safetensors"))
+    body = Transformer(cfg)
+    missing, unexpected = body.load_state_dict({k[5:]: v for k, v in w.items() if k.startswith("body.")},
+                                               strict=False)
+    # the tied W_e is stored once, under one of its names; loading it there sets both
+    assert not unexpected and len(missing) <= 1
+    assert set(missing) <= {"wte.weight", "lm_head.weight", "lm_head.decoder.weight"}
+    assert body.wte.weight is (body.lm_head.weight if cfg.causal else body.lm_head.decoder.weight)
+    tok = Tokenizer.load(run)
+    x = tok.encode_batch([text], add_special_tokens=False, parse_special=False)[0]
+    if cfg.causal:
+        ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id, *x, tok.eos_id]
+    else:
+        ids = [tok.cls_id, *x, tok.sep_id]
+    with torch.no_grad():
+        segments = None if cfg.causal else torch.zeros(1, len(ids), dtype=torch.long)
+        h = body.eval()(torch.tensor([ids]), segment_ids=segments)[0]
+        summary = {"last": h[-1], "mean": h.mean(0)}[d["finetune"]["head"]]
+        return (summary @ w["head.out.weight"].T + w["head.out.bias"]).softmax(-1).tolist()
+
+
+def test_the_transfer_experiment_keeps_a_classifier_that_classify_can_use(toks, tmp_path, toy_csv, capsys):
+    """The grid keeps no training checkpoints, but it keeps the tested weights of each model's
+    pre-trained cell at the largest labelled size: `classify` works there and gives what a by-hand
+    forward on those saved weights gives, and `evaluate` reproduces the cell's own test result."""
+    from pretune.transfer import run_transfer_experiment
+    runs = {"tiny-gpt": make_run(tmp_path / "gpt", True, toks[True]),
+            "tiny-bert": make_run(tmp_path / "bert", False, toks[False])}
+    res = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16, 32), task=str(toy_csv), progress=False,
+                                  variants=("pretrained", "scratch"))
+    out = capsys.readouterr().out
+    for m in runs:
+        run = tmp_path / "transfer" / m / "pretrained" / "n32-s0"
+        assert res["classifiers"][m] == str(run) and f"pretune classify --run {run}" in out
+        assert main(["classify", "--run", str(run), "a great film", "the plot was awful", "--json-out"]) == 0
+        got = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+        for rec, text in zip(got, ["a great film", "the plot was awful"]):
+            want = _by_hand(run, text)
+            assert [rec["probabilities"][k] for k in ("neg", "pos")] == pytest.approx(want, abs=1e-4)
+            assert rec["label"] == ("neg", "pos")[int(want[1] > want[0])]
+        assert main(["evaluate", "--run", str(run), "--json-out"]) == 0
+        ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+        own = json.loads((run / "results.json").read_text())["test"]
+        assert ev["accuracy"] == own["accuracy"] and ev["confusion"] == own["confusion"]
+    # only those cells hold weights, and weights only: no optimizer state, one checkpoint each
+    kept = sorted(p.parent.parent.parent.relative_to(tmp_path / "transfer")
+                  for p in (tmp_path / "transfer").rglob("model.safetensors"))
+    assert [str(p) for p in kept] == ["tiny-bert/pretrained/n32-s0", "tiny-gpt/pretrained/n32-s0"]
+    assert not list((tmp_path / "transfer").rglob("optimizer.safetensors"))
+    # a rerun reuses every cell; a kept cell whose weights are gone (an older demo) is run again
+    run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16, 32), task=str(toy_csv), progress=False,
+                            variants=("pretrained", "scratch"))
+    assert "estimated running time" not in capsys.readouterr().out
+    import shutil
+    shutil.rmtree(tmp_path / "transfer" / "tiny-gpt" / "pretrained" / "n32-s0" / "checkpoints")
+    again = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16, 32), task=str(toy_csv), progress=False,
+                                    variants=("pretrained", "scratch"))
+    assert "(1 to do;" in capsys.readouterr().out
+    assert [{**r, "seconds": 0} for r in again["rows"]] == [{**r, "seconds": 0} for r in res["rows"]]  # deterministic
+    assert main(["classify", "--run", res["classifiers"]["tiny-gpt"], "a great film"]) == 0
+
+
+def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, toy_csv, monkeypatch, capsys):
+    """`pretune demo` (pre-training stubbed with tiny random runs, the grid shrunk to the toy task)
+    ends by naming a fine-tuned run per model; `classify` works on each."""
+    import pretune.data.shards as shards
+    import pretune.demo as demo
+    import pretune.transfer as transfer
+
+    def fake_pretrain(cfg, tc, data, out):
+        make_run(out, cfg.causal, toks[cfg.causal])
+        return {"val_loss": 5.0}
+    real = transfer.run_transfer_experiment
+    monkeypatch.setattr(demo, "pretrain", fake_pretrain)
+    monkeypatch.setattr(demo, "default_data_dir", lambda tok: tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("{}")
+    monkeypatch.setattr(shards, "unigram_entropy", lambda *a, **k: 6.0)
+    monkeypatch.setattr(demo, "_show", lambda runs: None)
+    monkeypatch.setattr(transfer, "run_transfer_experiment",
+                        lambda runs, out, full=False: real(runs, out, sizes=(16,), task=str(toy_csv), progress=False))
+    demo.demo_cmd(out=tmp_path / "demo")
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert [l.split(" to try:")[0] for l in last] == ["a fine-tuned gpt-mini", "a fine-tuned bert-mini"]
+    for line in last:
+        run = line.split("--run ")[1].split(" ")[0]
+        assert run == str(tmp_path / "demo" / "transfer" / line.split()[2] / "pretrained" / "n16-s0")
+        assert main(["classify", "--run", run, "a great film"]) == 0
 
 
 def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):

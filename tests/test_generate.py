@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pretune import Transformer
@@ -29,10 +30,34 @@ def test_greedy_generation_equals_argmax_without_cache():
     assert torch.equal(y, ref)
 
 
-def test_generation_stops_at_the_window():
-    m = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, n_layer=1, n_head=2, d_model=16)).eval()
-    y = generate(m, torch.zeros(1, 5, dtype=torch.long), 100, temperature=1.0, seed=1)
-    assert y.shape == (1, 8)
+def _slow(m, x, n, temperature=0.0, seed=None):
+    """n tokens the slow way: the whole sequence through the model every step, no cache;
+    greedy, or a multinomial draw from softmax(logits / T) on a generator seeded once."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    for _ in range(n):
+        logits = m.logits(m(x))[:, -1, :50]
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=g)
+        x = torch.cat([x, nxt], 1)
+    return x
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_stops_at_the_window(temperature):
+    """generate() does not slide the window: asked for 100 tokens after a 5-token prompt in an
+    8-token window, it returns the 3 tokens that fit, the ones a decode without the cache
+    gives (greedy, and sampled with the same seed), and stops."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, n_layer=1, n_head=2, d_model=16, dropout=0.0)).eval()
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        want = _slow(m, x, 3, temperature, seed=1)
+    y = generate(m, x, 100, temperature=temperature, top_k=None, seed=1)
+    assert torch.equal(y, want)
+    assert torch.equal(generate(m, x, 3, temperature=temperature, top_k=None, seed=1), want)  # the same, asked exactly
+    assert torch.equal(generate(m, x, 2, temperature=temperature, top_k=None, seed=1), want[:, :7])
 
 
 def test_generation_leaves_the_parameters_as_they_were_and_trainable():

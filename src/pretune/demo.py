@@ -5,7 +5,8 @@
 2. pre-train gpt-mini (L1) and bert-mini (MLM + NSP) from scratch;
 3. show that gpt-mini learned: its validation loss against the unigram
    entropy of the same validation split, samples, and bert-mini's fill-mask;
-4. fine-tune both on movie-review sentiment, pre-trained against scratch.
+4. fine-tune both on movie-review sentiment, pre-trained against scratch, keeping one
+   fine-tuned classifier per model for `pretune classify` (its path is printed last).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
                 print(note)
     report["minutes"] = (time.time() - t0) / 60
     print(f"demo finished in {report['minutes']:.1f} minutes; runs in {out}")
+    for m, run in report.get("transfer", {}).get("classifiers", {}).items():  # kept by the experiment
+        print(f"a fine-tuned {m} to try: pretune classify --run {run} \"a gorgeous, witty film\"")
     return report
 
 

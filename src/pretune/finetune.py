@@ -363,10 +363,16 @@ class KeepBest(Hook):
 
     def __init__(self):
         self.state: dict | None = None
+        self.step: int | None = None  # the step `state` is from
 
     def on_eval(self, trainer, metrics):
         if trainer.best_step == trainer.step:
             self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            self.step = trainer.step
+
+    def on_checkpoint(self, trainer, path):
+        if self.step is not None and self.step > trainer.step:  # the guard rolled back past it: undone
+            self.state = self.step = None
 
 
 class EarlyStopping(Hook):
@@ -411,10 +417,14 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
              dropout: float | None = None, text_column="text", label_column: str = "label",
              eval_examples: int | None = None, eval_every: int | None = None, weight_decay: float | None = None,
              train: dict | None = None, progress: bool = True, keep_checkpoints: bool = True,
-             verbose: bool = True, pool: str | None = None) -> dict:
+             verbose: bool = True, pool: str | None = None, keep_weights: bool = False) -> dict:
     """Fine-tune and test; returns results.json's contents. Everything that can be wrong
     with the input is checked before the run directory is written. lr, epochs, warmup,
-    batch_size and weight_decay left None are the body's fine-tuning recipe (recipes.py)."""
+    batch_size and weight_decay left None are the body's fine-tuning recipe (recipes.py).
+
+    keep_checkpoints=False (the transfer experiment) deletes the training checkpoints at the
+    end; keep_weights=True then keeps the tested weights alone (no optimizer state) as
+    checkpoints/step-BEST, so `classify` and `evaluate` can use the run."""
     t0 = time.time()
     out = Path(out)
     if objective not in OBJECTIVES:
@@ -476,7 +486,8 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
                                warmup=int(warmup * steps) if warmup < 1 else int(warmup),
                                weight_decay=weight_decay, eval_every=ev,
                                ckpt_every=ev if keep_checkpoints else steps, log_every=max(1, min(10, ev)),
-                               keep_last=1, seed=seed, seq_len=max_len)
+                               keep_last=1, seed=seed, seq_len=max_len,
+                               guard_cooldown=min(50, max(1, steps // 10)))
     mlm = None
     if objective == "L3" and not cfg.causal:
         mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": sorted(tok.special_ids)}
@@ -514,12 +525,18 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     if cfg.n_expert:  # the routers' loads, drops and entropy, as in pre-training
         from .moe import MoEStatsHook
         hooks.append(MoEStatsHook())
+    if tc.guard:  # as in pre-training: roll back on a non-finite loss or a spike, skip the data, lower the lr
+        from .guard import LossGuard
+        # A classifier's loss heads for 0, where 3x the median is one misread batch: a spike must also
+        # be above factor x ln K (a uniform guess). L3's L1 term keeps its median above that anyway.
+        hooks.append(LossGuard(tc.guard_factor, tc.guard_window, tc.guard_lr_scale, tc.guard_cooldown, tc.guard_max,
+                               floor=math.log(len(t.labels))))
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step
     ck = out / "checkpoints" / f"step-{best:06d}" if best is not None else None
-    if keep.state is not None:
+    if keep.state is not None and keep.step == best:
         model.load_state_dict(keep.state)
     elif ck is not None and ck.is_dir():
         ckpt.load_weights(model, ck)
@@ -541,6 +558,8 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         print(f"note: could not draw the confusion matrix: {e}", file=sys.stderr)
     if not keep_checkpoints:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if keep_weights:  # the weights just tested, under the step results.json names (weights only)
+            ckpt.save_checkpoint(out, best, model, keep_last=1)
     if verbose:
         print(f"test accuracy {test['accuracy']:.1%}  macro-F1 {test['macro_f1']:.3f}  ({test['n']:,} examples; "
               f"majority class '{maj_label}' {maj_acc:.1%}); best step {best} of {trainer.step}")

@@ -32,6 +32,27 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling options that mean nothing, before any work: a negative or non-finite
+    temperature (0 is greedy), top-p outside (0, 1] (nucleus sampling keeps a set of mass p,
+    Holtzman et al. 2020), a negative top-k (0 or None: all tokens), fewer than one new token."""
+    import math
+
+    where = "pretune generate"
+    if not math.isfinite(temperature):
+        raise PretuneError(f"--temperature {temperature} is not a number", where,
+                           "use 0 for greedy decoding or a positive value, e.g. 0.8")
+    if temperature < 0:
+        raise PretuneError(f"--temperature {temperature} is negative", where,
+                           "use 0 for greedy decoding or a positive value, e.g. 0.8")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PretuneError(f"--top-p {top_p} is outside (0, 1]", where, "use e.g. 0.9, or 1 to keep every token")
+    if top_k is not None and top_k < 0:
+        raise PretuneError(f"--top-k {top_k} is negative", where, "use e.g. 50, or 0 to keep every token")
+    if max_new_tokens < 1:
+        raise PretuneError(f"--max-new-tokens {max_new_tokens} must be at least 1", where, "use e.g. 100")
+
+
 def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = None, eos_id: int | None = None,
              seed: int | None = None) -> torch.Tensor:
@@ -40,6 +61,7 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
     c = model.config
     if not c.causal:
         raise PretuneError("generation needs a decoder (causal) model", None, "use fill-mask for an encoder")
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     B, T0 = prompt_ids.shape
     if T0 > model.max_positions:
         raise PretuneError(f"the prompt has {T0} tokens, more than the model's window of {model.max_positions}",
@@ -125,6 +147,9 @@ def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens:
         num_samples: independent continuations
         seed: sampling seed
     """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if num_samples < 1:
+        raise PretuneError(f"--num-samples {num_samples} must be at least 1", "pretune generate", "use e.g. 3")
     model, cfg, tok = _load(run)
     if not cfg.causal:
         raise PretuneError(f"{run} holds an encoder, which does not generate text", None,
@@ -153,6 +178,12 @@ def fill_mask(model: Transformer, tok, text: str, top_k: int = 5) -> list[list[t
                            "use a BERT run pre-trained with MLM (an imported encoder without its head cannot)")
     if tok.mask_id is None:
         raise PretuneError("the tokenizer has no [MASK] token", None, "use a BERT WordPiece tokenizer")
+    V = model.config.vocab_size
+    if top_k < 1:
+        raise PretuneError(f"--top-k {top_k} must be at least 1", "pretune fill-mask", "use e.g. 5")
+    if top_k > V:
+        raise PretuneError(f"--top-k {top_k} is more than the {V:,} tokens of the vocabulary", "pretune fill-mask",
+                           f"use 1 .. {V:,}")
     enc = tok.encode(text)
     ids = torch.tensor([enc])
     if ids.shape[1] > model.max_positions:
@@ -163,7 +194,7 @@ def fill_mask(model: Transformer, tok, text: str, top_k: int = 5) -> list[list[t
         raise PretuneError("the text holds no [MASK]", None, 'write e.g. "Paris is the [MASK] of France."')
     model.eval()
     h = model(ids)
-    probs = model.logits(h[0, where])[:, :model.config.vocab_size].float().softmax(-1)
+    probs = model.logits(h[0, where])[:, :V].float().softmax(-1)
     top = probs.topk(top_k, dim=-1)
     return [[(tok.decode([i]).strip(), float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
             for ps, ix in zip(top.values, top.indices)]

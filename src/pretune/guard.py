@@ -10,7 +10,9 @@ rate. `LossGuard` does the same on its own:
   trouble   the step's loss is not finite, the gradient norm is not finite
             (except in fp16, where an overflow is the loss scaler's business: it
             skips the step and lowers the scale), or the loss exceeds `factor`
-            times the median of the last `window` losses;
+            times the median of the last `window` losses (times `floor`, if that is
+            larger: fine-tuning sets it to ln K, a uniform guess over K classes, since
+            near a loss of 0 three times the median is one misread batch);
   rollback  `Trainer.rollback()`: the newest good checkpoint before this step,
             with the data position kept where it is, so every batch read since
             that checkpoint (the window that led to the trouble) is skipped; a
@@ -43,8 +45,10 @@ class LossGuard(Hook):
     """Roll back on a loss spike or a non-finite loss / gradient norm (see the module doc)."""
 
     def __init__(self, factor: float = 3.0, window: int = 50, lr_scale: float = 0.1, cooldown: int = 50,
-                 max_interventions: int = 5, min_history: int | None = None, verbose: bool = True):
+                 max_interventions: int = 5, min_history: int | None = None, verbose: bool = True,
+                 floor: float = 0.0):
         self.factor, self.window, self.lr_scale, self.cooldown = factor, window, lr_scale, cooldown
+        self.floor = floor  # a loss at or below factor * floor is never a spike
         self.max_interventions = max_interventions
         self.min_history = min_history if min_history is not None else min(window, 10)
         self.verbose = verbose
@@ -92,9 +96,11 @@ class LossGuard(Hook):
             reason = f"non-finite loss ({value})"
         elif not math.isfinite(gnorm) and not scaler_skipped:
             reason = f"non-finite gradient norm ({gnorm})"
-        elif len(self.history) >= self.min_history and value > self.factor * median:
+        elif len(self.history) >= self.min_history and value > self.factor * max(median, self.floor):
             reason = f"loss spike: {value:.4g} > {self.factor:g} x the median {median:.4g} of the last " \
-                     f"{len(self.history)} steps"
+                     f"{len(self.history)} steps" if median >= self.floor else \
+                     f"loss spike: {value:.4g} > {self.factor:g} x the floor {self.floor:.4g} (the median of " \
+                     f"the last {len(self.history)} steps is {median:.4g})"
         else:
             self.history = (self.history + [value])[-self.window:]
             return

@@ -12,7 +12,10 @@ sentiment, with the same recipe and budget:
 at 100 and 1,000 labelled examples (stratified, nested), one seed; `full=True`
 adds all 8,054 and three seeds (mean and standard deviation). The test set is
 always the task's whole fixed test split (1,008 reviews, majority class 50.4%).
-Each cell is one `finetune()` run; a finished cell (results.json) is reused.
+Each cell is one `finetune()` run; a finished cell (results.json) is reused. Cells keep no
+training checkpoints, except that each model's pre-trained cell at the largest labelled size
+(every seed) keeps the weights it was tested with, so `pretune classify --run CELL` can use it;
+the one with the best validation loss is printed (`result["classifiers"]`).
 """
 
 from __future__ import annotations
@@ -77,15 +80,41 @@ def _cell_head(d: Path) -> str | None:
         return None
 
 
-def _cell_done(d: Path, pool: str) -> bool:
-    """A finished cell fine-tuned with this head (one left by an earlier recipe is redone)."""
-    return (d / "results.json").exists() and _cell_head(d) == pool
+def _cell_done(d: Path, pool: str, weights: bool = False) -> bool:
+    """A finished cell fine-tuned with this head (one left by an earlier recipe is redone);
+    a cell that keeps its weights is finished only with them (an older demo deleted them)."""
+    from .finetune import _best_checkpoint
+
+    return (d / "results.json").exists() and _cell_head(d) == pool and \
+        (not weights or _best_checkpoint(d) is not None)
 
 
-def _clear_other_head(d: Path, pool: str) -> None:
-    """Remove a cell an earlier recipe left with another head: its config would refuse this one."""
-    if _cell_head(d) not in (None, pool):
+def _clear_stale(d: Path, pool: str) -> None:
+    """Remove a cell that is to be run again: one an earlier recipe left with another head (its config
+    would refuse this one), or a finished one without the weights it should keep (its metrics would
+    be appended to)."""
+    if _cell_head(d) not in (None, pool) or (d / "results.json").exists():
         shutil.rmtree(d)
+
+
+def _kept_cells(variants_of: dict, sizes, seeds) -> set:
+    """The cells that keep their tested weights: each model's pre-trained one (its first variant
+    if it has no pre-trained one) at the largest labelled size, every seed."""
+    largest = max(sizes, key=lambda n: math.inf if n is None else n)
+    return {(m, "pretrained" if "pretrained" in vs else vs[0], largest, s)
+            for m, vs in variants_of.items() if vs for s in seeds}
+
+
+def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
+    """{model: the kept cell with the lowest validation loss (the lowest seed on a tie)}, in grid order."""
+    best: dict[str, tuple] = {}
+    for m, v, n, s in sorted(kept, key=lambda c: (models.index(c[0]), c[3])):
+        d = _cell_dir(out_dir, m, v, n, s)
+        val = json.loads((d / "results.json").read_text()).get("best_val_loss")
+        val = math.inf if val is None else val
+        if m not in best or val < best[m][0]:
+            best[m] = (val, str(d))
+    return {m: d for m, (_, d) in best.items()}
 
 
 def _variants_of(pretrained_runs: dict, variants) -> dict:
@@ -182,7 +211,8 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     sizes = tuple(None if n is None or n >= len(t.train) else int(n) for n in sizes)
     cells = _cells(variants_of, sizes, seeds)
     pool = {m: (pool or {}).get(m) or POOL[_causal(p)] for m, p in pretrained_runs.items()}
-    todo = {c for c in cells if not _cell_done(_cell_dir(out_dir, *c), pool[c[0]])}
+    kept = _kept_cells(variants_of, sizes, seeds)
+    todo = {c for c in cells if not _cell_done(_cell_dir(out_dir, *c), pool[c[0]], c in kept)}
     maj_label, maj = t.majority_baseline("test")
     print(f"== transfer experiment: {task}, {len(t.train):,} train / {len(t.test):,} test reviews; "
           f"majority class '{maj_label}' {maj:.1%} of the test set")
@@ -200,13 +230,14 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
         if (m, v, n, s) not in todo:
             res = json.loads(res_file.read_text())
         else:
-            _clear_other_head(d, pool[m])
+            _clear_stale(d, pool[m])
             kw = VARIANTS[v]
             res = finetune(pretrained_runs[m], t, d, objective=kw["objective"], lam=kw.get("lam", 0.5),
                            lr=LR["scratch" if kw["scratch"] else "pretrained"], epochs=epochs_for(n or len(t.train)),
                            train_examples=n, scratch=kw["scratch"], seed=s,
                            eval_every=max(1, math.ceil(_steps(n or len(t.train), RECIPE["batch_size"]) / 4)),
-                           progress=progress, keep_checkpoints=False, verbose=False, pool=pool[m], **RECIPE)
+                           progress=progress, keep_checkpoints=False, keep_weights=(m, v, n, s) in kept,
+                           verbose=False, pool=pool[m], **RECIPE)
         rows.append({"model": m, "variant": v, "labels": res["train_examples"], "seed": s,
                      "accuracy": res["test"]["accuracy"], "macro_f1": res["test"]["macro_f1"],
                      "seconds": res.get("seconds")})
@@ -220,7 +251,11 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     gains = gain_lines(summary)
     for line in gains:
         print(line)
+    classifiers = _best_kept(out_dir, kept, list(pretrained_runs))
+    for m, d in classifiers.items():
+        print(f"   a {m} classifier kept: pretune classify --run {d} \"a gorgeous, witty film\"")
     result = {"task": task, "majority_baseline": maj, "rows": rows, "summary": summary, "gains": gains,
+              "classifiers": classifiers,
               "recipe": {**RECIPE, "lr": LR, "pool": pool, "epochs": {str(n): epochs_for(n or len(t.train)) for n in sizes}},
               "seconds": time.time() - t0}
     make_dir(out_dir, "the transfer folder")
@@ -356,7 +391,7 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
         if _cell_done(d, pool):
             res = json.loads((d / "results.json").read_text())
         else:
-            _clear_other_head(d, pool)
+            _clear_stale(d, pool)
             res = finetune(run, t, d, objective=objective, lam=0.5, lr=lr, epochs=epochs, train_examples=n,
                            freeze_what=freeze, seed=0, progress=progress, keep_checkpoints=False, verbose=False,
                            pool=pool, **REAL_RECIPE)

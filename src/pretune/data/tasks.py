@@ -285,12 +285,14 @@ def read_labelled_file(path: str | Path, text_column="text", label_column: str |
         raise PretuneError("no such file", str(path), "give a .csv, .tsv or .jsonl file, or a built-in task name")
     suffix = path.suffix.lower()
     records: list[dict] = []
+    numbers: list[str] = []  # what a message calls each record: "row i" (csv), "line n" (jsonl)
     try:
         if suffix in (".csv", ".tsv"):
             with open(path, encoding="utf-8", newline="") as f:
                 r = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 header = list(r.fieldnames or [])
                 records = list(r)
+                numbers = [f"row {i}" for i in range(1, len(records) + 1)]
         elif suffix in (".jsonl", ".ndjson", ".json"):
             header = None
             with open(path, encoding="utf-8") as f:
@@ -306,6 +308,7 @@ def read_labelled_file(path: str | Path, text_column="text", label_column: str |
                         raise PretuneError(f"line {i} is not a JSON object", str(path),
                                            'write one object per line, e.g. {"text": ..., "label": ...}')
                     records.append(obj)
+                    numbers.append(f"line {i}")
         else:
             raise PretuneError(f"unknown file type '{suffix}'", str(path), "use .csv, .tsv or .jsonl")
     except UnicodeDecodeError as e:
@@ -320,23 +323,44 @@ def read_labelled_file(path: str | Path, text_column="text", label_column: str |
             raise PretuneError(f"no {which} column '{c}' (columns: {', '.join(map(str, present))})", str(path),
                                f"name the right one with --{which}-column")
     out = []
-    for i, r in enumerate(records, 1):
+    for at, r in zip(numbers, records):
         texts = []
         for c in cols:
             v = r.get(c)
-            if v is None or not str(v).strip():
-                raise PretuneError(f"row {i} has an empty text in column '{c}'", str(path),
+            if v is not None and not isinstance(v, str):  # JSON: an object, list, number or boolean
+                raise PretuneError(f"{at} has a non-string text in column '{c}' ({_json_kind(v)})", str(path),
+                                   'write the text as a JSON string, e.g. "text": "a fine film"')
+            if v is None or not v.strip():
+                raise PretuneError(f"{at} has an empty text in column '{c}'", str(path),
                                    "fill it in or remove the row")
-            texts.append(str(v).strip())
+            texts.append(v.strip())
         label = None
         if label_column:
             v = r.get(label_column)
             if v is None or (isinstance(v, str) and not v.strip()):
-                raise PretuneError(f"row {i} has no label in column '{label_column}'", str(path),
+                raise PretuneError(f"{at} has no label in column '{label_column}'", str(path),
                                    "fill it in or remove the row")
-            label = (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)).strip()
+            if not isinstance(v, (str, int)) or isinstance(v, bool):
+                # stringified, {"y": 1}, [1], true or 1.0 would each become a class of its own
+                raise PretuneError(f"{at} has {_json_kind(v)} as its label in column '{label_column}' "
+                                   f"({json.dumps(v)[:40]})", str(path),
+                                   'write each label as a string or an integer, e.g. "positive" or 1')
+            label = str(v).strip()
         out.append((texts[0], texts[1] if len(texts) == 2 else None, label))
     return out
+
+
+def _json_kind(v) -> str:
+    """How a message names a JSON value that is not a string."""
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, float):
+        return "a float"
+    return "an integer" if isinstance(v, int) else type(v).__name__
 
 
 def load_task(name: str | Path, text_column="text", label_column: str = "label") -> Task:
