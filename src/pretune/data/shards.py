@@ -567,12 +567,13 @@ class PairBatches(_Resumable):
             seg[i, 2 + la:n] = 1
             att[i, :n] = True
         input_ids = torch.from_numpy(ids)
-        from ..objectives import mlm_mask
+        from ..objectives import mlm_mask, mlm_rows
 
         special = torch.isin(input_ids, self.special) | ~torch.from_numpy(att)
         masked, labels = mlm_mask(input_ids, special, self.mask, self.vocab_size, g)
         return {"input_ids": masked, "segment_ids": torch.from_numpy(seg), "attention_mask": torch.from_numpy(att),
-                "labels": labels, "nsp_labels": torch.from_numpy(nsp)}
+                "labels": labels, "nsp_labels": torch.from_numpy(nsp),
+                "mlm_rows": mlm_rows(labels)}  # found here, on the CPU: no host sync in the loss
 
 
 def eval_batches(data_dir, split: str, batch_size: int, seq_len: int, n_batches: int = 10,
