@@ -18,6 +18,7 @@ scripts/gpu_check.py runs on a real device.
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,7 +259,8 @@ def test_resume_is_bit_identical_in_half_precision_and_with_accumulation(tmp_pat
 # ---- signals ----------------------------------------------------------------------------
 
 class Kill(Hook):
-    """Sends this process `times` SIGTERMs from inside the step `at` (by `where`)."""
+    """Sends this process `times` SIGTERMs as step `at` + 1 begins ("before_step"), or while the
+    final checkpoint is written ("final_checkpoint")."""
 
     def __init__(self, at, times, where="before_step"):
         self.at, self.times, self.where = at, times, where
@@ -266,7 +268,7 @@ class Kill(Hook):
     def _maybe(self, trainer):
         if trainer.step == self.at:
             for _ in range(self.times):
-                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before os.kill returns
+                os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler as os.kill returns
 
     def before_step(self, trainer):
         if self.where == "before_step":
@@ -389,3 +391,23 @@ def test_a_run_that_died_before_its_first_checkpoint_starts_its_log_over(tmp_pat
     _trainer(run, True, ckpt_every=100).fit()
     assert (run / "metrics.jsonl").read_text().count("\n") == len(_rows(run))  # every line whole
     assert [(r["step"], r["loss"]) for r in _rows(run)] == [(r["step"], r["loss"]) for r in _rows(tmp_path / "a")]
+
+
+def test_a_second_signal_ends_the_process_with_143(tmp_path):
+    """The same in a process of its own: the exit status a scheduler sees, one line, no traceback."""
+    import subprocess
+    import sys
+    script = tmp_path / "two_signals.py"
+    script.write_text(f"""
+import os, signal, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_loop import Kill, _trainer
+torch.set_num_threads(1)
+_trainer(__import__("pathlib").Path({str(tmp_path / "run")!r}), True, [Kill(3, 2)], ckpt_every=2).fit()
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("pretune: SIGTERM again: stopped at once at step 3/20")
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step-000002"]

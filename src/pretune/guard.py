@@ -24,13 +24,14 @@ Each intervention goes to the console and to metrics.jsonl as a row with
 `"event": "rollback"` (its `step` is the step training continues from).
 
 The guard reads the loss, the gradient norm and (fp16) the scaler's overflow flag
-every step, in one read: the one host-device sync per step of the training loop
-(on a GPU the host cannot queue the next step while this one runs; on the CPU it
-costs nothing). That is the price of catching a bad step before the next one
-runs: reading the losses only at log time would let up to `log_every - 1` more
-steps run on top of a bad one, and every hook's state and the fault itself move
-on with them, so the run would not be the one this guard makes (the lr-burst
-test shows it). `--train.guard false` removes the sync with the guard.
+every step, in one read: the training loop's one host-device sync per step (a
+dropless mixture-of-experts layer adds its own, moe.py). On a GPU the host then
+cannot queue the next step while this one runs; on the CPU it costs nothing.
+That is the price of catching a bad step before the next one runs. Reading the
+losses only at log time would let up to `log_every - 1` more steps run on top of
+a bad one, and the hooks' states and a fault that lasts some steps (the lr burst
+of tests/test_guard.py) would move on with them, to be thrown away: the run
+would not be the one this guard makes. `--train.guard false` removes the sync.
 """
 
 from __future__ import annotations
