@@ -11,9 +11,12 @@ the 6·N-only figure, the one the CPU targets use, is printed too. The goal on a
 H100 is at least 45%.
 
 It runs pretune's own `Trainer.train_step` (fused AdamW, SDPA/flash attention,
-bf16 autocast, no host sync per step; `torch.compile` on by default on CUDA) on
-random tokens (the data is not what is measured), times `--steps` steps after
-`--warmup` ones with one synchronisation at each end, and reads the loss once.
+bf16 autocast; `torch.compile` on by default on CUDA) on random tokens (the data
+is not what is measured), times `--steps` steps after `--warmup` ones with one
+synchronisation at each end, and reads the loss once. On CUDA it then runs one
+more step under `torch.cuda.set_sync_debug_mode("error")`, which raises at any
+operation that makes the host wait for the device: `sync_check` in the output is
+"passed" (a step has no host sync) or "failed: <the error>".
 Without a GPU it runs a few CPU steps of a small shape instead, against this
 CPU's measured matmul peak (`pretune bench --peak`), so CI keeps it working.
 """
@@ -68,6 +71,24 @@ def flops_per_token(n_params: int, n_layer: int, seq_len: int, d_attn: int, atte
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
     return tokens_per_s * flops_per_tok / peak_flops
+
+
+def one_step_without_sync(trainer) -> str:
+    """One `train_step` with CUDA's sync debug mode at "error": "passed", or "failed: why"
+    (the first operation that made the host wait for the device)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step()
+        result = "passed"
+    except RuntimeError as e:
+        result = "failed: " + " ".join(str(e).split())[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return result
 
 
 def parse(argv=None):
@@ -129,6 +150,7 @@ def main(argv=None) -> dict:
     sync()
     dt = time.perf_counter() - t0
     tok_s = B * T * steps / dt
+    sync_check = one_step_without_sync(trainer) if cuda else None
 
     n = six_n(cfg)
     fpt = flops_per_token(n, cfg.n_layer, T, cfg.n_head * cfg.head_dim)
@@ -148,13 +170,16 @@ def main(argv=None) -> dict:
            "step_s": dt / steps, "tokens_per_s": tok_s, "loss": float(loss),
            "model_tflops": tok_s * fpt / 1e12, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_src,
            "mfu": mfu(tok_s, fpt, peak) if peak else None, "mfu_6n": mfu(tok_s, fpt_6n, peak) if peak else None,
-           "torch": torch.__version__}
+           "sync_check": sync_check, "torch": torch.__version__}
     if cuda:
         out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     print(f"{name}: {model_name} B={B} T={T} {a.precision}{' compiled' if do_compile else ''}: "
           f"{dt / steps * 1e3:.1f} ms/step, {tok_s:,.0f} tokens/s, {out['model_tflops']:.1f} TFLOP/s"
           + (f", MFU {out['mfu']:.1%} (6N only: {out['mfu_6n']:.1%}) of {out['peak_tflops']:.4g} TFLOP/s "
              f"({peak_src})" if peak else ""))
+    if sync_check is not None:
+        print(f"host syncs in one training step (torch.cuda.set_sync_debug_mode('error')): "
+              f"{'none' if sync_check == 'passed' else sync_check}")
     if cuda and out["mfu"] is not None:
         print(f"goal on an H100: MFU >= 45%: {'met' if out['mfu'] >= 0.45 else 'not met'}")
     print(json.dumps(out))

@@ -61,15 +61,31 @@ def test_mfu_arithmetic_by_hand():
     assert g.dense_bf16_peak("NVIDIA H100 PCIe") == 756e12
 
 
-def test_gpu_check_runs_its_cpu_fallback(tmp_path):
+def test_gpu_check_runs_its_cpu_fallback(tmp_path, monkeypatch):
+    """The CPU fallback end to end, with the clock and the peak picked by hand so that every
+    figure it prints can be worked out here from gpt-mini's layer sizes."""
     g = _gpu_check()
-    out = g.main(["--cpu", "--steps", "1", "--warmup", "0", "--batch", "1", "--seq", "16",
+    # gpt-mini at T = 16: L = 4, d = 256, 4d = 1,024, V = 8,192 (tied), biases and LayerNorms.
+    # One block: QKV 256*768 + 768 = 197,376; attention out 256*256 + 256 = 65,792;
+    # MLP in 256*1024 + 1024 = 263,168; MLP out 1024*256 + 256 = 262,400; two LayerNorms 1,024:
+    # 789,760. Four blocks 3,159,040 + final LayerNorm 512 + W_e 8,192*256 = 2,097,152:
+    # N = 5,256,704 (the 16 x 256 position table is not multiplied through, so not counted).
+    n = 5_256_704
+    per_token = 6 * n + 12 * 4 * 16 * 256  # 31,540,224 + 196,608 = 31,736,832
+    clock = iter([0.0, 0.1, 1.0, 1.25])  # warm-up 0.1 s; one timed step of 16 tokens in 0.25 s
+    monkeypatch.setattr(g, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
+    import pretune.peak
+    monkeypatch.setattr(pretune.peak, "measured_peak", lambda *a, **k: 1e10)  # a 10 GFLOP/s "CPU"
+    out = g.main(["--cpu", "--steps", "1", "--warmup", "1", "--batch", "1", "--seq", "16",
                   "--precision", "fp32", "--json", str(tmp_path / "r.json")])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["tokens_per_s"] == pytest.approx(out["tokens_per_s"])
-    assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1.5 and math.isfinite(out["loss"])
-    assert out["mfu"] == pytest.approx(out["tokens_per_s"] * 1e12 * out["model_tflops"] / out["tokens_per_s"]
-                                       / (out["peak_tflops"] * 1e12))
+    assert out["params_6n"] == n and math.isfinite(out["loss"])
+    assert out["tokens_per_s"] == pytest.approx(64.0)  # 16 tokens / 0.25 s
+    assert out["model_tflops"] == pytest.approx(64 * 31_736_832 / 1e12)  # 2.0312e-3 TFLOP/s
+    assert out["mfu"] == pytest.approx(2_031_157_248 / 1e10)  # 20.31% of the hand-picked peak
+    assert out["mfu_6n"] == pytest.approx(64 * 31_540_224 / 1e10)
+    assert out["sync_check"] is None  # the no-sync check needs CUDA (scripts/gpu_check.py)
 
 
 # ---- each benchmark, one tiny round ----------------------------------------------
@@ -78,7 +94,12 @@ def test_gpt_train_tiny_round_matches_the_reference_loss():
     r = _well_formed(speed.gpt_train("tiny", rounds=1, warmup=0, peak=True), "tokens_per_s")
     # same weights, same batch: the losses of pretune and GPT2LMHeadModel agree
     assert r["initial_loss"]["pretune"] == pytest.approx(r["initial_loss"]["reference"], abs=1e-5)
-    assert r["pretune"]["gflops"] == pytest.approx(r["pretune"]["tokens_per_s"] * 6 * r["six_n_params"] / 1e9)
+    # the tiny shape (gpt-mini with L = 2, d = 64, 4d = 256, V = 512 tied; B = 2, T = 32): one block
+    # QKV 64*192 + 192, out 64*64 + 64, MLP 64*256 + 256 and 256*64 + 64, LayerNorms 256 = 49,984;
+    # N = 2 * 49,984 + final LayerNorm 128 + W_e 512*64 = 132,864; 6N = 797,184 FLOPs per token
+    assert r["six_n_params"] == 132_864
+    assert r["pretune"]["tokens_per_s"] == pytest.approx(2 * 32 / r["pretune"]["median_s"])
+    assert r["pretune"]["gflops"] == pytest.approx(r["pretune"]["tokens_per_s"] * 797_184 / 1e9)
     assert r["fraction_of_peak"] > 0 and r["fp32_matmul_peak_gflops"] > 0
 
 

@@ -5,6 +5,7 @@ quoted claims, not taken from the code (docs/compute.md walks through each).
 """
 
 import json
+import re
 import tracemalloc
 
 import pytest
@@ -213,12 +214,62 @@ def test_peak_measurement_is_cached(tmp_path, monkeypatch):
 
 # ---- the command -----------------------------------------------------------------
 
-def test_cost_table(capsys):
+def _table(out: str) -> dict[str, list[str]]:
+    """The rows of `pretune cost`'s table: label -> one cell per model (cells are 2+ spaces apart)."""
+    rows = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) == 5:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _number(cell: str) -> float:
+    """'174.6B' -> 1.746e11, '3,738' -> 3738, '3.14e+23' -> 3.14e23."""
+    cell = cell.split()[0].replace(",", "")
+    scale = {"k": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}.get(cell[-1])
+    return float(cell[:-1]) * scale if scale else float(cell)
+
+
+def test_cost_table_shows_the_published_figures(capsys):
     assert main(["cost", "gpt1", "gpt2-xl", "gpt3-175b", "gpt4-moe", "--tokens", "300e9",
                  "--hardware", "a100", "--gpus", "1024", "--mfu", "0.35"]) == 0
     out = capsys.readouterr().out
-    assert "gpt4-moe" in out and "3.14e+23" in out and "1.832T" in out
-    assert "312 TFLOP/s" in out  # which peak the MFU is of
+    rows = _table(out)
+    total = [_number(c) for c in rows["parameters (total)"]]
+    six_nd = [_number(c) for c in rows["FLOPs 6ND"]]
+    pf = [_number(c) for c in rows["PF-days"]]
+    # GPT-1: "117M parameters" (Radford et al. 2018; 116.6M counted, the 4-figure print is 0.3% off)
+    assert close(total[0], 117e6, 0.005)
+    # GPT-2 XL: by hand 48 * (12 * 1600^2 + 13 * 1600) + 50,257 * 1600 + 1,024 * 1600 + 3,200
+    # = 1,557,611,200 (the released checkpoint), which the paper's Table 2 rounds as 1542M ("1.5B")
+    assert close(total[1], 1_557_611_200, 0.0005) and close(total[1], 1542e6, 0.015)
+    # GPT-3 175B: Brown et al. 2020, table D.1: 174,600M parameters, 3.14E+23 FLOPs, 3.64E+03 PF-days
+    assert close(total[2], 174_600e6, 0.0005)
+    assert close(six_nd[2], 3.14e23, 0.005)
+    assert close(six_nd[2] / 8.64e19, 3640, 0.005)
+    # the PF-days row adds the attention term: 12 * 96 * 2048 * 12288 / (6 * 174.6e9) = 2.77% more
+    assert close(pf[2], 3640 * (1 + 12 * 96 * 2048 * 12288 / (6 * 174.6e9)), 0.005)
+    # gpt4-moe: the rumoured "about 1.8T" total and "about 280B" active (SemiAnalysis, July 2023)
+    assert close(total[3], 1.8e12, 0.02) and close(_number(rows["active per token"][3]), 280e9, 0.01)
+    assert "312 TFLOP/s" in out  # which peak the MFU is of: the A100's dense bf16 datasheet figure
+
+
+# Brown et al. 2020, table D.1: (total train compute in FLOPs, parameters) at 300B tokens for
+# GPT-3, 250B for BERT-Base. The table's FLOPs are 6 * its rounded parameter count * D, the planner's
+# 6 * (the weights a token multiplies through) * D: it leaves out the position table (and the
+# paper's counts are rounded), which matters most for the smallest model (1%).
+TABLE_D1 = {"gpt3-small": (2.25e20, 300e9), "gpt3-medium": (6.41e20, 300e9), "gpt3-large": (1.37e21, 300e9),
+            "gpt3-xl": (2.38e21, 300e9), "gpt3-2.7b": (4.77e21, 300e9), "gpt3-6.7b": (1.20e22, 300e9),
+            "gpt3-13b": (2.31e22, 300e9), "gpt3-175b": (3.14e23, 300e9), "bert-base": (1.64e20, 250e9)}
+
+
+@pytest.mark.parametrize("name", list(TABLE_D1))
+def test_six_nd_reproduces_brown_et_al_table_d1(name):
+    flops, tokens = TABLE_D1[name]
+    six_nd = training_flops(preset(name), tokens)["six_nd"]
+    assert close(six_nd, flops, 0.002 if name == "gpt3-175b" else 0.012), (six_nd, flops)
+    assert close(pf_days(six_nd), flops / 8.64e19, 0.012)  # the table's PF-days column is FLOPs / 8.64e19
 
 
 def test_cost_json_plot_and_config_file(capsys, tmp_path):

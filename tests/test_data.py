@@ -540,3 +540,45 @@ def test_mlm_proportions_on_a_million_tokens():
     assert within(other, c, 0.1 * (1 - 2 / V))  # a different random token
     rnd = out[chosen & (out != MASK) & (out != ids)]
     assert rnd.min() >= 0 and rnd.max() < V and len(rnd.unique()) > 0.9 * V  # spread over the vocabulary
+
+
+def _tagged_corpus(path, n_docs=40):
+    """Documents told apart by their words: every word of document d is the number 100 + d
+    (one WordPiece each in bert-uncased); sentences of 3-6 words."""
+    docs = [" ".join(" ".join([str(100 + d)] * (3 + (d + s) % 4)) + "." for s in range(2 + d % 5))
+            for d in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0], ids=["once", "each-document-twice"])
+def test_not_next_comes_from_another_document(tmp_path, bert, weight):
+    """NotNext: B is text of a *different* document (Devlin et al. 2019, sec. 3.1: "a random
+    sentence from the corpus"; their script draws from another document). With a mixing weight
+    of 2 every document is in the shard twice: B drawn from the other copy of A's own document
+    would be IsNext-like text labelled NotNext."""
+    corpus = _tagged_corpus(tmp_path / "tagged.txt")
+    out = tmp_path / "data"
+    prepare([str(corpus)], bert, out, val_fraction=0.1, weights={"tagged": weight}, progress=False)
+    tag = {bert.encode_batch([str(100 + d)], add_special_tokens=False, parse_special=False)[0][0]: d
+           for d in range(40)}
+    shard = Shard(out, "train")
+    assert len(shard.docs) - 1 == weight * len({tag[t] for t in np.asarray(shard.tokens) if t in tag})
+    pb = PairBatches(out, "train", 64, 32, 5, bert.special_dict(), bert.vocab_size)
+    seen = {0: 0, 1: 0}
+    for _ in range(30):
+        b = next(pb)
+        orig = torch.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])  # undo the masking
+        for i in range(len(orig)):
+            row = orig[i, :int(b["attention_mask"][i].sum())].tolist()
+            j = row.index(102)
+            a_docs = {tag[t] for t in row[1:j] if t in tag}
+            b_docs = {tag[t] for t in row[j + 1:-1] if t in tag}
+            label = int(b["nsp_labels"][i])
+            seen[label] += 1
+            assert len(a_docs) == 1 and len(b_docs) == 1, row  # each segment is one document's text
+            if label == 0:
+                assert a_docs == b_docs, row  # IsNext: the same document
+            else:
+                assert a_docs != b_docs, row  # NotNext: another document, not another copy of this one
+    assert min(seen.values()) > 800

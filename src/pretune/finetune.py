@@ -111,9 +111,12 @@ class Classifier(nn.Module):
     def config(self) -> ModelConfig:
         return self.body.config
 
-    def forward(self, input_ids, attention_mask, lengths, segment_ids=None):
-        """(class logits, h_n)."""
-        mask = None if bool(attention_mask.all()) else attention_mask  # no padding: the fast causal path
+    def forward(self, input_ids, attention_mask, lengths, segment_ids=None, padded: bool | None = None):
+        """(class logits, h_n). `padded`: whether any row is padded, known on the host from the batch
+        (`data.tasks.collate`); without it the mask is read, a host sync."""
+        if padded is None:
+            padded = not bool(attention_mask.all())
+        mask = attention_mask if padded else None  # no padding: the fast causal path
         h = self.body(input_ids, segment_ids=segment_ids, attention_mask=mask)
         return self.head(h, lengths), h
 
@@ -127,7 +130,8 @@ def finetune_loss(objective: str = "L2", lam: float = 0.5):
         raise PretuneError(f"unknown objective '{objective}'", None, "use L2 or L3")
 
     def loss_fn(model, batch):
-        logits, h = model(batch["input_ids"], batch["attention_mask"], batch["lengths"], batch.get("segment_ids"))
+        logits, h = model(batch["input_ids"], batch["attention_mask"], batch["lengths"], batch.get("segment_ids"),
+                          padded=batch.get("padded"))
         l2 = l2_loss(logits, batch["labels"])
         parts = {"l2": l2}
         loss = l2
@@ -141,7 +145,7 @@ def finetune_loss(objective: str = "L2", lam: float = 0.5):
             else:  # MLM on a masked copy of the labelled sequence
                 h2 = body(batch["mlm_input_ids"], segment_ids=batch.get("segment_ids"),
                           attention_mask=batch["attention_mask"])
-                lm = mlm_loss(body, h2, batch["mlm_labels"])
+                lm = mlm_loss(body, h2, batch["mlm_labels"], batch.get("mlm_rows"))
                 parts["mlm"] = lm
                 aux = aux + model.moe_losses()
             loss = l3_loss(l2, lm, lam)
@@ -300,7 +304,7 @@ def predict(model: Classifier, enc: Encoded, pad_id: int, batch_size: int = 64) 
     out = torch.empty(len(enc), model.head.out.out_features)
     for idx, b in eval_batches(enc, batch_size, pad_id):
         logits, _ = model(b["input_ids"].to(dev), b["attention_mask"].to(dev), b["lengths"].to(dev),
-                          b["segment_ids"].to(dev) if "segment_ids" in b else None)
+                          b["segment_ids"].to(dev) if "segment_ids" in b else None, padded=b.get("padded"))
         out[torch.as_tensor(idx)] = logits.float().softmax(-1).cpu()
     model.train(was)
     return out

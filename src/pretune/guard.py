@@ -25,9 +25,15 @@ rate. `LossGuard` does the same on its own:
 Each intervention goes to the console and to metrics.jsonl as a row with
 `"event": "rollback"` (its `step` is the step training continues from).
 
-The guard reads the loss every step, a host-device sync per step (on a GPU
-this costs the overlap of the next step's launch with this one; on the CPU
-nothing). That is the price of catching a bad step before the next one.
+The guard reads the loss, the gradient norm and (fp16) the scaler's overflow flag
+every step, in one read: the training loop's one host-device sync per step (a
+dropless mixture-of-experts layer adds its own, moe.py). On a GPU the host then
+cannot queue the next step while this one runs; on the CPU it costs nothing.
+That is the price of catching a bad step before the next one runs. Reading the
+losses only at log time would let up to `log_every - 1` more steps run on top of
+a bad one, and the hooks' states and a fault that lasts some steps (the lr burst
+of tests/test_guard.py) would move on with them, to be thrown away: the run
+would not be the one this guard makes. `--train.guard false` removes the sync.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+
+import torch
 
 from .checkpoint import list_checkpoints
 from .errors import PretuneError
@@ -55,7 +63,6 @@ class LossGuard(Hook):
         self.history: list[float] = []  # the last `window` accepted losses
         self.interventions = 0
         self.since: int | None = None  # the step training went back to at the last rollback
-        self._skipped_seen = 0
 
     @classmethod
     def from_config(cls, tc) -> "LossGuard":
@@ -75,7 +82,6 @@ class LossGuard(Hook):
 
     # ---- hook points ---------------------------------------------------------
     def on_start(self, trainer) -> None:
-        self._skipped_seen = trainer.skipped_steps
         if not list_checkpoints(trainer.run_dir):
             trainer.save()  # something to roll back to before the first periodic checkpoint
 
@@ -87,10 +93,14 @@ class LossGuard(Hook):
             g["guard_lr_scale"] = s
 
     def after_step(self, trainer, loss, parts) -> None:
-        value = float(loss)  # the host sync the guard costs
-        gnorm = float(parts["grad_norm"]) if "grad_norm" in parts else 0.0
-        scaler_skipped = trainer.skipped_steps > self._skipped_seen
-        self._skipped_seen = trainer.skipped_steps
+        found_inf = getattr(trainer, "found_inf", None)  # fp16: GradScaler found inf/NaN and skipped the step
+        read = [loss.detach().float().reshape(())]
+        read += [parts["grad_norm"].detach().float().reshape(()).to(read[0].device)] if "grad_norm" in parts else []
+        read += [found_inf.float().reshape(()).to(read[0].device)] if found_inf is not None else []
+        values = torch.stack(read).tolist()  # the one host sync the guard costs
+        value = values[0]
+        gnorm = values[1] if "grad_norm" in parts else 0.0
+        scaler_skipped = found_inf is not None and values[-1] > 0
         median = statistics.median(self.history) if self.history else math.nan
         if not math.isfinite(value):
             reason = f"non-finite loss ({value})"
@@ -124,7 +134,6 @@ class LossGuard(Hook):
         self.interventions += 1
         ck, data_then, data_now = trainer.rollback()
         self.since = trainer.step
-        self._skipped_seen = trainer.skipped_steps
         trainer.save()  # the skip and this guard's state, durable before the next step
         first, last = _counter(data_then), _counter(data_now)
         event = {"step": trainer.step, "event": "rollback", "at_step": at, "reason": reason,

@@ -42,7 +42,7 @@ def shift_targets(input_ids, attention_mask=None) -> torch.Tensor:
     if attention_mask is not None:
         nxt = torch.zeros_like(attention_mask, dtype=torch.bool)
         nxt[:, :-1] = attention_mask[:, 1:].bool()
-        t[~nxt] = IGNORE
+        t = t.masked_fill(~nxt, IGNORE)  # not t[~nxt] = ...: a boolean index waits for the device
     return t
 
 
@@ -66,12 +66,20 @@ def mlm_mask(input_ids, special_mask, mask_id: int, vocab_size: int, generator: 
     return out, labels
 
 
-def mlm_loss(model, h, labels) -> torch.Tensor:
+def mlm_rows(labels) -> torch.Tensor:
+    """The flat indices (into labels.reshape(-1)) of the positions that predict a token. The
+    loaders compute them on the CPU with the batch: found on a GPU, their number (a boolean
+    index) is a host sync every step."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+def mlm_loss(model, h, labels, rows=None) -> torch.Tensor:
     """Cross-entropy at the masked positions only: the MLM head runs on those
-    rows alone (about 15% of them), not on every position."""
-    sel = labels != IGNORE
-    logits = model.logits(h[sel])[:, :model.config.vocab_size]
-    return F.cross_entropy(logits.float(), labels[sel])
+    rows alone (about 15% of them), not on every position. `rows`: mlm_rows(labels),
+    computed here if not given."""
+    rows = mlm_rows(labels) if rows is None else rows
+    logits = model.logits(h.reshape(-1, h.shape[-1]).index_select(0, rows))[:, :model.config.vocab_size]
+    return F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, rows))
 
 
 def nsp_loss(model, h, nsp_labels) -> torch.Tensor:
@@ -82,7 +90,7 @@ def nsp_loss(model, h, nsp_labels) -> torch.Tensor:
 def mlm_nsp_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """BERT pre-training: MLM + NSP on one batch of sentence pairs."""
     h = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), attention_mask=batch.get("attention_mask"))
-    mlm = mlm_loss(model, h, batch["labels"])
+    mlm = mlm_loss(model, h, batch["labels"], batch.get("mlm_rows"))
     parts = {"mlm": mlm}
     loss = mlm
     if model.nsp_head is not None and "nsp_labels" in batch:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -241,7 +242,8 @@ class Trainer:
         self.tokens = 0
         self.best_val = float("inf")
         self.best_step: int | None = None
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # fp16 steps GradScaler skipped; counted on the device (see the property)
+        self.found_inf: torch.Tensor | None = None  # fp16: this step's overflow flag, 1.0 or 0.0 on the device
         self.stop_requested = False
         self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after this step
         self.rolled_back = False  # set by rollback(): the rest of this step's bookkeeping is skipped
@@ -260,13 +262,39 @@ class Trainer:
         return {k: (v.pin_memory().to(self.device, non_blocking=True) if nb else v.to(self.device))
                 if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps GradScaler skipped (inf/NaN gradients). They are summed on the device,
+        so reading this waits for the device: the loop reads it at log time and when saving."""
+        if self._skipped_dev is not None:
+            self._skipped_host += int(self._skipped_dev.item())
+            self._skipped_dev = None
+        return self._skipped_host
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped_host, self._skipped_dev = int(n), None
+
+    def _found_inf(self, gnorm: torch.Tensor) -> torch.Tensor:
+        """1.0 (on the device) if this step's scaled gradients held an inf or a NaN, else 0.0: the
+        flag with which GradScaler skips the update and halves the scale, read without a sync."""
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer)) or {}
+        flags = list(state.get("found_inf_per_device", {}).values())
+        if not flags:  # a GradScaler that keeps its flags elsewhere: inf/NaN gradients have a non-finite norm
+            return (~torch.isfinite(gnorm)).float()
+        return sum(f.to(self.device, non_blocking=True) for f in flags).clamp(max=1.0)
+
     def _metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
     def log(self, record: dict) -> None:
+        """Append one line to metrics.jsonl with one write() of the complete line (O_APPEND). A
+        crash can leave at most a cut-short last line, which the next run drops (`_truncate_metrics`)."""
+        data = memoryview((json.dumps(record) + "\n").encode())
         try:
-            with open(self._metrics_path(), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(self._metrics_path(), "ab", buffering=0) as f:
+                while data:  # a regular file takes it in one write; a short write continues
+                    data = data[f.write(data):]
         except OSError as e:
             raise PretuneError(f"cannot write metrics.jsonl: {e.strerror}", str(self.run_dir),
                                "free disk space or fix permissions, then rerun the same command to resume") from e
@@ -279,6 +307,7 @@ class Trainer:
         if ck is None:
             if ckpt.list_checkpoints(self.run_dir):  # written, then damaged: never silently start over
                 raise ckpt.no_checkpoint_error(self.run_dir, "")
+            self._truncate_metrics()  # died before its first checkpoint: step 0 again, its lines go
             return False
         state = self._restore(ck)
         for h, hs in zip(self.hooks, state.get("hooks", [])):
@@ -409,12 +438,13 @@ class Trainer:
             gnorm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.model.parameters()
                                    if p.grad is not None))
         parts_sum["grad_norm"] = gnorm.detach()
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        found_inf = self._found_inf(gnorm.detach()) if self.scaler.is_enabled() else None
         ckpt.fault_point("in_optimizer_step")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1  # inf/nan gradients: GradScaler skipped this step
+        self.scaler.step(self.optimizer)  # with found_inf the (fused) optimizer skips the update
+        self.scaler.update()  # ... and the scale is halved; no host sync in either
+        if found_inf is not None:  # inf/nan gradients: counted on the device, read at log time
+            self._skipped_dev = found_inf if self._skipped_dev is None else self._skipped_dev + found_inf
+        self.found_inf = found_inf
         self.optimizer.zero_grad(set_to_none=True)
         return total, parts_sum
 
@@ -448,7 +478,9 @@ class Trainer:
 
     def _catch_signals(self) -> dict:
         """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C): finish the step,
-        checkpoint, stop. A second signal stops at once (the last checkpoint stays good)."""
+        checkpoint, stop. A second signal stops at once, with the same exit status (the
+        checkpoints already written stay good). After the last step a signal changes nothing:
+        the final evaluation and checkpoint are written and the run ends as finished."""
         import signal
         import threading
 
@@ -457,10 +489,18 @@ class Trainer:
         old = {}
 
         def handler(signum, frame):
+            name = signal.Signals(signum).name
             if self.stop_signal is not None:
-                raise KeyboardInterrupt
+                print(f"\npretune: {name} again: stopped at once at step {self.step}/{self.tc.steps}, no "
+                      "checkpoint written for it; the checkpoints already written are intact; resume with "
+                      "the same command", file=sys.stderr, flush=True)
+                raise Preempted(128 + signum)
             self.stop_signal, self.stop_requested = signum, True
-            print(f"\npretune: {signal.Signals(signum).name}: finishing step {self.step + 1}, then writing a "
+            if self.step >= self.tc.steps:
+                print(f"\npretune: {name}: all {self.tc.steps} steps are done; writing the final checkpoint "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+                return
+            print(f"\npretune: {name}: finishing step {self.step + 1}, then writing a "
                   "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
 
         for s in (signal.SIGTERM, signal.SIGINT):

@@ -443,8 +443,9 @@ class PairBatches(_Resumable):
       a uniform one in [2, seq_len - 3], so the model also sees short sequences;
     - a chunk of consecutive sentences of a random document, filled up to that length,
       cut after a random sentence into A and the rest B (IsNext, probability 0.5), or
-      A and sentences of a random other document (NotNext); a one-sentence chunk is cut
-      at a random token instead, so IsNext keeps exactly probability 0.5;
+      A and sentences of a random other document (NotNext: never another copy of A's own,
+      as a mixing weight above 1 or a duplicate puts in the shard); a one-sentence chunk
+      is cut at a random token instead, so IsNext keeps exactly probability 0.5;
     - the longer segment is truncated until both fit: A loses tokens at its front and B
       at its back, so an IsNext pair stays two adjacent spans of the text;
     - [CLS] A [SEP] B [SEP], segment ids 0/1, [PAD] to seq_len (attention_mask False there);
@@ -485,6 +486,19 @@ class PairBatches(_Resumable):
         L = sents[s:de, 1] - sents[s, 0]
         return min(s + 1 + int(np.searchsorted(L, target)), de)
 
+    def _outside(self, v: float, ds: int, n_doc: int) -> int:
+        """The sentence a uniform v in [0, 1) picks among those outside the document [ds, ds + n_doc)."""
+        r = min(int(v * (self.n_sents - n_doc)), self.n_sents - n_doc - 1)
+        return r + n_doc if r >= ds else r
+
+    def _same_text(self, ds: int, de: int, rds: int, rde: int) -> bool:
+        """Do the documents of sentences [ds, de) and [rds, rde) hold the same tokens?"""
+        sents = self.shard.sents
+        if de - ds != rde - rds or ds == rds:
+            return ds == rds
+        a0, a1, b0, b1 = int(sents[ds, 0]), int(sents[de - 1, 1]), int(sents[rds, 0]), int(sents[rde - 1, 1])
+        return a1 - a0 == b1 - b0 and np.array_equal(self.shard.tokens[a0:a1], self.shard.tokens[b0:b1])
+
     def _pair(self, u: np.ndarray) -> tuple[int, int, int, int, int]:
         """(A start, A end, B start, B end, NSP label) for one example, from uniforms u."""
         sents = self.shard.sents
@@ -513,9 +527,18 @@ class PairBatches(_Resumable):
             a_end = s + 1 + int(u[4] * (e - s - 1)) if e - s >= 2 else e
             a0, a1 = int(sents[s, 0]), int(sents[a_end - 1, 1])
             n_doc = de - ds
-            r = min(int(u[5] * (self.n_sents - n_doc)), self.n_sents - n_doc - 1)
-            r = r + n_doc if r >= ds else r  # a uniform sentence outside this document
-            _, rde = self._doc_of(r)
+            r = self._outside(u[5], ds, n_doc)  # a uniform sentence outside this document
+            rds, rde = self._doc_of(r)
+            tries = 0
+            while self._same_text(ds, de, rds, rde):
+                # another copy of this document (a mixing weight above 1, or a duplicate in the
+                # corpus): its text is this document's, so draw again, from a generator seeded by u
+                tries += 1
+                if tries > 64:
+                    raise PretuneError(f"the {self.split} split holds copies of one document only; NotNext pairs "
+                                       "need another one", str(self.shard.dir), "give more documents")
+                r = self._outside(np.random.default_rng([int(u[5] * 2 ** 53), tries]).random(), ds, n_doc)
+                rds, rde = self._doc_of(r)
             re_ = self._fill(r, rde, max(1, target - (a1 - a0)))
             b0, b1 = int(sents[r, 0]), int(sents[re_ - 1, 1])
             label = 1
@@ -549,12 +572,13 @@ class PairBatches(_Resumable):
             seg[i, 2 + la:n] = 1
             att[i, :n] = True
         input_ids = torch.from_numpy(ids)
-        from ..objectives import mlm_mask
+        from ..objectives import mlm_mask, mlm_rows
 
         special = torch.isin(input_ids, self.special) | ~torch.from_numpy(att)
         masked, labels = mlm_mask(input_ids, special, self.mask, self.vocab_size, g)
         return {"input_ids": masked, "segment_ids": torch.from_numpy(seg), "attention_mask": torch.from_numpy(att),
-                "labels": labels, "nsp_labels": torch.from_numpy(nsp)}
+                "labels": labels, "nsp_labels": torch.from_numpy(nsp),
+                "mlm_rows": mlm_rows(labels)}  # found here, on the CPU: no host sync in the loss
 
 
 def eval_batches(data_dir, split: str, batch_size: int, seq_len: int, n_batches: int = 10,

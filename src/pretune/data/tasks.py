@@ -468,7 +468,8 @@ class TextEncoder:
 
 def collate(enc: Encoded, idx, pad_id: int) -> dict:
     """Right-padded tensors of the examples `idx`: input_ids, attention_mask (True at real
-    tokens), segment_ids (encoders), labels, lengths."""
+    tokens), segment_ids (encoders), labels, lengths; and `padded` (a bool: is any row
+    shorter than the longest?), so that the model need not ask the device."""
     idx = list(idx)
     T = max(len(enc.ids[i]) for i in idx)
     ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
@@ -481,7 +482,7 @@ def collate(enc: Encoded, idx, pad_id: int) -> dict:
         if segs is not None:
             segs[r, :n] = torch.tensor(enc.segments[i])
     out = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([enc.labels[i] for i in idx]),
-           "lengths": mask.sum(1)}
+           "lengths": mask.sum(1), "padded": any(len(enc.ids[i]) < T for i in idx)}
     if segs is not None:
         out["segment_ids"] = segs
     return out
@@ -533,7 +534,7 @@ class ClassificationBatches:
         e, j = divmod(k, self.per_epoch)
         batch = collate(self.enc, self.epoch_plan(e)[j], self.pad_id)
         if self.mlm is not None:
-            from ..objectives import IGNORE, mlm_mask
+            from ..objectives import IGNORE, mlm_mask, mlm_rows
             g = torch.Generator()
             g.manual_seed(int(_rng(self.seed, 1, k).integers(1 << 62)))
             special = torch.isin(batch["input_ids"], torch.tensor(sorted(self.mlm["special_ids"])))
@@ -543,7 +544,7 @@ class ClassificationBatches:
                 r = int((~special).any(1).nonzero()[0, 0])
                 c = int((~special[r]).nonzero()[0, 0])
                 y[r, c], x[r, c] = batch["input_ids"][r, c], self.mlm["mask_id"]
-            batch["mlm_input_ids"], batch["mlm_labels"] = x, y
+            batch["mlm_input_ids"], batch["mlm_labels"], batch["mlm_rows"] = x, y, mlm_rows(y)
         return batch
 
     def state_dict(self) -> dict:
