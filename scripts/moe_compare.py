@@ -10,8 +10,8 @@ For each preset three runs, one after another (issue 7 item 5):
 
 Each run is `pretune pretrain`, so rerunning the script resumes an interrupted
 run and skips a finished one (the trainer's own resume). At the end it prints
-the validation losses as a Markdown table (the task loss without the MoE's
-auxiliary terms beside `val_loss`, which includes them) and draws the
+the validation losses as a Markdown table (the task loss, `val_loss`, beside the
+task loss plus the MoE's auxiliary terms, `val_moe_aux`) and draws the
 validation curves to `<out>/moe_compare.png`.
 
     nice .venv/bin/python scripts/moe_compare.py --steps 150 --batch-size 8 --seq-len 128
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
 
 
 def report(out: Path, runs, a) -> str:
-    rows = ["| model | variant | params total | active | tokens | val task loss | val_loss (with aux) "
+    rows = ["| model | variant | params total | active | tokens | val task loss | with aux "
             "| median train tok/s |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, variant, arch in runs:
@@ -113,7 +113,7 @@ def report(out: Path, runs, a) -> str:
         tokens = logged[-1]["tokens"] if logged else last["step"] * a.batch_size * a.seq_len
         speed = sorted(r["tok_per_s"] for r in logged)[len(logged) // 2] if logged else float("nan")
         rows.append(f"| {m} | {variant} | {n['total']:,} | {n['active']:,} | {tokens:,} (step {last['step']}) "
-                    f"| {task:.4f} | {last['val_loss']:.4f} | {speed:,.0f} |")
+                    f"| {task:.4f} | {task + last.get('val_moe_aux', 0.0):.4f} | {speed:,.0f} |")
     return "\n".join(rows) + "\n"
 
 

@@ -19,7 +19,7 @@ from pretune.fileio import atomic_write_json
 from pretune.finetune import (Classifier, EarlyStopping, build_classifier, classification_metrics, finetune_loss,
                               freeze, load_classifier)
 from pretune.model import Transformer
-from pretune.objectives import l1_loss, mlm_loss, shift_targets
+from pretune.objectives import IGNORE, l1_loss, shift_targets
 from pretune.tokenizer import train_tokenizer
 from pretune.train import Hook, Trainer, TrainConfig
 
@@ -195,21 +195,57 @@ def test_l3_on_an_encoder_adds_mlm_on_the_masked_copy(toks):
     b = next(ClassificationBatches(enc, 8, 0, te.pad_id, mlm={"mask_id": tok.mask_id, "vocab_size": tok.vocab_size,
                                                               "special_ids": tok.special_ids}))
     loss, parts = finetune_loss("L3", lam=0.5)(model, b)
-    h2 = model.body(b["mlm_input_ids"], segment_ids=b["segment_ids"], attention_mask=b["attention_mask"])
-    torch.testing.assert_close(parts["mlm"], mlm_loss(model.body, h2, b["mlm_labels"]))
-    logits, _ = model(b["input_ids"], b["attention_mask"], b["lengths"], b["segment_ids"])
-    torch.testing.assert_close(parts["l2"], F.cross_entropy(logits, b["labels"]))
+    V = model.config.vocab_size
+    with torch.no_grad():  # by hand: -log softmax, the log-sum-exp written out, at the chosen positions
+        h2 = model.body(b["mlm_input_ids"], segment_ids=b["segment_ids"], attention_mask=b["attention_mask"])
+        logits, _ = model(b["input_ids"], b["attention_mask"], b["lengths"], b["segment_ids"])
+        mlm = ce_by_hand(model.body.logits(h2)[..., :V], b["mlm_labels"])
+        l2 = ce_by_hand(logits, b["labels"])
+    chosen = b["mlm_labels"] != IGNORE
+    assert chosen.any() and torch.equal(b["mlm_labels"][chosen], b["input_ids"][chosen])  # the original tokens
+    assert parts["mlm"].item() == pytest.approx(mlm, rel=1e-5)
+    assert parts["l2"].item() == pytest.approx(l2, rel=1e-5)
+    assert loss.item() == pytest.approx(l2 + 0.5 * mlm, rel=1e-5)
+
+
+def ce_by_hand(logits, labels) -> float:
+    """Mean over the labelled rows of -log softmax(logits)[label] = logsumexp(z) - z_y, in float64."""
+    z, y = logits.double().reshape(-1, logits.shape[-1]), labels.flatten()
+    z, y = z[y != IGNORE], y[y != IGNORE]
+    mx = z.max(-1).values
+    return float((mx + torch.log(torch.exp(z - mx[:, None]).sum(-1)) - z[torch.arange(len(y)), y]).mean())
 
 
 def test_moe_auxiliary_loss_is_added(toks):
+    """L2 plus each routed layer's aux_loss_coef * E sum_i f_i P_i (Switch Transformer, Fedus et al.
+    2022, eq. 4) + z_loss_coef * mean logsumexp^2 (ST-MoE, Zoph et al. 2022, eq. 5), computed here
+    from each layer's input and router weights over the real (unpadded) tokens."""
     tok = toks[True]
-    cfg = tiny_cfg(True, tok, n_expert=4, top_k=2)
+    cfg = tiny_cfg(True, tok, n_expert=4, top_k=2, aux_loss_coef=0.1, z_loss_coef=0.01)
     torch.manual_seed(0)
     model = build_classifier(Transformer(cfg), cfg, 2)
     b, _ = toy_batch(tok, True)
+    assert not b["attention_mask"].all()  # padded rows: the padding is no token of the routers
+    seen, out = [], {}
+    for blk in model.body.blocks:
+        blk.mlp.register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0].detach())))
+    model.head.register_forward_hook(lambda mod, a, y: out.update(logits=y.detach()))  # the pass's own dropout
     loss, parts = finetune_loss("L2")(model, b)
-    assert parts["moe_aux"].item() > 0
-    torch.testing.assert_close(loss, parts["l2"] + parts["moe_aux"], rtol=0, atol=0)
+    real = b["attention_mask"].reshape(-1)
+    aux = 0.0
+    for mod, x in seen:
+        xs = x.reshape(-1, cfg.d_model).double()[real]
+        logits = xs @ mod.router.weight.detach().double().t()
+        mx = logits.max(-1, keepdim=True).values
+        p = torch.exp(logits - mx) / torch.exp(logits - mx).sum(-1, keepdim=True)
+        lse = mx.squeeze(-1) + torch.log(torch.exp(logits - mx).sum(-1))
+        top = [sorted(range(4), key=lambda e: -float(p[n, e]))[:2] for n in range(len(p))]
+        f = [sum(e in t for t in top) / (2 * len(p)) for e in range(4)]
+        balance = 4 * sum(f[e] * float(p[:, e].mean()) for e in range(4))
+        aux += 0.1 * balance + 0.01 * float(lse.square().mean())
+    assert len(seen) == cfg.n_layer and aux > 0.2  # balance >= 1 per layer
+    assert parts["moe_aux"].item() == pytest.approx(aux, rel=1e-5)
+    assert loss.item() == pytest.approx(ce_by_hand(out["logits"], b["labels"]) + aux, rel=1e-5)
 
 
 def test_metrics_by_hand():

@@ -78,6 +78,37 @@ def routed_ref(moe: MoE, x, drop=frozenset()):
     return out.view_as(x)
 
 
+def aux_by_hand(moe: MoE, x, real=None) -> float:
+    """aux_loss_coef * Switch's balance E sum_i f_i P_i (Fedus et al. 2022, eq. 4) + z_loss_coef *
+    ST-MoE's z-loss mean logsumexp(logits)^2 (Zoph et al. 2022, eq. 5), from the layer's input x
+    and its router's weights, over the real tokens (`real`, True at them) only: softmax, top-k
+    and the counts f_i written out."""
+    c = moe.c
+    xs = x.reshape(-1, x.shape[-1]).double()
+    if real is not None:
+        xs = xs[real.reshape(-1).bool()]
+    logits = xs @ moe.router.weight.detach().double().t()
+    mx = logits.max(-1, keepdim=True).values
+    ex = torch.exp(logits - mx)
+    p = ex / ex.sum(-1, keepdim=True)
+    lse = mx.squeeze(-1) + torch.log(ex.sum(-1))
+    N, E = p.shape
+    counts = [0] * E
+    for n in range(N):
+        for e in sorted(range(E), key=lambda j: -float(p[n, j]))[:c.top_k]:
+            counts[e] += 1
+    balance = E * sum(counts[e] / (N * c.top_k) * float(p[:, e].mean()) for e in range(E))
+    return c.aux_loss_coef * balance + c.z_loss_coef * float(lse.square().mean())
+
+
+def ce_by_hand(logits, labels) -> float:
+    """Mean over the labelled rows of -log softmax(logits)[label], the log-sum-exp written out."""
+    z, y = logits.detach().double().reshape(-1, logits.shape[-1]), labels.flatten()
+    z, y = z[y != -100], y[y != -100]
+    mx = z.max(-1).values
+    return float((mx + torch.log(torch.exp(z - mx[:, None]).sum(-1)) - z[torch.arange(len(y)), y]).mean())
+
+
 # ---- the layer ---------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "swiglu"])
@@ -195,6 +226,70 @@ def test_capacity_serves_first_choices_before_second_choices():
     assert float(moe.stats["dropped"]) == pytest.approx(2 / 8)
 
 
+def test_padding_is_neither_routed_nor_counted():
+    # Two rows of 4 tokens, E = 2, top-1, cf = 1. Row 0: two real tokens for expert 1 (logits (-1, 2)),
+    # then two pads whose logits (3, -1) would ask for expert 0; row 1: four real tokens for expert 0
+    # (logits (2, -1)). The 6 real tokens alone: C = ceil(1 * 6 * 1 / 2) = 3; expert 0 serves row 1's
+    # first three and drops its fourth, expert 1 serves row 0's two. (Were the pads routed: C = 4,
+    # the pads come first in token order and take two of expert 0's slots from row 1.)
+    # f = (4/6, 2/6); P_0 = (4 s(3) + 2 s(-3)) / 6 = 0.6508580423 (s the logistic function)
+    # balance = 2 * (4/6 * P_0 + 2/6 * P_1) = 1.1005720282
+    # every real token's logsumexp is 2 + log(1 + e^-3) = 2.0485873516: z = 4.1967101370
+    x = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x[0, :2, :2] = torch.tensor([-1.0, 2.0])
+    x[0, 2:, :2] = torch.tensor([3.0, -1.0])
+    x[1, :, :2] = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    for a, zc, want in [(1.0, 0.0, 1.1005720282), (0.0, 1.0, 4.1967101370)]:
+        moe = randomise(MoE(moe_cfg(d_model=4, n_expert=2, top_k=1, capacity_factor=1.0, aux_loss_coef=a,
+                                    z_loss_coef=zc)).double())
+        set_logits_router(moe)
+        y = moe(x, mask)
+        assert moe.aux_loss.item() == pytest.approx(want, abs=1e-9)
+    assert moe.stats["expert_fraction"].tolist() == pytest.approx([4 / 6, 2 / 6])
+    assert float(moe.stats["dropped"]) == pytest.approx(1 / 6)
+    real = x[mask]  # row 0's two real tokens, then row 1's four: row 1's last is real token 5
+    torch.testing.assert_close(y[mask], routed_ref(moe, real, drop={(5, 0)}), rtol=1e-10, atol=1e-10)
+    assert not y[~mask].any()  # padding comes out zero; the residual carries it
+
+
+@pytest.mark.parametrize("kw, form", [
+    (dict(n_expert=4, top_k=2, mlp="gelu_tanh"), "grouped"),
+    (dict(n_expert=4, top_k=2, mlp="gelu_tanh"), "batched"),
+    (dict(n_expert=4, top_k=2, mlp="gelu_tanh", capacity_factor=1.0), "capacity"),
+    (dict(n_expert=4, top_k=1, mlp="gelu", capacity_factor=0.75, shared_expert=True), "capacity"),
+], ids=["grouped", "batched", "capacity-top2", "capacity-top1-shared"])
+@pytest.mark.parametrize("pads", [3, 7], ids=["half-padded", "all-padding"])
+def test_a_row_behind_padding_is_routed_as_its_real_tokens_alone(kw, form, pads):
+    """Row 0 with `pads` pads, then row 1: the outputs at the real tokens, the statistics and
+    the auxiliary loss are those of the real tokens alone, in order, without padding (with
+    row 0 all padding: row 1 alone), whatever the pads hold."""
+    moe = randomise(MoE(moe_cfg(**kw)).double())
+    moe.max_padding = 0.0 if form == "grouped" else math.inf
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 7 - pads:] = False
+    y, aux, stats = moe(x, mask), moe.aux_loss, dict(moe.stats)
+    alone = moe(x[mask][None])[0]
+    torch.testing.assert_close(y[mask], alone, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(aux, moe.aux_loss, rtol=1e-10, atol=1e-12)
+    for k in stats:
+        torch.testing.assert_close(stats[k], moe.stats[k], rtol=1e-10, atol=1e-12)
+    assert aux.item() == pytest.approx(aux_by_hand(moe, x, mask), rel=1e-9)
+    x2 = x.clone()
+    x2[~mask] = 10 * torch.randn(int((~mask).sum()), 16, dtype=torch.float64)
+    assert torch.equal(moe(x2, mask), y) and torch.equal(moe.aux_loss, aux)
+
+
+def test_a_batch_of_padding_only_is_zero_and_costs_nothing():
+    moe = randomise(MoE(moe_cfg(capacity_factor=1.0)).double())
+    x = torch.randn(2, 3, 16, dtype=torch.float64, requires_grad=True)
+    y = moe(x, torch.zeros(2, 3, dtype=torch.bool))
+    assert not y.any() and moe.aux_loss.item() == 0.0 and not moe.stats["expert_fraction"].any()
+    (y.sum() + moe.aux_loss).backward()
+    assert not x.grad.any()
+
+
 @pytest.mark.parametrize("E", [3, 4], ids=["batched", "grouped"])  # padding 1.5x and 2x the work
 def test_dropless_drops_nothing_however_skewed(E):
     moe = randomise(MoE(moe_cfg(d_model=4, n_expert=E, top_k=2, capacity_factor=None)).double())
@@ -288,15 +383,35 @@ def batch(causal, B=3, T=12, V=50, seed=0):
 BERT = dict(causal=False, type_vocab_size=2, nsp_head=True, norm_placement="post", embedding_norm=True)
 
 
+def padded_bert_batch():
+    """batch(False) with row 0 ending in 4 [PAD] (id 0) tokens, as PairBatches pads."""
+    b = batch(False)
+    b["attention_mask"][0, 8:] = False
+    b["input_ids"][0, 8:] = 0
+    b["labels"][0, 8:] = -100
+    return b
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["gpt", "bert"])
 def test_transformer_with_experts_trains_a_step(causal):
     c = moe_cfg(**({} if causal else BERT), capacity_factor=1.25, dropout=0.1)
     m = Transformer(c)
-    loss, parts = pretrain_loss(m, batch(causal))
-    aux = sum(b.mlp.aux_loss for b in m.blocks)
-    assert float(parts["moe_aux"].detach()) == pytest.approx(float(aux.detach())) and float(aux.detach()) > 0
-    task = parts["l1"] if causal else parts["mlm"] + parts["nsp"]
-    assert loss.item() == pytest.approx((task + aux).item(), rel=1e-6)
+    b = batch(True) if causal else padded_bert_batch()
+    seen, out = [], {}  # each routed layer's input and the final h_n, from the pass pretrain_loss makes
+    for blk in m.blocks:
+        blk.mlp.register_forward_pre_hook(lambda mod, a: seen.append((mod, a[0].detach())))
+    m.register_forward_hook(lambda mod, a, h: out.update(h=h.detach()))
+    loss, parts = pretrain_loss(m, b)
+    # the routers' losses by hand, over the real tokens, and the task loss by hand from the logits
+    aux = sum(aux_by_hand(mod, x, b.get("attention_mask")) for mod, x in seen)
+    logits = m.logits(out["h"])[..., :c.vocab_size]
+    if causal:
+        task = ce_by_hand(logits, b["targets"])
+    else:
+        task = ce_by_hand(logits, b["labels"]) + ce_by_hand(m.nsp_head(out["h"]), b["nsp_labels"])
+    assert len(seen) == c.n_layer and aux > 0
+    assert parts["moe_aux"].item() == pytest.approx(aux, rel=1e-5)
+    assert loss.item() == pytest.approx(task + aux, rel=1e-5)
     loss.backward()
     for name, p in m.named_parameters():
         if "mlp" in name:
@@ -305,6 +420,24 @@ def test_transformer_with_experts_trains_a_step(causal):
     opt.step()
     loss2, _ = pretrain_loss(m, batch(causal))
     assert torch.isfinite(loss2)
+
+
+def test_an_encoder_with_experts_ignores_what_the_padding_holds():
+    # Other token ids under the padding, capacity routing: the same outputs at the real tokens,
+    # the same routing statistics and auxiliary loss (the pads are neither routed nor counted).
+    m = Transformer(moe_cfg(**BERT, capacity_factor=1.0)).eval()
+    runs = []
+    for pad_ids in (0, torch.arange(7, 11)):
+        b = padded_bert_batch()
+        b["input_ids"][0, 8:] = pad_ids
+        with torch.no_grad():
+            h = m(b["input_ids"], segment_ids=b["segment_ids"], attention_mask=b["attention_mask"])
+        runs.append((h[b["attention_mask"]], m.moe_losses(), [dict(blk.mlp.stats) for blk in m.blocks]))
+    (h0, a0, s0), (h1, a1, s1) = runs
+    torch.testing.assert_close(h0, h1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(a0, a1, rtol=1e-6, atol=1e-7)
+    for x, y in zip(s0, s1):
+        assert all(torch.allclose(x[k], y[k], atol=1e-7) for k in x)
 
 
 def test_a_decoder_with_experts_stays_causal():

@@ -774,7 +774,7 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
 def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
     from .data.shards import eval_batches as lm_eval_batches
-    from .objectives import pretrain_loss
+    from .objectives import pretrain_task_loss
 
     model, cfg, tok = ckpt.load_model(run)
     data = Path(data or d.get("data") or "")
@@ -786,15 +786,18 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
                            f"{cfg.vocab_size:,}", str(data), "prepare the data with the run's tokenizer")
     tc = d.get("train", {})
     seq_len = min(tc.get("seq_len") or cfg.max_seq_len, cfg.max_seq_len)
-    losses, n = 0.0, 0
+    losses, aux_sum, n = 0.0, 0.0, 0
     with torch.no_grad():
         for batch in lm_eval_batches(data, "val", tc.get("batch_size", 16), seq_len,
                                      n_batches=tc.get("eval_batches", 10), causal=cfg.causal):
-            loss, _ = pretrain_loss(model, batch)
+            loss, _ = pretrain_task_loss(model, batch)  # the perplexity is of L1 alone, not the routers' aux
             losses += loss.item()
+            aux_sum += float(model.moe_losses())
             n += 1
     val = losses / max(n, 1)
     m = {"val_loss": val, "batches": n, "data": str(data)}
+    if cfg.n_expert:
+        m["val_moe_aux"] = aux_sum / max(n, 1)
     if cfg.causal:
         m["perplexity"] = math.exp(val)
     print(json.dumps(m) if json_out else

@@ -134,19 +134,25 @@ class Block(nn.Module):
         self.pre = c.norm_placement == "pre"
         self.norm1, self.attn = Norm(c), Attention(c)
         self.norm2 = Norm(c)
-        if c.is_moe_block(i):
+        self.routed = c.is_moe_block(i)
+        if self.routed:
             from .moe import MoE
             self.mlp = MoE(c)
         else:
             self.mlp = MLP(c)
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, rope=None, pos=None, mask=None, cache=None, layer=0):
+    def ff(self, x, tokens=None):
+        """The feed-forward branch; routed experts see the token mask, so padding takes no expert's slot."""
+        return self.mlp(x, tokens) if self.routed else self.mlp(x)
+
+    def forward(self, x, rope=None, pos=None, mask=None, cache=None, layer=0, tokens=None):
+        """`tokens` (B, T): True at real tokens, for a routed feed-forward layer (moe.py)."""
         if self.pre:
             x = x + self.drop(self.attn(self.norm1(x), rope, pos, mask, cache, layer))
-            return x + self.drop(self.mlp(self.norm2(x)))
+            return x + self.drop(self.ff(self.norm2(x), tokens))
         x = self.norm1(x + self.drop(self.attn(x, rope, pos, mask, cache, layer)))
-        return self.norm2(x + self.drop(self.mlp(x)))
+        return self.norm2(x + self.drop(self.ff(x, tokens)))
 
 
 class MLMHead(nn.Module):
@@ -247,14 +253,16 @@ class Transformer(nn.Module):
         if self.emb_norm is not None:
             h = self.emb_norm(h)
         h = self.drop(h)
-        mask = None
+        mask = tokens = None
         if attention_mask is not None:
             keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
             if c.causal:
                 keys = keys & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
             mask = keys
+            if c.n_expert and attention_mask.shape == idx.shape:
+                tokens = attention_mask.bool()  # routers skip the padding
         for i, block in enumerate(self.blocks):  # h_i = block(h_{i-1})
-            h = block(h, self.rope, pos, mask, cache, i)
+            h = block(h, self.rope, pos, mask, cache, i, tokens)
         if self.norm_f is not None:
             h = self.norm_f(h)
         if cache is not None:

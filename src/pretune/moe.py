@@ -181,11 +181,35 @@ class MoE(nn.Module):
         gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
         return logits, probs, top_i, gates
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """y for x (B, T, d). `token_mask` (B, T), True at real tokens (the model's attention_mask):
+        padding is not routed, takes no expert's slot and counts in no statistic nor loss; it
+        comes out zero (its residual carries it). The real tokens are routed as they would be
+        alone, in order, without the padding."""
         B, T, d = x.shape
-        E, k = self.n_expert, self.top_k
         xf = x.reshape(-1, d)
+        if token_mask is None:
+            return self._routed(xf).view(B, T, d)
+        real = token_mask.reshape(-1).bool()
+        idx = real.nonzero().squeeze(1)  # a host sync: the capacity counts the real tokens
+        if idx.numel() == xf.shape[0]:
+            return self._routed(xf).view(B, T, d)
+        R = idx.numel()
+        inv = torch.full((xf.shape[0],), R, device=x.device)  # token -> its row among the real ones; R = pad
+        inv[idx] = torch.arange(R, device=x.device)
+        y = self._routed(_Gather.apply(xf, idx, inv, True))
+        return _Gather.apply(y, inv, idx, True).view(B, T, d)
+
+    def _routed(self, xf: torch.Tensor) -> torch.Tensor:
+        """The layer on N tokens xf (N, d); sets aux_loss and stats."""
+        d = xf.shape[1]
+        E, k = self.n_expert, self.top_k
         N = xf.shape[0]
+        if N == 0:  # nothing but padding
+            self.aux_loss = self.router.weight.sum() * 0.0
+            zero = torch.zeros((), device=xf.device)
+            self.stats = {"expert_fraction": torch.zeros(E, device=xf.device), "dropped": zero, "entropy": zero}
+            return xf
         logits, probs, top_i, gates = self.route(xf)
 
         # The N*k assignments in priority order: every token's first choice, then every
@@ -194,7 +218,7 @@ class MoE(nn.Module):
         M = k * N
         expert_of = top_i.t().reshape(-1)  # (M,)
         order = torch.argsort(expert_of, stable=True)  # sorted position -> assignment
-        arange = torch.arange(M, device=x.device)
+        arange = torch.arange(M, device=xf.device)
         inv = torch.empty_like(order).scatter_(0, order, arange)  # assignment -> sorted position
         counts = torch.bincount(expert_of, minlength=E)  # per expert, before capacity
         xk = xf.repeat(k, 1)  # (M, d): row j is token j mod N
@@ -210,7 +234,7 @@ class MoE(nn.Module):
             xs = _Gather.apply(xk, order, inv, False)
             outs = [self.expert(xe, *w) for w, xe in zip(self.experts(), xs.split(sizes)) if xe.shape[0]]
             ys = _Gather.apply(torch.cat(outs), inv, order, False)
-            dropped = torch.zeros((), device=x.device)
+            dropped = torch.zeros((), device=xf.device)
         else:
             # E queues of C slots, filled in priority order, all experts in one batched matmul
             # (GShard's and Switch's dispatch). With a capacity the shapes are static: no host sync.
@@ -218,7 +242,7 @@ class MoE(nn.Module):
             rank = (arange - start[expert_of[order]])[inv]  # place of assignment j in its expert's queue
             keep = rank < cap
             slot = torch.where(keep, expert_of * cap + rank, E * cap)  # assignment -> slot; E*C = dropped
-            src = torch.full((E * cap + 1,), M, device=x.device)  # slot -> assignment; M = empty
+            src = torch.full((E * cap + 1,), M, device=xf.device)  # slot -> assignment; M = empty
             src = src.scatter_(0, slot, arange)[:E * cap]  # (the dropped all land on the spare last entry)
             X = _Gather.apply(xk, src, slot, True).view(E, cap, d)
             ys = _Gather.apply(self.experts_batched(X).view(E * cap, d), slot, src, True)
@@ -228,7 +252,7 @@ class MoE(nn.Module):
             y = y + self.shared(xf)
 
         # Training signals (Switch eq. 4; ST-MoE eq. 5) and the statistics the loop logs.
-        f = counts.float() / (N * k)
+        f = counts.to(probs.dtype) / (N * k)  # in the router's precision (float32 at least)
         P = probs.mean(dim=0)
         balance = E * (f * P).sum()
         z = torch.logsumexp(logits, dim=-1).square().mean()
@@ -236,7 +260,7 @@ class MoE(nn.Module):
         entropy = -(probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         self.stats = {"expert_fraction": f.detach(), "dropped": dropped.detach(),
                       "entropy": entropy.detach()}
-        return y.view(B, T, d)
+        return y
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

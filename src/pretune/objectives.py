@@ -53,9 +53,20 @@ def mlm_mask(input_ids, special_mask, mask_id: int, vocab_size: int, generator: 
     draws exactly round(15% of n) per sequence); a chosen token becomes [MASK]
     with probability 0.8, a token drawn uniformly from the vocabulary with 0.1,
     and stays unchanged with 0.1. Returns (masked input ids, labels), labels
-    IGNORE where nothing is predicted. Special tokens are never chosen."""
+    IGNORE where nothing is predicted. Special tokens are never chosen.
+
+    Every sequence (last dimension) with a non-special token predicts at least
+    one, as BERT's script does (max(1, round(0.15 n))): a row the Bernoulli draw
+    left empty takes its non-special token of smallest u, a uniform choice among
+    them from the same draw, so the generator's stream, and every other row, is
+    unchanged. Without it a short pair ([CLS] a [SEP] b [SEP]) predicts nothing
+    with probability 0.85^2 = 0.72, and a batch of such rows gives a NaN loss."""
     u = torch.rand(input_ids.shape, generator=generator)
-    chosen = (u < p) & ~special_mask
+    eligible = ~special_mask
+    chosen = (u < p) & eligible
+    empty = eligible.any(-1, keepdim=True) & ~chosen.any(-1, keepdim=True)
+    smallest = u.masked_fill(~eligible, 2.0).argmin(-1, keepdim=True)
+    chosen |= torch.zeros_like(chosen).scatter_(-1, smallest, empty)
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
     r = torch.rand(input_ids.shape, generator=generator)
     to_mask = chosen & (r < p_mask)
@@ -76,9 +87,13 @@ def mlm_rows(labels) -> torch.Tensor:
 def mlm_loss(model, h, labels, rows=None) -> torch.Tensor:
     """Cross-entropy at the masked positions only: the MLM head runs on those
     rows alone (about 15% of them), not on every position. `rows`: mlm_rows(labels),
-    computed here if not given."""
+    computed here if not given. A batch without a masked position (mlm_mask never
+    makes one from text) gives 0, still a graph for backward, not the NaN of a
+    mean over nothing."""
     rows = mlm_rows(labels) if rows is None else rows
     logits = model.logits(h.reshape(-1, h.shape[-1]).index_select(0, rows))[:, :model.config.vocab_size]
+    if logits.shape[0] == 0:
+        return logits.float().sum()
     return F.cross_entropy(logits.float(), labels.reshape(-1).index_select(0, rows))
 
 
@@ -110,14 +125,19 @@ def l3_loss(l2: torch.Tensor, l1: torch.Tensor | float, lam: float) -> torch.Ten
     return l2 + lam * l1
 
 
-def pretrain_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """The pre-training objective the model's family uses: L1 for a decoder, MLM (+ NSP) for an encoder.
-    A mixture-of-experts model adds its routers' auxiliary losses."""
+def pretrain_task_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """The pre-training objective the model's family uses: L1 for a decoder, MLM (+ NSP) for an
+    encoder, without any router's auxiliary loss: what validation loss and perplexity report."""
     if model.config.causal:
         loss = l1_loss(model, batch["input_ids"], batch["targets"], batch.get("attention_mask"))
-        parts = {"l1": loss}
-    else:
-        loss, parts = mlm_nsp_loss(model, batch)
+        return loss, {"l1": loss}
+    return mlm_nsp_loss(model, batch)
+
+
+def pretrain_loss(model, batch) -> tuple[torch.Tensor, dict]:
+    """What pre-training minimises: the task loss, plus a mixture-of-experts model's routers'
+    auxiliary losses (in parts as `moe_aux`)."""
+    loss, parts = pretrain_task_loss(model, batch)
     aux = model.moe_losses()
     if torch.is_tensor(aux):
         parts["moe_aux"] = aux

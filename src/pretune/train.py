@@ -657,7 +657,7 @@ def check_resume(run_dir: str | Path, run_config: dict, extra: Callable[[dict], 
 def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
     """(train batches, eval function) for the model's family."""
     from .data.shards import LMBatches, PairBatches, eval_batches
-    from .objectives import pretrain_loss
+    from .objectives import pretrain_loss, pretrain_task_loss
 
     kind = "lm" if model_cfg.causal else "pairs"
     if kind == "lm":
@@ -675,7 +675,12 @@ def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
                                       causal=model_cfg.causal):
                 batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
                          for k, v in batch.items()}
-                loss, parts = pretrain_loss(model, batch)
+                # val_loss is the task loss alone (L1, MLM + NSP): a router's auxiliary losses are
+                # no part of the model's likelihood; they are logged apart, as val_moe_aux
+                loss, parts = pretrain_task_loss(model, batch)
+                aux = model.moe_losses()
+                if torch.is_tensor(aux):
+                    parts["moe_aux"] = aux
                 losses += loss.item()
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v)

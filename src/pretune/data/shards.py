@@ -449,7 +449,8 @@ class PairBatches(_Resumable):
     - the longer segment is truncated until both fit: A loses tokens at its front and B
       at its back, so an IsNext pair stays two adjacent spans of the text;
     - [CLS] A [SEP] B [SEP], segment ids 0/1, [PAD] to seq_len (attention_mask False there);
-    - MLM masking by objectives.mlm_mask with the batch's generator, special tokens never chosen.
+    - MLM masking by objectives.mlm_mask with the batch's generator, special tokens never chosen,
+      at least one token predicted per pair (BERT's max(1, round(0.15 n))).
     """
 
     def __init__(self, data_dir, split: str, batch_size: int, seq_len: int, seed: int,

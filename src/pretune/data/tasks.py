@@ -534,16 +534,13 @@ class ClassificationBatches:
         e, j = divmod(k, self.per_epoch)
         batch = collate(self.enc, self.epoch_plan(e)[j], self.pad_id)
         if self.mlm is not None:
-            from ..objectives import IGNORE, mlm_mask, mlm_rows
+            from ..objectives import mlm_mask, mlm_rows
             g = torch.Generator()
             g.manual_seed(int(_rng(self.seed, 1, k).integers(1 << 62)))
             special = torch.isin(batch["input_ids"], torch.tensor(sorted(self.mlm["special_ids"])))
             special |= ~batch["attention_mask"]
+            # every text has a token (empty ones are refused), and mlm_mask predicts one at least per row
             x, y = mlm_mask(batch["input_ids"], special, self.mlm["mask_id"], self.mlm["vocab_size"], g)
-            if not (y != IGNORE).any():  # never an empty MLM term: predict the first real text token
-                r = int((~special).any(1).nonzero()[0, 0])
-                c = int((~special[r]).nonzero()[0, 0])
-                y[r, c], x[r, c] = batch["input_ids"][r, c], self.mlm["mask_id"]
             batch["mlm_input_ids"], batch["mlm_labels"], batch["mlm_rows"] = x, y, mlm_rows(y)
         return batch
 
