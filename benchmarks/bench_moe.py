@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from pretune.config import ModelConfig, count_params
+from pretune.config.model import ModelConfig
+from pretune.models.counting import count_params
 from pretune.model import MLP
 from pretune.moe import MoE
 

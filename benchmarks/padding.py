@@ -15,7 +15,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-len", type=int, default=256)
     a = ap.parse_args()
     from pretune.data.tasks import BUILTIN, ClassificationBatches, TextEncoder, load_task
-    from pretune.tokenizer import load_tokenizer
+    from pretune.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(a.tokenizer)
     print(f"tokens computed per real token, one epoch of the train split, batch {a.batch}, {a.tokenizer}:")

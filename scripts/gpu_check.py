@@ -56,7 +56,7 @@ def dense_bf16_peak(device_name: str) -> float | None:
         if key in n:
             return DENSE_BF16_PEAK[key]
     try:  # the cost planner's table knows more devices
-        from pretune.hardware import from_device_name
+        from pretune.hardware.table import from_device_name
         hw = from_device_name(device_name)
         return hw.peak.get("bf16") if hw else None
     except ImportError:
@@ -108,7 +108,7 @@ def parse(argv=None):
 def main(argv=None) -> dict:
     import torch
 
-    from pretune.config import preset
+    from pretune.config.presets import preset
     from pretune.model import Transformer
     from pretune.objectives import l1_loss
     from pretune.speed import _Repeat, six_n
@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
         if a.precision == "fp32":
             peak, peak_src = None, "no fp32 peak listed"
     else:
-        from pretune.peak import machine_key, measured_peak
+        from pretune.hardware.peak import machine_key, measured_peak
         name = machine_key("cpu")
         dt_key = "bf16" if a.precision == "bf16" else "fp32"
         peak, peak_src = measured_peak(dt_key, "cpu", measure=True, seconds=1.0), f"measured {dt_key} matmul"

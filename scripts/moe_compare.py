@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from pretune.config import count_params, preset
+from pretune.models.counting import count_params
+from pretune.config.presets import preset
 from pretune.fileio import atomic_write_text
 from pretune.plots import read_metrics, save_figure
 

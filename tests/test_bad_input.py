@@ -37,7 +37,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """A workspace: a corpus, prepared data (BPE and WordPiece), a GPT run and a BERT run."""
-    from pretune.tokenizer import train_tokenizer
+    from pretune.tokenizer.vocabularies import train_tokenizer
     d = tmp_path_factory.mktemp("bad")
     (d / "corpus.txt").write_text(TEXT)
     for kind in ("bpe", "wordpiece"):

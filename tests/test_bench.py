@@ -42,7 +42,7 @@ def _well_formed(r: dict, unit: str):
 def test_six_n_of_gpt2_small_by_hand():
     # GPT-2 small holds 124,439,808 parameters (the released checkpoint, W_e tied);
     # minus the 1024 x 768 position table = N of 6·N. Vocabulary padding is not counted.
-    from pretune.config import preset
+    from pretune.config.presets import preset
 
     assert speed.six_n(preset("gpt2")) == 124_439_808 - 1024 * 768
 
@@ -74,8 +74,8 @@ def test_gpu_check_runs_its_cpu_fallback(tmp_path, monkeypatch):
     per_token = 6 * n + 12 * 4 * 16 * 256  # 31,540,224 + 196,608 = 31,736,832
     clock = iter([0.0, 0.1, 1.0, 1.25])  # warm-up 0.1 s; one timed step of 16 tokens in 0.25 s
     monkeypatch.setattr(g, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(clock))}))
-    import pretune.peak
-    monkeypatch.setattr(pretune.peak, "measured_peak", lambda *a, **k: 1e10)  # a 10 GFLOP/s "CPU"
+    import pretune.hardware.peak
+    monkeypatch.setattr(pretune.hardware.peak, "measured_peak", lambda *a, **k: 1e10)  # a 10 GFLOP/s "CPU"
     out = g.main(["--cpu", "--steps", "1", "--warmup", "1", "--batch", "1", "--seq", "16",
                   "--precision", "fp32", "--json", str(tmp_path / "r.json")])
     saved = json.loads((tmp_path / "r.json").read_text())

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pretune import Transformer
 from pretune import checkpoint as ck
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
 from pretune.objectives import pretrain_loss
 from pretune.safety import check_safetensors, looks_like_pickle

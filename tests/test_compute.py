@@ -11,14 +11,15 @@ import tracemalloc
 import pytest
 
 from pretune.cli import main
-from pretune.compute import (
-    MFUHook, PF_DAY, device_peak, device_seconds, dollars, energy_cost, energy_kwh, flop_params,
-    flops_from_pf_days, implied_mfu, inference_flops_per_token, memory, mfu, mfu_flag, pf_days, plan,
-    train_flops_per_token, training_flops, wall_clock_days,
-)
-from pretune.config import count_params, preset
-from pretune.hardware import HARDWARE, get_hardware
-from pretune import peak as peak_mod
+from pretune.compute import (MFUHook, PF_DAY, device_seconds, dollars, energy_cost, energy_kwh, flop_params,
+                             flops_from_pf_days, implied_mfu, inference_flops_per_token, memory, mfu_flag, pf_days,
+                             plan, train_flops_per_token, training_flops, wall_clock_days)
+from pretune.hardware.peak import device_peak, mfu
+from pretune.models.counting import count_params
+from pretune.config.presets import preset
+from pretune.hardware.table import HARDWARE
+from pretune.hardware.peak import get_hardware
+from pretune.hardware import peak as peak_mod
 
 DAY = 86400
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pretune import PretuneError, Transformer, count_params, preset
-from pretune.config import PRESETS, PUBLISHED_PARAMS, ModelConfig
+from pretune.config.presets import PRESETS, PUBLISHED_PARAMS
+from pretune.config.model import ModelConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -272,7 +272,7 @@ def _corpus(tmp_path, eval_file) -> str:
 
 def test_prepare_with_curation_records_each_step(tmp_path, eval_file):
     from pretune.data.shards import prepare
-    from pretune.tokenizer import load_tokenizer
+    from pretune.data.tokenizers import load_tokenizer
     corpus = _corpus(tmp_path, eval_file)
     meta = prepare([corpus], load_tokenizer("gpt2"), tmp_path / "d", val_fraction=0.2, progress=False,
                    curate=["default"], decontaminate=[eval_file], weights={"corpus": 2.0})

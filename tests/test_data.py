@@ -13,7 +13,8 @@ from pretune.data.shards import (LMBatches, PairBatches, Shard, eval_batches, pr
                                  unigram_entropy)
 from pretune.errors import PretuneError
 from pretune.objectives import IGNORE, mlm_mask
-from pretune.tokenizer import load_tokenizer, train_tokenizer
+from pretune.data.tokenizers import load_tokenizer
+from pretune.tokenizer.vocabularies import train_tokenizer
 
 # -- fixtures: a few hundred KB of the King James Bible, in two vocabularies ----------
 
@@ -233,7 +234,7 @@ def test_dtype_follows_the_vocabulary(tmp_path):
     from tokenizers import Tokenizer as HF
     from tokenizers import models, pre_tokenizers
 
-    from pretune.tokenizer import Tokenizer
+    from pretune.tokenizer.core import Tokenizer
     vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i for i in range(2, 70_000)}}
     hf = HF(models.WordLevel(vocab, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

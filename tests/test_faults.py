@@ -90,7 +90,7 @@ def cli(ctx, argv, fault=None, log=None):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, ctx):
     """Tiny prepared folders (a 320-token byte-level BPE, a 320-token WordPiece, trained here)."""
-    from pretune.tokenizer import train_tokenizer
+    from pretune.tokenizer.vocabularies import train_tokenizer
     d = tmp_path_factory.mktemp("faults")
     (d / "corpus.txt").write_text(TEXT)
     out = {}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from pretune import checkpoint as ckpt
 from pretune.cli import main
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.data.tasks import ClassificationBatches, Example, TextEncoder, collate
 from pretune.errors import PretuneError
 from pretune.fileio import atomic_write_json
@@ -20,7 +20,7 @@ from pretune.finetune import (Classifier, EarlyStopping, build_classifier, class
                               freeze, load_classifier)
 from pretune.model import Transformer
 from pretune.objectives import IGNORE, l1_loss, shift_targets
-from pretune.tokenizer import train_tokenizer
+from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.train import Hook, Trainer, TrainConfig
 
 POS = "good great fine fun".split()
@@ -622,7 +622,7 @@ def _by_hand(run, text):
     Transformer for h_n, then the summary (h at the last token for a decoder, the mean over the
     tokens for an encoder, as config.json's head says) and softmax(summary W_y^T + b)."""
     from safetensors.torch import load_file
-    from pretune.tokenizer import Tokenizer
+    from pretune.tokenizer.core import Tokenizer
 
     d = json.loads((run / "config.json").read_text())
     cfg = ModelConfig.from_dict(d["model"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pretune import Transformer
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.generate import generate, sample_next
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pretune import Transformer
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
 from pretune.guard import LossGuard
 from pretune.objectives import pretrain_loss

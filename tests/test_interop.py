@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretune.cli import main
-from pretune.config import ModelConfig, preset
+from pretune.config.model import ModelConfig
+from pretune.config.presets import preset
 from pretune.errors import PretuneError
 from pretune.model import Transformer
 
@@ -254,7 +255,7 @@ def test_exported_bert_mini_fills_masks_like_bert_for_masked_lm(tmp_path):
     """Same [MASK] predictions, each side using its own tokenizer (ours exported, theirs read back)."""
     from pretune.generate import fill_mask
     from pretune.interop.hf import export_hf
-    from pretune.tokenizer import load_tokenizer
+    from pretune.data.tokenizers import load_tokenizer
     model = randomize(Transformer(preset("bert-mini", nsp_head=False)), seed=3)
     tok = load_tokenizer("bert-uncased")
     out = export_hf(model, tok, tmp_path / "hf")

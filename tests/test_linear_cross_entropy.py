@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pretune import Transformer, linear_cross_entropy as lce
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.objectives import IGNORE, next_token_loss
 
 

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from pretune import Transformer
 from pretune.checkpoint import latest_checkpoint, list_checkpoints
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.guard import LossGuard
 from pretune.objectives import IGNORE, mlm_loss, mlm_mask, mlm_rows, pretrain_loss
 from pretune.train import Hook, Preempted, Trainer, TrainConfig
@@ -153,7 +153,7 @@ def test_a_fine_tuning_step_never_waits_for_the_device(tmp_path, causal, objecti
     collate knows it on the host. L3's next-token targets used a boolean index too."""
     from pretune.data.tasks import ClassificationBatches, Example, TextEncoder
     from pretune.finetune import build_classifier, finetune_loss
-    from pretune.tokenizer import train_tokenizer
+    from pretune.tokenizer.vocabularies import train_tokenizer
 
     texts = [f"the film was {w} and {v}" + " really" * (i % 5) + f" {i}"
              for i, (w, v) in enumerate(zip("good bad fine dull".split() * 10, "nice grim ok poor".split() * 10))]
@@ -328,7 +328,7 @@ def test_the_cli_exits_0_for_a_signal_after_the_last_step(tmp_path, monkeypatch)
     monkeypatch.setattr(train.Trainer, "save", save_then_signal)
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(f"Document {i}. The fox jumps over the dog {i % 7} times." for i in range(60)))
-    from pretune.tokenizer import train_tokenizer
+    from pretune.tokenizer.vocabularies import train_tokenizer
     train_tokenizer("bpe", 300, corpus.read_text().split("\n\n")).save(tmp_path / "bpe.json")
     assert cli.main(["prepare", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "bpe.json"),
                      "--out", str(tmp_path / "data"), "--val-fraction", "0.2"]) == 0

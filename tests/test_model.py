@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pretune import Transformer, preset
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.model import KVCache
 
 

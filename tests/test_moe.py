@@ -10,7 +10,8 @@ import torch
 
 from pretune import Transformer
 from pretune.cli import main as cli_main
-from pretune.config import ModelConfig, count_params
+from pretune.config.model import ModelConfig
+from pretune.models.counting import count_params
 from pretune.model import MLP
 from pretune.moe import MoE, MoEStatsHook
 from pretune.objectives import mlm_mask, pretrain_loss

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pretune.cli import main
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.model import Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from pretune import Transformer
 from pretune import checkpoint as ckpt
 from pretune.cli import main
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.data.shards import PairBatches, eval_batches, prepare
 from pretune.fileio import atomic_write_json
 from pretune.objectives import IGNORE, mlm_loss, mlm_mask
-from pretune.tokenizer import train_tokenizer
+from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.train import TrainConfig, build_pretraining
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

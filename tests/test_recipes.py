@@ -10,10 +10,11 @@ import torch
 
 from pretune import train as train_mod
 from pretune.cli import main
-from pretune.config import ModelConfig, preset
+from pretune.config.model import ModelConfig
+from pretune.config.presets import preset
 from pretune.finetune import finetune
 from pretune.model import Transformer
-from pretune.tokenizer import train_tokenizer
+from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.train import lr_at, make_optimizer
 
 CPU = torch.device("cpu")

@@ -38,7 +38,7 @@ def _one_thread():
 def w(tmp_path_factory):
     """A corpus prepared twice (two different held-out shares: two data folders), a 2-step GPT run
     on the first, a 2-step fine-tuning of it on a small task."""
-    from pretune.tokenizer import train_tokenizer
+    from pretune.tokenizer.vocabularies import train_tokenizer
     d = tmp_path_factory.mktemp("resume")
     (d / "corpus.txt").write_text(TEXT)
     train_tokenizer("bpe", 320, TEXT.split("\n\n")).save(d / "bpe.json")

@@ -11,7 +11,7 @@ import torch
 from pretune.data.tasks import (ClassificationBatches, Example, TextEncoder, collate, load_task, make_task,
                                 normalise, read_labelled_file, stratified_split, subsample)
 from pretune.errors import PretuneError
-from pretune.tokenizer import train_tokenizer
+from pretune.tokenizer.vocabularies import train_tokenizer
 
 WORDS = "good bad fine awful great terrible film movie plot actor scene story dull fun boring".split()
 

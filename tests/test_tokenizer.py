@@ -4,9 +4,12 @@ import json
 
 import pytest
 
-from pretune import tokenizer as T
+from pretune.tokenizer import vocabularies as T
 from pretune.errors import PretuneError
-from pretune.tokenizer import Tokenizer, load_tokenizer, package_file, train_tokenizer
+from pretune.tokenizer.core import Tokenizer
+from pretune.data.tokenizers import load_tokenizer
+from pretune.packages import package_file
+from pretune.tokenizer.vocabularies import train_tokenizer
 
 TEXT = ("Washington is the capital of the United States. Unaffable naïve café-goers "
         "paid $3.50 in 2019, didn't they?  Tabs\tand\nnewlines, émojis 🙂 and 中文.")

@@ -6,7 +6,7 @@ import torch
 
 from pretune import Transformer
 from pretune.checkpoint import latest_checkpoint, list_checkpoints
-from pretune.config import ModelConfig
+from pretune.config.model import ModelConfig
 from pretune.objectives import IGNORE, mlm_mask, pretrain_loss
 from pretune.train import Hook, Trainer, TrainConfig, lr_at, param_groups
 

@@ -1,6 +1,8 @@
 """pretune: pre-train, then fine-tune, transformer language models."""
 
-from .config import ModelConfig, count_params, preset, PRESETS
+from .config.model import ModelConfig
+from .models.counting import count_params
+from .config.presets import preset, PRESETS
 from .errors import PretuneError
 from .model import Transformer
 

@@ -31,8 +31,8 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         return _suite(json, only, quick, rounds, threads)
     if not (seconds > 0):
         raise PretuneError(f"--seconds must be positive, got {seconds!r}", None, "e.g. --seconds 3")
-    from .hardware import from_device_name
-    from .peak import TORCH_DTYPES, cache_file, machine_key, measure_peaks
+    from .hardware.table import from_device_name
+    from .hardware.peak import TORCH_DTYPES, cache_file, machine_key, measure_peaks
 
     dtypes = dtypes or ["fp32", "bf16"]
     for d in dtypes:

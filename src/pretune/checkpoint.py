@@ -353,9 +353,9 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def load_model(run_dir: str | Path, device: str = "cpu"):
     """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint."""
-    from .config import ModelConfig
+    from .config.model import ModelConfig
     from .model import Transformer
-    from .tokenizer import Tokenizer
+    from .tokenizer.core import Tokenizer
 
     cfg_d = read_run_config(run_dir)
     if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (finetune.py)

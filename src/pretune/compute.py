@@ -31,13 +31,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ModelConfig, count_params, preset
+from .config.model import ModelConfig
+from .config.presets import PRESETS, preset
 from .errors import PretuneError
-from .hardware import Hardware, from_device_name, get_hardware
+from .hardware.peak import device_peak, get_hardware
+from .hardware.table import Hardware
+from .models.counting import count_params
+
 
 PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
+
+
 SECONDS_PER_DAY = 86400.0
+
+
 MFU_PLAUSIBLE = 0.6  # above this, a claimed run is suspicious (PaLM reports 46%, MT-NLG ~30%)
+
 
 # bytes per parameter of (weights, gradients, optimizer state) when training with Adam
 TRAIN_STATE_BYTES = {
@@ -47,6 +56,8 @@ TRAIN_STATE_BYTES = {
     "bf16": (2, 2, 12),
     "fp16": (2, 2, 12),
 }
+
+
 INFERENCE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
 
 
@@ -194,49 +205,6 @@ def energy_kwh(device_hours: float, watts: float, pue: float = 1.1) -> float:
 
 def energy_cost(kwh: float, usd_per_kwh: float) -> float:
     return kwh * usd_per_kwh
-
-
-# --------------------------------------------------------------------------
-# MFU during training
-# --------------------------------------------------------------------------
-
-def _precision_dtype(device_type: str, precision: str) -> str:
-    if precision == "fp32" and device_type == "cuda":
-        import torch
-        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
-            return "tf32"
-    return precision
-
-
-def device_peak(device, precision: str = "fp32", measure: bool = True) -> tuple[float, str]:
-    """(peak FLOP/s, which peak it is) for a torch device (or a hardware-table name) and precision.
-
-    A CUDA device uses its datasheet's dense peak (TF32 if fp32 matmuls are allowed to use it); a
-    CPU, or a GPU not in the table, uses the matmul rate measured by `pretune bench --peak`."""
-    from .peak import measured_peak
-
-    dtype = precision
-    name = str(device)
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        hw = get_hardware(name, measure=measure)
-        return hw.peak_for(dtype), f"{hw.label} {dtype} dense peak {hw.peak_for(dtype) / 1e12:.4g} TFLOP/s"
-    dev_type = name.split(":")[0]
-    dtype = _precision_dtype(dev_type, precision)
-    if dev_type == "cuda":
-        import torch
-        gpu = torch.cuda.get_device_name(torch.device(name))
-        hw = from_device_name(gpu)
-        if hw is not None and dtype in hw.peak:
-            return hw.peak[dtype], f"{hw.label} {dtype} dense peak {hw.peak[dtype] / 1e12:.4g} TFLOP/s (datasheet)"
-    v = measured_peak(dtype, name, measure=measure)
-    if v is None:
-        raise PretuneError(f"no measured {dtype} peak for {name}", None, "run `pretune bench --peak`")
-    return v, f"{name} {dtype} matmul peak {v / 1e12:.4g} TFLOP/s (measured by `pretune bench --peak`)"
-
-
-def mfu(model_flops_per_s: float, device="cpu", dtype: str = "fp32") -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak for `dtype`."""
-    return model_flops_per_s / device_peak(device, dtype)[0]
 
 
 class MFUHook:

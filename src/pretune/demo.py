@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import preset
+from .config.presets import preset
 from .errors import PretuneError
 from .fileio import check_creatable
 from .train import TrainConfig, default_data_dir, pretrain
@@ -75,7 +75,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print(f"{name}: validation loss {final['val_loss']:.3f} nats/token; unigram entropy of the "
                   f"same split {h:.3f}; below it by {gap:.3f} nats ({'>= 1 nat: learned' if gap >= 1 else '< 1 nat'})")
         elif final.get("val_mlm") is not None:  # masked-LM never predicts a special token
-            from .tokenizer import Tokenizer
+            from .tokenizer.core import Tokenizer
             h = unigram_entropy(data, "val", exclude=Tokenizer.load(out / name).special_ids)
             report[name].update(unigram_entropy=h, lm_loss=final["val_mlm"])
             print(f"{name}: validation MLM loss {final['val_mlm']:.3f} nats/masked token (unigram entropy of "

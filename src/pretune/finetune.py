@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ModelConfig
+from .config.model import ModelConfig
 from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEncoder, eval_batches, load_task,
                          read_labelled_file, subsample)
 from .errors import PretuneError
@@ -177,9 +177,10 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
 
     init: a run directory (pretrain, import, or finetune: its body) or a preset name (random init).
     scratch: the run's architecture and tokenizer, randomly initialised (the experiment's baseline)."""
-    from .config import PRESETS, preset
+    from .config.presets import PRESETS, preset
     from .model import Transformer
-    from .tokenizer import Tokenizer, load_tokenizer
+    from .tokenizer.core import Tokenizer
+    from .data.tokenizers import load_tokenizer
 
     p = Path(init)
     if str(init) in PRESETS and not (p / "config.json").exists():
@@ -273,7 +274,7 @@ def _best_checkpoint(run_dir: Path) -> Path | None:
 def load_classifier(run_dir: str | Path, device: str = "cpu"):
     """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint."""
     from .model import Transformer
-    from .tokenizer import Tokenizer
+    from .tokenizer.core import Tokenizer
 
     run_dir = Path(run_dir)
     d = ckpt.read_run_config(run_dir)
@@ -442,7 +443,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         raise PretuneError(f"--train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
     t = task if isinstance(task, Task) else load_task(task, text_column, label_column)
     body, cfg, tok, pooler, origin = load_init(init, scratch, tokenizer, seed)
-    from .recipes import recipe_for
+    from .config.training_recipes import recipe_for
     recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
     lr, epochs, warmup, batch_size, weight_decay = (recipe[k] if v is None else v for k, v in (
         ("lr", lr), ("epochs", epochs), ("warmup", warmup), ("batch_size", batch_size),

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config.model import ModelConfig
 
 
 def Norm(c: ModelConfig) -> nn.Module:

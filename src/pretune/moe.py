@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config.model import ModelConfig
 from .model import MLP, activation
 from .train import Hook
 

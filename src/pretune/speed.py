@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from .config import ModelConfig, preset
+from .config.model import ModelConfig
+from .config.presets import preset
 
 # The shapes of the issue, plus a tiny one for the tests.
 GPT_SHAPES = {
@@ -188,7 +189,7 @@ def _trainer(model, batch: dict, loss_fn, precision: str, compile: bool = False)
 def six_n(c: ModelConfig) -> int:
     """N of 6·N FLOPs per token: every parameter but the position table, the tied W_e
     once (the output projection uses it), vocabulary padding not counted."""
-    from .config import count_params
+    from .models.counting import count_params
 
     p = count_params(c.replace(vocab_multiple=1))
     pos = c.max_seq_len * c.d_model if c.position == "learned" else 0
@@ -385,7 +386,7 @@ def tokenization(tokenizer: str = "gpt2", max_bytes: int = 2_000_000, rounds: in
     fast tokenizer built on the same tokenizer.json, over the same documents."""
     from transformers import PreTrainedTokenizerFast
 
-    from .tokenizer import load_tokenizer
+    from .data.tokenizers import load_tokenizer
 
     set_threads(threads)
     tok = load_tokenizer(tokenizer)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import checkpoint as ckpt
-from .config import ModelConfig
+from .config.model import ModelConfig
 from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text, check_creatable, make_dir
 
@@ -129,7 +129,7 @@ class TrainConfig:
         """The model's recipe for `stage` (pretrain | finetune; recipes.py), under the caller's
         `defaults` (a demo's tuned budget, finetune's steps), under the user's options `d`
         (--train.*): `--train.beta2 0.95` wins over any recipe."""
-        from .recipes import recipe_for, train_defaults, warmup_steps
+        from .config.training_recipes import recipe_for, train_defaults, warmup_steps
 
         cls.from_overrides(d, **defaults)  # an unknown or bad option fails here, before the recipe is read
         recipe = recipe_for(model_cfg, stage)
@@ -663,7 +663,7 @@ def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
     if kind == "lm":
         train = LMBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed)
     else:
-        from .tokenizer import Tokenizer
+        from .tokenizer.core import Tokenizer
         tok = Tokenizer.load(data_dir)
         train = PairBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed,
                             tokenizer_special=tok.special_dict(), vocab_size=tok.vocab_size)
@@ -697,7 +697,7 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
              hooks: list[Hook] | None = None, extra_config: dict | None = None) -> dict:
     """Pre-train a fresh model (or resume `out`), returning the final metrics."""
     from .model import Transformer
-    from .tokenizer import Tokenizer
+    from .tokenizer.core import Tokenizer
 
     out = Path(out)
     seq_len = tc.seq_len or model_cfg.max_seq_len
@@ -757,7 +757,7 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
         data: a folder made by `pretune prepare` (default: the built-in corpus, prepared on first use)
         out: the run directory (default: runs/<model>)
     """
-    from .config import preset
+    from .config.presets import preset
 
     if model.endswith(".json"):
         cfg = ModelConfig.load(model)

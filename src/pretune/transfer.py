@@ -67,7 +67,7 @@ def _cells(variants_of: dict, sizes, seeds):
 
 def _causal(run) -> bool:
     from . import checkpoint as ckpt
-    from .config import ModelConfig
+    from .config.model import ModelConfig
 
     return ModelConfig.from_dict(ckpt.read_run_config(Path(run))["model"]).causal
 
@@ -120,7 +120,7 @@ def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
 def _variants_of(pretrained_runs: dict, variants) -> dict:
     """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
     from . import checkpoint as ckpt
-    from .config import ModelConfig
+    from .config.model import ModelConfig
 
     out = {}
     for m, p in pretrained_runs.items():

@@ -61,7 +61,7 @@ WIKI_FILE = ("test", "test_data", "enwiki-latest-pages-articles1.xml-p000000010p
 
 
 def _pkg(package: str, *parts: str) -> Path:
-    from ..tokenizer import package_file
+    from ..packages import package_file
     return package_file(package, *parts)
 
 

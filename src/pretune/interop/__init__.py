@@ -119,6 +119,6 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
 
 def read_config(run: str | Path):
     from ..checkpoint import read_run_config
-    from ..config import ModelConfig
+    from ..config.model import ModelConfig
 
     return ModelConfig.from_dict(read_run_config(run)["model"], str(Path(run) / "config.json"))

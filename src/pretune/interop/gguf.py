@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ModelConfig
+from ..config.model import ModelConfig
 from ..errors import PretuneError
 
 # llama.cpp's pre-tokenizer names -> the split that goes before byte-level BPE
@@ -58,7 +58,7 @@ def gguf_tokenizer(reader, where: str):
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
     from tokenizers import Tokenizer as HFTokenizer
 
-    from ..tokenizer import Tokenizer
+    from ..tokenizer.core import Tokenizer
 
     kind = _field(reader, "tokenizer.ggml.model", "?", where)
     if kind != "gpt2":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config.model import ModelConfig
 from ..errors import PretuneError
 from ..safety import PICKLE_SUFFIXES, check_safetensors, contained
 
@@ -611,7 +611,7 @@ def sentence_transformers_meta(folder: Path) -> dict:
 
 def read_hf_tokenizer(folder: Path):
     """The folder's tokenizer as a pretune Tokenizer: tokenizer.json, else vocab.txt (WordPiece), else None."""
-    from ..tokenizer import Tokenizer
+    from ..tokenizer.core import Tokenizer
 
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.load(folder / "tokenizer.json", name=f"hf:{folder.name}")
@@ -619,7 +619,8 @@ def read_hf_tokenizer(folder: Path):
         from tokenizers import AddedToken, models
         from tokenizers import Tokenizer as HFTokenizer
 
-        from ..tokenizer import BERT_SPECIALS, _bert_pipeline, _bert_template
+        from ..tokenizer.core import BERT_SPECIALS
+        from ..tokenizer.vocabularies import _bert_pipeline, _bert_template
         lines = (folder / "vocab.txt").read_text(encoding="utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()

@@ -12,12 +12,13 @@ matrix-multiply rate torch reaches here, not a datasheet number.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 
-from .errors import PretuneError
+from ..errors import PretuneError
+
 
 T = 1e12  # TFLOP/s
+
 
 # The precisions a training run can name, and the peak they use on a device.
 # fp32 on a GPU means the plain CUDA-core rate unless TF32 matmuls are enabled
@@ -106,26 +107,13 @@ HARDWARE: dict[str, Hardware] = {
                        source="cloud.google.com/tpu/docs/v4"),
 }
 
+
 ALIASES = {"a10": "a10g", "h100-sxm": "h100", "v3": "tpu-v3", "v4": "tpu-v4", "v2": "tpu-v2",
            "tpuv2": "tpu-v2", "tpuv3": "tpu-v3", "tpuv4": "tpu-v4", "a100-sxm": "a100", "a100-pcie": "a100"}
 
 
 def known() -> list[str]:
     return [*HARDWARE, "cpu"]
-
-
-def get_hardware(name: str, measure: bool = True) -> Hardware:
-    """The table entry for `name`; "cpu" is this machine as measured (and cached) by peak.py."""
-    key = str(name).strip().lower()
-    key = ALIASES.get(key, key)
-    if key == "cpu":
-        from .peak import cpu_hardware
-        return cpu_hardware(measure=measure)
-    if key not in HARDWARE:
-        near = difflib.get_close_matches(key, known(), n=1)
-        raise PretuneError(f"unknown hardware '{name}'", None,
-                           (f"did you mean {near[0]}? " if near else "") + f"known: {', '.join(known())}")
-    return HARDWARE[key]
 
 
 def from_device_name(device_name: str) -> Hardware | None:

@@ -39,7 +39,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+
 WARMUP_CAP = 0.1  # a recipe's warmup is at most this fraction of the run's steps
+
 
 # Fine-tuning a decoder classifier: GPT-1's, the one published for a GPT (GPT-2 and GPT-3
 # were evaluated zero/few-shot, Brown et al. 2020 sec. 2). Radford et al. 2018, sec. 4.1:
@@ -48,6 +50,7 @@ WARMUP_CAP = 0.1  # a recipe's warmup is at most this fraction of the run's step
 # eps, L2 0.01 and the clip: openai/finetune-transformer-lm train.py / opt.py defaults.
 _GPT1_FINETUNE = dict(lr=6.25e-5, batch_size=32, epochs=3.0, warmup=0.002, decay="linear", min_lr_ratio=0.0,
                       beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, no_decay="bias,norm", grad_clip=1.0)
+
 
 RECIPES: dict[str, dict[str, Any]] = {
     # Radford et al. 2018, sec. 4.1: Adam, max lr 2.5e-4, "increased linearly from zero over the
@@ -87,7 +90,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         finetune=_GPT1_FINETUNE),
 }
 
+
 STAGES = ("pretrain", "finetune")
+
+
 FINETUNE_ONLY = ("epochs", "warmup")  # fine-tuning options of `finetune()`, not TrainConfig fields as given
 
 

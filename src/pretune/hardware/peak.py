@@ -8,19 +8,24 @@ one multiply takes long enough to time. The result is cached in
 `$PRETUNE_CACHE/peak.json` (default `~/.cache/pretune/peak.json`), keyed by
 the processor, the torch version and the thread count, so a changed machine
 is measured afresh.
+
+Also here: `get_hardware` (a table entry by name; "cpu" is this machine, measured) and
+`device_peak` / `mfu`, the peak an MFU figure of a running device is measured against.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from .errors import PretuneError
-from .fileio import atomic_write_json
-from .hardware import Hardware
+from ..errors import PretuneError
+from ..fileio import atomic_write_json
+from .table import ALIASES, HARDWARE, Hardware, from_device_name, known
+
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "tf32": "float32"}
 
@@ -154,3 +159,58 @@ def cpu_hardware(measure: bool = True, dtypes=("fp32", "bf16")) -> Hardware:
     return Hardware("cpu", f"this CPU ({machine_key('cpu')})", peaks, {}, None, None,
                     default_dtype="fp32", note="peak measured by `pretune bench --peak`",
                     source=str(cache_file()))
+
+
+def get_hardware(name: str, measure: bool = True) -> Hardware:
+    """The table entry for `name`; "cpu" is this machine as measured (and cached) by peak.py."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key == "cpu":
+        return cpu_hardware(measure=measure)
+    if key not in HARDWARE:
+        near = difflib.get_close_matches(key, known(), n=1)
+        raise PretuneError(f"unknown hardware '{name}'", None,
+                           (f"did you mean {near[0]}? " if near else "") + f"known: {', '.join(known())}")
+    return HARDWARE[key]
+
+
+# --------------------------------------------------------------------------
+# MFU during training
+# --------------------------------------------------------------------------
+
+def _precision_dtype(device_type: str, precision: str) -> str:
+    if precision == "fp32" and device_type == "cuda":
+        import torch
+        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+            return "tf32"
+    return precision
+
+
+def device_peak(device, precision: str = "fp32", measure: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s, which peak it is) for a torch device (or a hardware-table name) and precision.
+
+    A CUDA device uses its datasheet's dense peak (TF32 if fp32 matmuls are allowed to use it); a
+    CPU, or a GPU not in the table, uses the matmul rate measured by `pretune bench --peak`."""
+
+    dtype = precision
+    name = str(device)
+    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
+        hw = get_hardware(name, measure=measure)
+        return hw.peak_for(dtype), f"{hw.label} {dtype} dense peak {hw.peak_for(dtype) / 1e12:.4g} TFLOP/s"
+    dev_type = name.split(":")[0]
+    dtype = _precision_dtype(dev_type, precision)
+    if dev_type == "cuda":
+        import torch
+        gpu = torch.cuda.get_device_name(torch.device(name))
+        hw = from_device_name(gpu)
+        if hw is not None and dtype in hw.peak:
+            return hw.peak[dtype], f"{hw.label} {dtype} dense peak {hw.peak[dtype] / 1e12:.4g} TFLOP/s (datasheet)"
+    v = measured_peak(dtype, name, measure=measure)
+    if v is None:
+        raise PretuneError(f"no measured {dtype} peak for {name}", None, "run `pretune bench --peak`")
+    return v, f"{name} {dtype} matmul peak {v / 1e12:.4g} TFLOP/s (measured by `pretune bench --peak`)"
+
+
+def mfu(model_flops_per_s: float, device="cpu", dtype: str = "fp32") -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak for `dtype`."""
+    return model_flops_per_s / device_peak(device, dtype)[0]
