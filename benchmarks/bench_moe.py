@@ -21,8 +21,8 @@ import torch
 
 from pretune.config.model import ModelConfig
 from pretune.models.counting import count_params
-from pretune.model import MLP
-from pretune.moe import MoE
+from pretune.models.layers import MLP
+from pretune.models.moe import MoE
 
 
 def main(argv=None) -> dict:

@@ -40,7 +40,8 @@ if __name__ == "__main__":
 
     from pretune import speed
     from pretune.generate import gemv_layout
-    from pretune.model import KVCache, Transformer
+    from pretune.models.layers import KVCache
+    from pretune.models.transformer import Transformer
 
     speed.set_threads(a.threads)
     cfg, _, _ = speed._config(speed.GPT_SHAPES["mini"])

@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     import torch
 
     from pretune.config.presets import preset
-    from pretune.model import Transformer
+    from pretune.models.transformer import Transformer
     from pretune.objectives import l1_loss
     from pretune.speed import _Repeat, six_n
     from pretune.train import TrainConfig, Trainer

@@ -14,10 +14,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from pretune import Transformer
-from pretune import checkpoint as ck
 from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
+from pretune.models.load import load_model
 from pretune.objectives import pretrain_loss
+from pretune.runs import checkpoint as ck
 from pretune.safety import check_safetensors, looks_like_pickle
 from pretune.train import Trainer, TrainConfig
 
@@ -163,7 +164,7 @@ def test_all_checkpoints_damaged_is_an_error_for_every_reader(straight, tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged") as e:
-            ck.load_model(run)
+            load_model(run)
         assert "step-000015" in str(e.value) and "step-000020" in str(e.value)
         err = capsys.readouterr().err.splitlines()
         assert [l.split(" (")[0] for l in err] == [
@@ -181,7 +182,7 @@ def test_all_checkpoints_damaged_is_an_error_for_every_reader(straight, tmp_path
     for p in ck.list_checkpoints(run):
         p.rename(p.parent / f".broken-{p.name}")
     with pytest.raises(PretuneError, match=r"2 checkpoints exist, but all are damaged \(2 set aside"):
-        ck.load_model(run)
+        load_model(run)
 
 
 def test_verify_names_each_problem(straight, tmp_path):
@@ -247,7 +248,7 @@ def test_resave_of_a_step_keeps_a_good_copy_if_the_rename_fails(straight, tmp_pa
 def test_disk_trouble_ends_the_run_cleanly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, fail):
     """The write of the step-10 checkpoint (or the metrics line of step 10) fails: a PretuneError
     naming the cause, no partial folder, step 5 intact and loadable, and a rerun completes."""
-    import pretune.checkpoint as mod
+    import pretune.runs.checkpoint as mod
     real_save, real_replace, real_open = mod.save_model, os.replace, open
     calls = {"n": 0}
 
@@ -478,7 +479,7 @@ def test_the_pickle_scan_lets_through(code):
 def test_no_pickle_in_the_source():
     """No file of the package, its scripts or benchmarks can unpickle (the scan above, on each)."""
     import pathlib
-    root = pathlib.Path(ck.__file__).parents[2]
+    root = pathlib.Path(ck.__file__).parents[3]
     files = [f for d in ("src", "scripts", "benchmarks") for f in (root / d).rglob("*.py")]
     assert len(files) > 30
     bad = {str(f.relative_to(root)): u for f in files if (u := unpickling(f.read_text()))}

@@ -88,7 +88,7 @@ def test_decoder_embeddings_pool_the_last_token_not_cls(tmp_path, capsys):
     from pretune.config.model import ModelConfig
     from pretune.embed import embed_texts
     from pretune.interop import write_run
-    from pretune.model import Transformer
+    from pretune.models.transformer import Transformer
     from pretune.data.tokenizers import load_tokenizer
     tok = load_tokenizer("gpt2")
     model = Transformer(ModelConfig(name="tiny", vocab_size=tok.vocab_size, max_seq_len=32, n_layer=1, n_head=2,

@@ -28,7 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretune.checkpoint import FAULT_POINTS
+from pretune.runs.checkpoint import FAULT_POINTS
 
 TEXT = "\n\n".join(
     f"Document {i}. The quick brown fox jumps over the lazy dog. It was a bright cold day in April, "
@@ -73,7 +73,7 @@ def ctx():
     os.environ.update(ENV)  # inherited by the forkserver
     c = mp.get_context("forkserver")
     c.set_forkserver_preload(["torch", "torch._dynamo", "pretune.compute", "pretune.cli", "pretune.train",
-                              "pretune.data.shards", "pretune.guard", "pretune.objectives", "pretune.plots",
+                              "pretune.data.shards", "pretune.guard", "pretune.objectives", "pretune.runs.plots",
                               "pretune.finetune", "pretune.data.tasks", "matplotlib.pyplot", "tqdm"])  # torch._dynamo: the optimizer imports it, 3 s
     return c
 

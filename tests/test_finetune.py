@@ -10,18 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretune import checkpoint as ckpt
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.data.tasks import ClassificationBatches, Example, TextEncoder, collate
 from pretune.errors import PretuneError
 from pretune.fileio import atomic_write_json
-from pretune.finetune import (Classifier, EarlyStopping, build_classifier, classification_metrics, finetune_loss,
-                              freeze, load_classifier)
-from pretune.model import Transformer
+from pretune.models.heads import Classifier
+from pretune.finetune import EarlyStopping, build_classifier, classification_metrics, finetune_loss, freeze
+from pretune.models.load import load_classifier, load_model
+from pretune.models.transformer import Transformer
 from pretune.objectives import IGNORE, l1_loss, shift_targets
+from pretune.runs import checkpoint as ckpt
 from pretune.tokenizer.vocabularies import train_tokenizer
-from pretune.train import Hook, Trainer, TrainConfig
+from pretune.training.hooks import Hook
+from pretune.train import Trainer, TrainConfig
 
 POS = "good great fine fun".split()
 NEG = "bad awful dull boring".split()
@@ -372,7 +374,7 @@ def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, cap
     ev = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert ev["accuracy"] == pytest.approx(res["test"]["accuracy"])  # the best checkpoint, the same split
     # the fine-tuned body loads wherever a run is expected
-    body, c, _ = ckpt.load_model(out)
+    body, c, _ = load_model(out)
     assert isinstance(body, Transformer) and c.causal
     # rerunning the finished command resumes, changes nothing
     before = (out / "results.json").read_text()

@@ -17,7 +17,8 @@ from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
 from pretune.guard import LossGuard
 from pretune.objectives import pretrain_loss
-from pretune.train import Hook, Trainer, TrainConfig
+from pretune.training.hooks import Hook
+from pretune.train import Trainer, TrainConfig
 
 V, T, B = 40, 16, 8
 
@@ -225,7 +226,7 @@ def test_stops_with_one_line_after_max_interventions(tmp_path):
     assert "after 2 rollbacks" in msg and "non-finite loss" in msg and "\n" not in msg
     events = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("event")]
     assert len(events) == 2
-    from pretune.checkpoint import latest_checkpoint
+    from pretune.runs.checkpoint import latest_checkpoint
     from safetensors.torch import load_file
     w = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())  # the last good checkpoint is left good

@@ -16,7 +16,7 @@ from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
 from pretune.errors import PretuneError
-from pretune.model import Transformer
+from pretune.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -293,7 +293,8 @@ def test_combinations_without_a_hf_equivalent_are_refused_in_one_line(kw, words,
 # ---- 5. commands, and bad input ------------------------------------------------------------
 
 def test_import_command_makes_a_run_every_verb_accepts(tmp_path, capsys, minilm):
-    from pretune.checkpoint import latest_checkpoint, load_model, verify
+    from pretune.runs.checkpoint import latest_checkpoint, verify
+    from pretune.models.load import load_model
     run = tmp_path / "minilm"
     assert main(["import", f"hf:{MINILM}", "--out", str(run)]) == 0
     assert "ignored" in capsys.readouterr().out

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from pretune import Transformer
-from pretune.checkpoint import latest_checkpoint, list_checkpoints
+from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.config.model import ModelConfig
 from pretune.guard import LossGuard
 from pretune.objectives import IGNORE, mlm_loss, mlm_mask, mlm_rows, pretrain_loss
-from pretune.train import Hook, Preempted, Trainer, TrainConfig
+from pretune.training.hooks import Hook
+from pretune.train import Preempted, Trainer, TrainConfig
 
 V, T, B = 50, 16, 4
 

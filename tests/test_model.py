@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from pretune import Transformer, preset
 from pretune.config.model import ModelConfig
-from pretune.model import KVCache
+from pretune.models.layers import KVCache
 
 
 def tiny(**kw):

@@ -12,10 +12,12 @@ from pretune import Transformer
 from pretune.cli import main as cli_main
 from pretune.config.model import ModelConfig
 from pretune.models.counting import count_params
-from pretune.model import MLP
-from pretune.moe import MoE, MoEStatsHook
+from pretune.models.layers import MLP
+from pretune.models.moe import MoE
+from pretune.training.hooks import MoEStatsHook
 from pretune.objectives import mlm_mask, pretrain_loss
-from pretune.train import Hook, Trainer, TrainConfig, param_groups
+from pretune.training.hooks import Hook
+from pretune.train import Trainer, TrainConfig, param_groups
 
 
 def moe_cfg(**kw):

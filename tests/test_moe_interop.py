@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from pretune.cli import main
 from pretune.config.model import ModelConfig
-from pretune.model import Transformer
+from pretune.models.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pretune import Transformer
-from pretune import checkpoint as ckpt
+from pretune.runs import checkpoint as ckpt
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.data.shards import PairBatches, eval_batches, prepare

@@ -13,7 +13,7 @@ from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
 from pretune.finetune import finetune
-from pretune.model import Transformer
+from pretune.models.transformer import Transformer
 from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.train import lr_at, make_optimizer
 
@@ -176,7 +176,7 @@ def _toy_run(tmp_path, causal):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))  # no recipe: an import's config
     tok.save(run)
-    from pretune import checkpoint as ckpt
+    from pretune.runs import checkpoint as ckpt
     ckpt.save_checkpoint(run, 0, Transformer(cfg))
     return run, task
 

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from pretune import Transformer
-from pretune.checkpoint import latest_checkpoint, list_checkpoints
+from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.config.model import ModelConfig
 from pretune.objectives import IGNORE, mlm_mask, pretrain_loss
-from pretune.train import Hook, Trainer, TrainConfig, lr_at, param_groups
+from pretune.training.hooks import Hook
+from pretune.train import Trainer, TrainConfig, lr_at, param_groups
 
 
 class Synthetic:

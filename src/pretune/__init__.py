@@ -4,7 +4,7 @@ from .config.model import ModelConfig
 from .models.counting import count_params
 from .config.presets import preset, PRESETS
 from .errors import PretuneError
-from .model import Transformer
+from .models.transformer import Transformer
 
 __all__ = ["ModelConfig", "count_params", "preset", "PRESETS", "PretuneError", "Transformer"]
 __version__ = "0.1.0"

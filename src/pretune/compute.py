@@ -433,7 +433,7 @@ def plot_compute(plans: list[dict], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from .runs.plots import save_figure
 
     names = [p["model"] for p in plans]
     six = [pf_days(p["flops"]["six_nd"]) for p in plans]

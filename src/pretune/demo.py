@@ -123,7 +123,7 @@ def transfer_caveat(report: dict, full: bool) -> str | None:
 
 
 def _show(runs: dict) -> None:
-    from .checkpoint import load_model
+    from .models.load import load_model
     from .generate import fill_mask, generate
 
     import torch

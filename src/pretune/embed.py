@@ -92,7 +92,8 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
         out: write here (.npy, or .json) instead of printing JSON
         batch_size: texts per forward pass
     """
-    from .checkpoint import load_model, read_run_config
+    from .models.load import load_model
+    from .runs.checkpoint import read_run_config
     from .fileio import atomic_write_bytes, atomic_write_json, check_creatable
 
     if out is not None:

@@ -45,83 +45,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
 from .config.model import ModelConfig
 from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEncoder, eval_batches, load_task,
                          read_labelled_file, subsample)
 from .errors import PretuneError
-from .fileio import atomic_write_json, atomic_write_text, make_dir
-from .objectives import IGNORE, l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
-from .train import Hook, Trainer, TrainConfig, check_resume
+from .fileio import atomic_write_json, make_dir
+from .models.heads import POOLS, Classifier
+from .models.load import _check_tokenizer, load_classifier, load_model
+from .objectives import l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
+from .runs import checkpoint as ckpt
+from .train import TrainConfig, Trainer, check_resume
+from .training.hooks import Hook
+
 
 OBJECTIVES = ("L2", "L3")
-
-
-# ---- the model -------------------------------------------------------------------
-
-POOLS = ("last", "cls", "mean")
-
-
-def default_pool(causal: bool) -> str:
-    """Each paper's own: GPT reads the last token, BERT the pooled [CLS]."""
-    return "last" if causal else "cls"
-
-
-class ClassificationHead(nn.Module):
-    """softmax(h_l^m W_y) over a summary of h_n: the last real token (decoder), the pooled
-    [CLS] (encoder), or the mean over the real tokens (either)."""
-
-    def __init__(self, d_model: int, n_classes: int, pool: str, dropout: float = 0.1):
-        super().__init__()
-        if pool not in POOLS:
-            raise ValueError(pool)
-        self.pool = pool
-        self.pooler = nn.Linear(d_model, d_model) if pool == "cls" else None  # BERT's pooler, tanh
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(d_model, n_classes)  # W_y
-        for m in (self.pooler, self.out):
-            if m is not None:
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def summary(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One vector per sequence; padding is on the right, so the real tokens are h[:, :length]."""
-        if self.pool == "last":
-            return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
-        if self.pool == "mean":
-            real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
-            return (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return torch.tanh(self.pooler(h[:, 0]))
-
-    def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, n_classes); softmax of them is P(y | x)."""
-        return self.out(self.drop(self.summary(h, lengths)))
-
-
-class Classifier(nn.Module):
-    """The Transformer (`body`) and its classification head; saved together as one safetensors file."""
-
-    def __init__(self, body: nn.Module, n_classes: int, head_dropout: float = 0.1, pool: str | None = None):
-        super().__init__()
-        self.body = body
-        c = body.config
-        self.head = ClassificationHead(c.d_model, n_classes, pool or default_pool(c.causal), head_dropout)
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.body.config
-
-    def forward(self, input_ids, attention_mask, lengths, segment_ids=None, padded: bool | None = None):
-        """(class logits, h_n). `padded`: whether any row is padded, known on the host from the batch
-        (`data.tasks.collate`); without it the mask is read, a host sync."""
-        if padded is None:
-            padded = not bool(attention_mask.all())
-        mask = attention_mask if padded else None  # no padding: the fast causal path
-        h = self.body(input_ids, segment_ids=segment_ids, attention_mask=mask)
-        return self.head(h, lengths), h
-
-    def moe_losses(self):
-        return self.body.moe_losses()
 
 
 def finetune_loss(objective: str = "L2", lam: float = 0.5):
@@ -157,28 +94,13 @@ def finetune_loss(objective: str = "L2", lam: float = 0.5):
     return loss_fn
 
 
-# ---- building and loading ----------------------------------------------------------
-
-def _check_tokenizer(tok, cfg: ModelConfig, where: str, reference=None) -> None:
-    """A tokenizer that does not match the checkpoint's vocabulary is refused."""
-    if tok is None:
-        raise PretuneError("the run has no tokenizer.json", where, "pass --tokenizer with the run's vocabulary")
-    if tok.vocab_size > cfg.vocab_size:
-        raise PretuneError(f"the tokenizer '{tok.name}' has {tok.vocab_size:,} tokens, the checkpoint's "
-                           f"embedding only {cfg.vocab_size:,}", where, "use the checkpoint's own tokenizer")
-    if reference is not None and reference._tok.get_vocab() != tok._tok.get_vocab():
-        raise PretuneError(f"the tokenizer '{tok.name}' does not match the checkpoint's vocabulary "
-                           f"({reference.vocab_size:,} tokens in its tokenizer.json)", where,
-                           "leave out --tokenizer to use the run's own")
-
-
 def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = None, seed: int = 0):
     """(body Transformer, ModelConfig, tokenizer, NSP pooler state or None, where) to fine-tune from.
 
     init: a run directory (pretrain, import, or finetune: its body) or a preset name (random init).
     scratch: the run's architecture and tokenizer, randomly initialised (the experiment's baseline)."""
     from .config.presets import PRESETS, preset
-    from .model import Transformer
+    from .models.transformer import Transformer
     from .tokenizer.core import Tokenizer
     from .data.tokenizers import load_tokenizer
 
@@ -201,7 +123,7 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
         clf, cfg, _, _ = load_classifier(p)
         body = clf.body
     else:
-        body, cfg, _ = ckpt.load_model(p)
+        body, cfg, _ = load_model(p)
     tok = load_tokenizer(tokenizer) if tokenizer else own
     _check_tokenizer(tok, cfg, str(p), own if tokenizer else None)
     pooler = None
@@ -257,43 +179,6 @@ def freeze(model: Classifier, what: str | None) -> str:
     return desc
 
 
-def _best_checkpoint(run_dir: Path) -> Path | None:
-    res = run_dir / "results.json"
-    if res.exists():
-        try:
-            best = json.loads(res.read_text()).get("best_step")
-        except ValueError:
-            best = None
-        if best is not None:
-            p = run_dir / "checkpoints" / f"step-{best:06d}"
-            if p.is_dir() and ckpt.verify(p) is None:
-                return p
-    return ckpt.latest_checkpoint(run_dir)
-
-
-def load_classifier(run_dir: str | Path, device: str = "cpu"):
-    """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint."""
-    from .model import Transformer
-    from .tokenizer.core import Tokenizer
-
-    run_dir = Path(run_dir)
-    d = ckpt.read_run_config(run_dir)
-    if "task" not in d:
-        raise PretuneError("not a fine-tuned run (its config.json has no task)", str(run_dir),
-                           "fine-tune it first with `pretune finetune --init RUN`")
-    cfg = ModelConfig.from_dict(d["model"], str(run_dir / "config.json"))
-    model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
-    ck = _best_checkpoint(run_dir)
-    if ck is None:
-        raise ckpt.no_checkpoint_error(run_dir, "run the fine-tuning (again) to write one")
-    ckpt.load_weights(model, ck)
-    if not (run_dir / "tokenizer.json").exists():
-        raise PretuneError("the run has no tokenizer.json", str(run_dir), "copy the pre-trained run's tokenizer.json")
-    tok = Tokenizer.load(run_dir)
-    _check_tokenizer(tok, cfg, str(run_dir))
-    return model.to(device).eval(), cfg, tok, d["task"]
-
-
 # ---- evaluation -------------------------------------------------------------------
 
 @torch.no_grad()
@@ -344,7 +229,7 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from .runs.plots import save_figure
 
     k = len(labels)
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k))
@@ -528,7 +413,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     keep = KeepBest()
     hooks: list[Hook] = [EarlyStopping(patience)] + ([] if keep_checkpoints else [keep])
     if cfg.n_expert:  # the routers' loads, drops and entropy, as in pre-training
-        from .moe import MoEStatsHook
+        from .training.hooks import MoEStatsHook
         hooks.append(MoEStatsHook())
     if tc.guard:  # as in pre-training: roll back on a non-finite loss or a spike, skip the data, lower the lr
         from .guard import LossGuard
@@ -777,7 +662,7 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     from .data.shards import eval_batches as lm_eval_batches
     from .objectives import pretrain_task_loss
 
-    model, cfg, tok = ckpt.load_model(run)
+    model, cfg, tok = load_model(run)
     data = Path(data or d.get("data") or "")
     if not (data / "meta.json").exists():
         raise PretuneError("no prepared data to evaluate on", str(data), "pass --data FOLDER made by `pretune prepare`")

@@ -44,9 +44,9 @@ import sys
 
 import torch
 
-from .checkpoint import list_checkpoints
+from .runs.checkpoint import list_checkpoints
 from .errors import PretuneError
-from .train import Hook
+from .training.hooks import Hook
 
 
 class LossGuard(Hook):

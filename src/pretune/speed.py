@@ -228,7 +228,7 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     set_threads(threads)
     cfg, B, T = _config(GPT_SHAPES[shape])
     torch.manual_seed(0)
-    from .model import Transformer
+    from .models.transformer import Transformer
 
     model = Transformer(cfg)
     hf = hf_gpt2(model).train()
@@ -271,7 +271,7 @@ def variant_gain(shape: str = "mini", variant: str = "compile", rounds: int = 5,
     "bf16": bf16 autocast) on the "pretune" side, the plain fp32 eager step on the
     "reference" side, alternated like every benchmark, same weights and batch.
     `setup_s` is the first variant step's time minus an eager step's (the compile time)."""
-    from .model import Transformer
+    from .models.transformer import Transformer
     from .objectives import l1_loss
 
     set_threads(threads)
@@ -305,7 +305,7 @@ def bert_mlm(shape: str = "mini", rounds: int = 5, warmup: int = 1, threads: int
              precision: str = "fp32", progress: bool = False) -> dict:
     """BERT MLM training step: pretune (the MLM head on the masked rows only) against
     `BertForMaskedLM` (the head on every position), same weights, same masked batch."""
-    from .model import Transformer
+    from .models.transformer import Transformer
     from .objectives import IGNORE, mlm_mask, mlm_nsp_loss
 
     set_threads(threads)
@@ -339,7 +339,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     `GPT2LMHeadModel.generate(use_cache=True, do_sample=False)`, same weights and prompt,
     exactly `new_tokens` new tokens each (no end-of-text stop)."""
     from .generate import generate
-    from .model import Transformer
+    from .models.transformer import Transformer
 
     set_threads(threads)
     cfg, _, _ = _config(GPT_SHAPES[shape])

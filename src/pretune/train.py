@@ -12,22 +12,23 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-from . import checkpoint as ckpt
 from .config.model import ModelConfig
 from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text, check_creatable, make_dir
+from .runs import checkpoint as ckpt
+from .training.hooks import Hook
 
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
+
 
 # What a rerun of a run with checkpoints may change (docs/training.md, "Resuming: what a rerun may
 # change"). Free: no effect on the weights of any step (`steps` stretches or shortens the schedule
@@ -38,6 +39,8 @@ NO_DECAY_KINDS = ("bias", "norm", "embedding")
 # would silently override) is refused.
 RESUME_FREE = frozenset({"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "device",
                          "compile", "allow_change"})
+
+
 RESUME_DELIBERATE = frozenset({"lr", "min_lr_ratio", "warmup", "decay", "grad_clip", "guard", "guard_factor",
                                "guard_window", "guard_lr_scale", "guard_cooldown", "guard_max"})
 
@@ -202,23 +205,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PretuneError("device 'cuda' asked for, but no CUDA device is available", None, "use --train.device cpu")
     return torch.device(name)
-
-
-class Hook:
-    """A plug-in point of the loop. Override what you need; every method may read
-    `trainer.step`, `trainer.model`, `trainer.optimizer`, `trainer.tc`, `trainer.run_dir`."""
-
-    def on_start(self, trainer: "Trainer") -> None: ...
-    def before_step(self, trainer: "Trainer") -> None: ...
-    def after_step(self, trainer: "Trainer", loss: torch.Tensor, parts: dict) -> None:
-        """`loss` is a device tensor: read it (`.item()`) only when you must."""
-    def on_log(self, trainer: "Trainer", record: dict) -> None:
-        """May add fields to `record` before it is written to metrics.jsonl."""
-    def on_eval(self, trainer: "Trainer", metrics: dict) -> None: ...
-    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
-    def state_dict(self) -> dict:
-        return {}
-    def load_state_dict(self, d: dict) -> None: ...
 
 
 class Trainer:
@@ -563,7 +549,7 @@ class Trainer:
             final = {**(last or {}), **m}
         self.save()
         try:
-            from .plots import plot_metrics
+            from .runs.plots import plot_metrics
             plot_metrics(self.run_dir)
         except Exception as e:  # a plot must never lose a run
             print(f"note: could not draw the loss plot: {e}")
@@ -696,7 +682,7 @@ def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
 def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bool = True,
              hooks: list[Hook] | None = None, extra_config: dict | None = None) -> dict:
     """Pre-train a fresh model (or resume `out`), returning the final metrics."""
-    from .model import Transformer
+    from .models.transformer import Transformer
     from .tokenizer.core import Tokenizer
 
     out = Path(out)
@@ -730,7 +716,7 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     except ImportError:
         pass
     if model_cfg.n_expert:  # routers' expert loads, drops and entropy -> metrics.jsonl, moe.png
-        from .moe import MoEStatsHook
+        from .training.hooks import MoEStatsHook
         all_hooks.append(MoEStatsHook())
     if tc.guard:  # loss spikes and non-finite losses -> roll back, skip the data, lower the lr
         from .guard import LossGuard
@@ -776,4 +762,3 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
     print(f"run directory: {out}")
     return final
-

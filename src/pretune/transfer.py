@@ -66,7 +66,7 @@ def _cells(variants_of: dict, sizes, seeds):
 
 
 def _causal(run) -> bool:
-    from . import checkpoint as ckpt
+    from .runs import checkpoint as ckpt
     from .config.model import ModelConfig
 
     return ModelConfig.from_dict(ckpt.read_run_config(Path(run))["model"]).causal
@@ -83,7 +83,7 @@ def _cell_head(d: Path) -> str | None:
 def _cell_done(d: Path, pool: str, weights: bool = False) -> bool:
     """A finished cell fine-tuned with this head (one left by an earlier recipe is redone);
     a cell that keeps its weights is finished only with them (an older demo deleted them)."""
-    from .finetune import _best_checkpoint
+    from .models.load import _best_checkpoint
 
     return (d / "results.json").exists() and _cell_head(d) == pool and \
         (not weights or _best_checkpoint(d) is not None)
@@ -119,7 +119,7 @@ def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
 
 def _variants_of(pretrained_runs: dict, variants) -> dict:
     """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
-    from . import checkpoint as ckpt
+    from .runs import checkpoint as ckpt
     from .config.model import ModelConfig
 
     out = {}
@@ -329,7 +329,7 @@ def plot_transfer(summary: list[dict], majority: float, path: Path, task: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import save_figure
+    from .runs.plots import save_figure
 
     models = list(dict.fromkeys(s["model"] for s in summary))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)

@@ -42,7 +42,7 @@ def load_source(source: str):
 
 def write_run(out: str | Path, model, tok, source: dict) -> Path:
     """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place."""
-    from ..checkpoint import save_checkpoint
+    from ..runs.checkpoint import save_checkpoint
     from ..fileio import atomic_write_json, fsync_dir, make_dir
 
     out = Path(out)
@@ -104,7 +104,8 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
         raise PretuneError("missing --out", "pretune export", "name the folder to create, e.g. --out exported/")
     if format != "hf":
         raise PretuneError(f"unknown export format '{format}'", None, "use --format hf")
-    from ..checkpoint import load_model, read_run_config
+    from ..models.load import load_model
+    from ..runs.checkpoint import read_run_config
     from ..fileio import check_creatable
     check_creatable(out, "the export folder")  # before any weights are read
     from .hf import export_hf, hf_class, hf_family
@@ -118,7 +119,7 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
 
 
 def read_config(run: str | Path):
-    from ..checkpoint import read_run_config
+    from ..runs.checkpoint import read_run_config
     from ..config.model import ModelConfig
 
     return ModelConfig.from_dict(read_run_config(run)["model"], str(Path(run) / "config.json"))

@@ -106,7 +106,7 @@ def load_gguf(path: str | Path):
                            "pip install 'pretune[gguf]'") from e
     from tqdm import tqdm
 
-    from ..model import Transformer
+    from ..models.transformer import Transformer
     from .hf import load_state
 
     path = Path(path)

@@ -342,7 +342,7 @@ def _tied_copies(fam: str, p: str) -> dict[str, str]:
 def state_from_tensors(tensors: dict[str, torch.Tensor], c: ModelConfig, fam: str, p: str,
                        where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(our state dict, the ignored keys) from Hugging Face tensors; bad input -> PretuneError naming the tensor."""
-    from ..model import Transformer
+    from ..models.transformer import Transformer
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Transformer(c).state_dict().items()}
@@ -539,7 +539,7 @@ def _prefix(fam: str, keys: set[str]) -> str:
 
 def load_hf_folder(folder: str | Path):
     """(model, tokenizer or None, info) from a Hugging Face folder: config.json + model.safetensors."""
-    from ..model import Transformer
+    from ..models.transformer import Transformer
 
     folder = Path(folder)
     cfg_file = folder / "config.json"

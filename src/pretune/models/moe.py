@@ -47,15 +47,13 @@ groups are (partial) permutations, whose gradients are gathers too.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config.model import ModelConfig
-from .model import MLP, activation
-from .train import Hook
+from ..config.model import ModelConfig
+from .layers import MLP, activation
 
 
 class _Gather(torch.autograd.Function):
@@ -265,87 +263,3 @@ class MoE(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-class MoEStatsHook(Hook):
-    """Logs the routers' statistics to metrics.jsonl, averaged over the steps since
-    the last log line, and draws them to `moe.png` at each checkpoint:
-
-        moe_entropy       mean router entropy in nats (log E = uniform; 0 = one expert)
-        moe_dropped       fraction of the routing assignments dropped by capacity
-        moe_imbalance     E * max_i f_i, the busiest expert's load over a fair share (1 = balanced)
-        moe_expert_frac   per routed layer, the fraction f_i of assignments per expert
-
-    The statistics of the last micro-batch of each step are summed on the device;
-    the host reads them only at log time."""
-
-    def __init__(self):
-        self._sum: torch.Tensor | None = None  # (layers, E + 2): f_1..f_E, dropped, entropy
-        self._n = 0
-
-    def after_step(self, trainer, loss, parts) -> None:
-        layers = [m for m in moe_layers(trainer.model) if m.stats]
-        if not layers:
-            return
-        s = torch.stack([torch.cat([m.stats["expert_fraction"], m.stats["dropped"][None], m.stats["entropy"][None]])
-                         for m in layers])
-        self._sum = s if self._sum is None else self._sum + s
-        self._n += 1
-
-    def on_log(self, trainer, record: dict) -> None:
-        if self._sum is None:
-            return
-        s = (self._sum / self._n).cpu()
-        self._sum, self._n = None, 0
-        f = s[:, :-2]
-        record["moe_entropy"] = float(s[:, -1].mean())
-        record["moe_dropped"] = float(s[:, -2].mean())
-        record["moe_imbalance"] = float(f.shape[1] * f.max())
-        record["moe_expert_frac"] = [[round(float(v), 5) for v in row] for row in f]
-
-    def on_checkpoint(self, trainer, path) -> None:
-        try:
-            plot_moe(trainer.run_dir)
-        except Exception as e:  # a plot must never lose a run
-            print(f"note: could not draw moe.png: {e}")
-
-    def state_dict(self) -> dict:
-        return {"n": self._n, "sum": None if self._sum is None else self._sum.cpu().double().tolist()}
-
-    def load_state_dict(self, d: dict) -> None:
-        self._n = d.get("n", 0)
-        self._sum = None if d.get("sum") is None else torch.tensor(d["sum"], dtype=torch.float32)
-
-
-def plot_moe(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
-    """moe.png: router entropy, imbalance and dropped fraction per step; the last
-    logged expert loads as a layers x experts heat map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import read_metrics, save_figure
-
-    rows = [r for r in read_metrics(run_dir) if "moe_entropy" in r]
-    if not rows:
-        return None
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(steps, [r["moe_entropy"] for r in rows], label="router entropy (nats)")
-    a.plot(steps, [r["moe_imbalance"] for r in rows], label="imbalance E·max f_i (1 = even)")
-    a.plot(steps, [r["moe_dropped"] for r in rows], label="dropped fraction")
-    a.set_xlabel("step")
-    a.grid(alpha=0.3)
-    a.legend()
-    frac = rows[-1]["moe_expert_frac"]
-    im = b.imshow(frac, aspect="auto", cmap="viridis")
-    b.set_xlabel("expert")
-    b.set_ylabel("routed layer")
-    b.set_title(f"share of assignments per expert, step {steps[-1]}")
-    fig.colorbar(im, ax=b)
-    fig.suptitle(Path(run_dir).name)
-    path = Path(out or Path(run_dir) / "moe.png")
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
