@@ -14,7 +14,8 @@ if __name__ == "__main__":
     ap.add_argument("--tokenizer", default="gpt2")
     ap.add_argument("--max-len", type=int, default=256)
     a = ap.parse_args()
-    from pretune.data.tasks import BUILTIN, ClassificationBatches, TextEncoder, load_task
+    from pretune.data.labelled import BUILTIN, load_task
+    from pretune.data.encoding import ClassificationBatches, TextEncoder
     from pretune.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(a.tokenizer)

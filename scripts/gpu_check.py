@@ -110,9 +110,10 @@ def main(argv=None) -> dict:
 
     from pretune.config.presets import preset
     from pretune.models.transformer import Transformer
-    from pretune.objectives import l1_loss
+    from pretune.objectives.losses import l1_loss
     from pretune.speed import _Repeat, six_n
-    from pretune.train import TrainConfig, Trainer
+    from pretune.training.config import TrainConfig
+    from pretune.training.loop import Trainer
 
     a = parse(argv)
     cuda = torch.cuda.is_available() and not a.cpu

@@ -21,13 +21,13 @@ def _austen_state(state: str, monkeypatch) -> str:
     hidden: PRETUNE_HIDE_SOURCES=austen, as on a machine without the Debian package;
     present: the real Jane Austen files, read. Where they are absent the present case skips,
     except under CI=true (the set-up there installs them, so absence is a failure)."""
-    from pretune.data import corpora as C
+    from pretune.data import corpora as C, sources
     if state == "austen-hidden":
         monkeypatch.setenv(C.HIDE_ENV, "austen")
         return state
     monkeypatch.delenv(C.HIDE_ENV, raising=False)
-    if not C.austen_available():
-        why = (f"Jane Austen's novels are not installed ({C.AUSTEN_RDB} or the rdata parser missing): "
+    if not sources.austen_available():
+        why = (f"Jane Austen's novels are not installed ({sources.AUSTEN_RDB} or the rdata parser missing): "
                "apt-get install r-cran-janeaustenr (make test does it as root)")
         if os.environ.get("CI") == "true":
             pytest.fail(why)

@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from pretune.data import corpora as C
-from pretune.data.curate import (DUP_NGRAM_MAX, CurateConfig, Curator, MinHash, candidate_probability,
-                                 quality_failure)
+from pretune.data import corpora as C, sources
+from pretune.data.curate_filters import DUP_NGRAM_MAX, CurateConfig, MinHash, candidate_probability, quality_failure
+from pretune.data.curate import Curator
 from pretune.errors import PretuneError
 
 # -- text builders -------------------------------------------------------------------------
@@ -113,8 +113,8 @@ def test_a_source_read_twice_is_not_its_own_duplicate():
 
 
 def test_normal_text_of_the_builtin_corpus_passes():
-    assert quality_failure(next(C.wikipedia())) is None
-    assert quality_failure(next(C.movie_dialogs())) is None
+    assert quality_failure(next(sources.wikipedia())) is None
+    assert quality_failure(next(sources.movie_dialogs())) is None
     assert quality_failure(" ".join(filler(200))) is None  # the builders' own baseline
 
 
@@ -235,7 +235,7 @@ def test_a_13_gram_is_caught_and_a_12_gram_is_not(eval_file):
 
 
 def test_builtin_task_test_split_is_decontaminated():
-    from pretune.data.tasks import load_task
+    from pretune.data.labelled import load_task
     ex = next(e.text for e in load_task("movie-sentiment").test if len(e.text.split()) >= 16)
     doc = _doc_with(ex.split(), 6)
     cur = Curator(["decontaminate"], eval_sets=["movie-sentiment"])
@@ -271,7 +271,7 @@ def _corpus(tmp_path, eval_file) -> str:
 
 
 def test_prepare_with_curation_records_each_step(tmp_path, eval_file):
-    from pretune.data.shards import prepare
+    from pretune.data.prepare import prepare
     from pretune.data.tokenizers import load_tokenizer
     corpus = _corpus(tmp_path, eval_file)
     meta = prepare([corpus], load_tokenizer("gpt2"), tmp_path / "d", val_fraction=0.2, progress=False,

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pretune.data import corpora as C
-from pretune.data.shards import (LMBatches, PairBatches, Shard, eval_batches, prepare, split_sentences,
-                                 unigram_entropy)
+from pretune.data import corpora as C, sources
+from pretune.data.loaders import LMBatches, PairBatches, Shard, eval_batches, unigram_entropy
+from pretune.data.prepare import prepare, split_sentences
 from pretune.errors import PretuneError
-from pretune.objectives import IGNORE, mlm_mask
+from pretune.objectives.linear_cross_entropy import IGNORE
+from pretune.objectives.masking import mlm_mask
 from pretune.data.tokenizers import load_tokenizer
 from pretune.tokenizer.vocabularies import train_tokenizer
 
@@ -55,10 +56,10 @@ def _docs(shard: Shard) -> list[tuple[int, ...]]:
 
 
 def test_builtin_sources_read_their_files():
-    assert next(C.bible()).startswith("In the beginning God created the heaven and the earth. And the earth")
-    first = next(C.movie_dialogs())
+    assert next(sources.bible()).startswith("In the beginning God created the heaven and the earth. And the earth")
+    first = next(sources.movie_dialogs())
     assert first.splitlines()[:2] == ["you're asking me out. that's so cute. what's your name again?", "forget it."]
-    article = next(C.wikipedia())
+    article = next(sources.wikipedia())
     assert "Anarchism is a political philosophy" in article and "{{" not in article and "[[" not in article
 
 
@@ -133,11 +134,11 @@ def test_fast_r_reader_matches_rdata(austen_state):
     import warnings
 
     import rdata
-    blobs = C._r_lazyload(C.AUSTEN_RDB, C.AUSTEN_RDB.with_suffix(".rdx"))
+    blobs = sources._r_lazyload(sources.AUSTEN_RDB, sources.AUSTEN_RDB.with_suffix(".rdx"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(blobs["persuasion"]))]
-    assert C._r_strings(blobs["persuasion"]) == ref and ref[0] == "Persuasion"
+    assert sources._r_strings(blobs["persuasion"]) == ref and ref[0] == "Persuasion"
 
 
 def test_wikitext_cleaner():
@@ -150,7 +151,7 @@ def test_wikitext_cleaner():
            "{| class=\"wikitable\"\n|-\n| a || b\n|}\n"
            "See [http://example.org the site] for more.\n"
            "== References ==\n{{reflist}}\n[[Category:Mathematicians]]\n")
-    assert C.clean_wikitext(raw) == ("Ada was a mathematician from London. She wrote notes.\n"
+    assert sources.clean_wikitext(raw) == ("Ada was a mathematician from London. She wrote notes.\n"
                                      "She met Charles Babbage in 1833.\n"
                                      "See the site for more.")
 
@@ -206,7 +207,7 @@ def test_shards_hold_the_text(lm_data, gpt2):
     docs = _docs(train)
     assert len(docs) == meta["splits"]["train"]["documents"]
     # every stored document decodes to one chapter of the Bible, and the chapters are in order
-    chapters = list(C.bible())
+    chapters = list(sources.bible())
     texts = [gpt2.decode(d[:-1]) for d in docs]
     assert texts[0] == chapters[0] or texts[0] == chapters[1]
     assert all(t in chapters for t in texts)

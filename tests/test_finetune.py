@@ -12,18 +12,23 @@ import torch.nn.functional as F
 
 from pretune.cli import main
 from pretune.config.model import ModelConfig
-from pretune.data.tasks import ClassificationBatches, Example, TextEncoder, collate
+from pretune.data.encoding import ClassificationBatches, TextEncoder, collate
+from pretune.data.labelled import Example
 from pretune.errors import PretuneError
 from pretune.fileio import atomic_write_json
 from pretune.models.heads import Classifier
-from pretune.finetune import EarlyStopping, build_classifier, classification_metrics, finetune_loss, freeze
+from pretune.training.hooks import EarlyStopping
+from pretune.finetune import build_classifier, classification_metrics, freeze
+from pretune.objectives.finetuning import finetune_loss
 from pretune.models.load import load_classifier, load_model
 from pretune.models.transformer import Transformer
-from pretune.objectives import IGNORE, l1_loss, shift_targets
+from pretune.objectives.linear_cross_entropy import IGNORE
+from pretune.objectives.losses import l1_loss, shift_targets
 from pretune.runs import checkpoint as ckpt
 from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.training.hooks import Hook
-from pretune.train import Trainer, TrainConfig
+from pretune.training.loop import Trainer
+from pretune.training.config import TrainConfig
 
 POS = "good great fine fun".split()
 NEG = "bad awful dull boring".split()
@@ -517,7 +522,7 @@ def test_finetuning_guard_rolls_back_a_fault_and_finishes_finite(toks, tmp_path,
 def test_keep_best_forgets_weights_a_rollback_undid():
     """Without checkpoints per evaluation (the transfer experiment) the guard can roll back past
     the best evaluation KeepBest holds; those weights belong to a future that did not happen."""
-    from pretune.finetune import KeepBest
+    from pretune.training.hooks import KeepBest
 
     class T:
         model = torch.nn.Linear(2, 2)
@@ -694,7 +699,7 @@ def test_the_transfer_experiment_keeps_a_classifier_that_classify_can_use(toks, 
 def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, toy_csv, monkeypatch, capsys):
     """`pretune demo` (pre-training stubbed with tiny random runs, the grid shrunk to the toy task)
     ends by naming a fine-tuned run per model; `classify` works on each."""
-    import pretune.data.shards as shards
+    import pretune.data.loaders as shards
     import pretune.demo as demo
     import pretune.transfer as transfer
 

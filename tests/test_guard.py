@@ -15,10 +15,11 @@ import torch
 from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
-from pretune.guard import LossGuard
-from pretune.objectives import pretrain_loss
+from pretune.training.guard import LossGuard
+from pretune.objectives.losses import pretrain_loss
 from pretune.training.hooks import Hook
-from pretune.train import Trainer, TrainConfig
+from pretune.training.loop import Trainer
+from pretune.training.config import TrainConfig
 
 V, T, B = 40, 16, 8
 

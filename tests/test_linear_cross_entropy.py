@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretune import Transformer, linear_cross_entropy as lce
+from pretune import Transformer
+from pretune.objectives import linear_cross_entropy as lce
 from pretune.config.model import ModelConfig
-from pretune.objectives import IGNORE, next_token_loss
+from pretune.objectives.linear_cross_entropy import IGNORE
+from pretune.objectives.losses import next_token_loss
 
 
 @pytest.mark.parametrize("rows", [1000, 7, 1])  # one chunk, ragged chunks, a row at a time

@@ -28,10 +28,13 @@ from torch.overrides import TorchFunctionMode
 from pretune import Transformer
 from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.config.model import ModelConfig
-from pretune.guard import LossGuard
-from pretune.objectives import IGNORE, mlm_loss, mlm_mask, mlm_rows, pretrain_loss
+from pretune.training.guard import LossGuard
+from pretune.objectives.linear_cross_entropy import IGNORE
+from pretune.objectives.losses import mlm_loss, pretrain_loss
+from pretune.objectives.masking import mlm_mask, mlm_rows
 from pretune.training.hooks import Hook
-from pretune.train import Preempted, Trainer, TrainConfig
+from pretune.training.loop import Preempted, Trainer
+from pretune.training.config import TrainConfig
 
 V, T, B = 50, 16, 4
 
@@ -152,8 +155,10 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, causal, precision,
 def test_a_fine_tuning_step_never_waits_for_the_device(tmp_path, causal, objective):
     """The classifier used to ask the device whether a batch had padding (attention_mask.all());
     collate knows it on the host. L3's next-token targets used a boolean index too."""
-    from pretune.data.tasks import ClassificationBatches, Example, TextEncoder
-    from pretune.finetune import build_classifier, finetune_loss
+    from pretune.data.encoding import ClassificationBatches, TextEncoder
+    from pretune.data.labelled import Example
+    from pretune.finetune import build_classifier
+    from pretune.objectives.finetuning import finetune_loss
     from pretune.tokenizer.vocabularies import train_tokenizer
 
     texts = [f"the film was {w} and {v}" + " really" * (i % 5) + f" {i}"
@@ -316,7 +321,8 @@ def test_a_signal_after_the_last_step_changes_nothing(tmp_path, capfd):
 
 def test_the_cli_exits_0_for_a_signal_after_the_last_step(tmp_path, monkeypatch):
     """The same through `pretune pretrain`: main() returns 0 (Preempted would be exit 143)."""
-    from pretune import cli, train
+    from pretune import cli
+    from pretune.training import loop as train
 
     real = train.Trainer.save
 

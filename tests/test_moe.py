@@ -15,9 +15,11 @@ from pretune.models.counting import count_params
 from pretune.models.layers import MLP
 from pretune.models.moe import MoE
 from pretune.training.hooks import MoEStatsHook
-from pretune.objectives import mlm_mask, pretrain_loss
+from pretune.objectives.masking import mlm_mask
+from pretune.objectives.losses import pretrain_loss
 from pretune.training.hooks import Hook
-from pretune.train import Trainer, TrainConfig, param_groups
+from pretune.training.loop import Trainer
+from pretune.training.config import TrainConfig, param_groups
 
 
 def moe_cfg(**kw):

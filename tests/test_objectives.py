@@ -15,11 +15,15 @@ from pretune import Transformer
 from pretune.runs import checkpoint as ckpt
 from pretune.cli import main
 from pretune.config.model import ModelConfig
-from pretune.data.shards import PairBatches, eval_batches, prepare
+from pretune.data.loaders import PairBatches, eval_batches
+from pretune.data.prepare import prepare
 from pretune.fileio import atomic_write_json
-from pretune.objectives import IGNORE, mlm_loss, mlm_mask
+from pretune.objectives.linear_cross_entropy import IGNORE
+from pretune.objectives.losses import mlm_loss
+from pretune.objectives.masking import mlm_mask
 from pretune.tokenizer.vocabularies import train_tokenizer
-from pretune.train import TrainConfig, build_pretraining
+from pretune.training.config import TrainConfig
+from pretune.training.pretrain import build_pretraining
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 V = 40

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from pretune import train as train_mod
+from pretune.training import pretrain as train_mod
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
 from pretune.finetune import finetune
 from pretune.models.transformer import Transformer
 from pretune.tokenizer.vocabularies import train_tokenizer
-from pretune.train import lr_at, make_optimizer
+from pretune.training.config import lr_at, make_optimizer
 
 CPU = torch.device("cpu")
 TINY = ["--arch.n-layer", "1", "--arch.d-model", "8", "--arch.n-head", "2", "--arch.vocab-size", "16",

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pretune.data.tasks import (ClassificationBatches, Example, TextEncoder, collate, load_task, make_task,
-                                normalise, read_labelled_file, stratified_split, subsample)
+from pretune.data.encoding import ClassificationBatches, TextEncoder, collate
+from pretune.data.labelled import (Example, load_task, make_task, normalise, read_labelled_file, stratified_split,
+                                   subsample)
 from pretune.errors import PretuneError
 from pretune.tokenizer.vocabularies import train_tokenizer
 
@@ -256,7 +257,7 @@ def test_mlm_copy_masks_text_not_specials(wordpiece):
 
 
 def test_unlabelled_text_holds_the_training_split_only(tmp_path):
-    from pretune.data.tasks import write_unlabelled
+    from pretune.data.labelled import write_unlabelled
     rows = [(f"review number {i} was {'good' if i % 2 else 'bad'}", None, str(i % 2)) for i in range(50)]
     t = make_task("toy", rows)
     n = write_unlabelled(t, tmp_path / "u.txt")

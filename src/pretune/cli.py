@@ -28,9 +28,9 @@ from .errors import PretuneError
 
 # verb -> "module:function"; modules are imported only when their verb runs.
 VERBS: dict[str, str] = {
-    "prepare": "pretune.data.shards:prepare_cmd",
+    "prepare": "pretune.data.prepare:prepare_cmd",
     "curate": "pretune.data.curate:curate_cmd",
-    "pretrain": "pretune.train:pretrain_cmd",
+    "pretrain": "pretune.training.pretrain:pretrain_cmd",
     "generate": "pretune.generate:generate_cmd",
     "fill-mask": "pretune.generate:fill_mask_cmd",
     "demo": "pretune.demo:demo_cmd",

@@ -34,9 +34,9 @@ from typing import Any
 from .config.model import ModelConfig
 from .config.presets import PRESETS, preset
 from .errors import PretuneError
-from .hardware.peak import device_peak, get_hardware
+from .hardware.peak import get_hardware
 from .hardware.table import Hardware
-from .models.counting import count_params
+from .models.counting import count_params, inference_flops_per_token, training_flops
 
 
 PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
@@ -59,54 +59,6 @@ TRAIN_STATE_BYTES = {
 
 
 INFERENCE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
-
-
-# --------------------------------------------------------------------------
-# Counting
-# --------------------------------------------------------------------------
-
-def flop_params(cfg: ModelConfig) -> int:
-    """N of 6·N·D: the weights one token multiplies through (active non-embedding + output projection)."""
-    p = count_params(cfg)
-    out = cfg.padded_vocab_size * cfg.d_model if cfg.lm_head else 0
-    return p["active_non_embedding"] + out
-
-
-def d_attn(cfg: ModelConfig) -> int:
-    return cfg.n_head * cfg.head_dim
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, predicted: float = 1.0) -> float:
-    """Model FLOPs per trained token, 6·N + 12·L·T·d_attn (PaLM app. B): what MFU is counted in.
-
-    predicted: the fraction of positions the LM head runs on. 1 for L1; for masked-LM 0.15,
-    since only the masked positions need the head (BERT's own code gathers them, as
-    objectives.mlm_loss does), so the head's 6·(V·d + d²) counts at that fraction.
-    Recomputed activations are not counted (that would be hardware FLOPs, HFU)."""
-    T = seq_len or cfg.max_seq_len
-    head = 0
-    if cfg.lm_head:
-        head = cfg.padded_vocab_size * cfg.d_model + (0 if cfg.causal else cfg.d_model * cfg.d_model)
-    n = flop_params(cfg) - head * (1.0 - predicted)
-    return 6.0 * n + 12.0 * cfg.n_layer * T * d_attn(cfg)
-
-
-def training_flops(cfg: ModelConfig, tokens: float, seq_len: int | None = None) -> dict[str, float]:
-    """{'six_nd', 'attention', 'total', 'n', 'per_token'} for `tokens` training tokens."""
-    T = seq_len or cfg.max_seq_len
-    n = flop_params(cfg)
-    six_nd = 6.0 * n * tokens
-    attn = 12.0 * cfg.n_layer * T * d_attn(cfg) * tokens
-    return {"n": n, "six_nd": six_nd, "attention": attn, "total": six_nd + attn,
-            "per_token": (six_nd + attn) / tokens, "seq_len": T}
-
-
-def inference_flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, float]:
-    """Forward FLOPs to generate one token with `context` tokens already in the KV cache."""
-    c = cfg.max_seq_len if context is None else context
-    weights = 2.0 * flop_params(cfg)
-    attn = 4.0 * cfg.n_layer * c * d_attn(cfg)
-    return {"weights": weights, "attention": attn, "total": weights + attn, "context": c}
 
 
 def _activation_bytes_per_token_layer(cfg: ModelConfig, T: int, flash: bool) -> float:
@@ -205,46 +157,6 @@ def energy_kwh(device_hours: float, watts: float, pue: float = 1.1) -> float:
 
 def energy_cost(kwh: float, usd_per_kwh: float) -> float:
     return kwh * usd_per_kwh
-
-
-class MFUHook:
-    """Adds `model_flops_per_s` and `mfu` to every logged record (a `train.Hook`, duck-typed so
-    this module stays free of torch at import). FLOP/s = tokens/s × train_flops_per_token; the peak
-    is the one `device_peak` names, printed once at the start."""
-
-    def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32",
-                 predicted: float | None = None):
-        if predicted is None:  # masked-LM pre-training predicts 15% of the positions (BERT)
-            predicted = 1.0 if model_cfg.causal else 0.15
-        self.flops_per_token = train_flops_per_token(model_cfg, seq_len, predicted)
-        self.precision = precision
-        self.peak: float | None = None
-        self.peak_label = ""
-
-    def on_start(self, trainer) -> None:
-        try:
-            self.peak, self.peak_label = device_peak(getattr(trainer, "device", "cpu"), self.precision)
-        except PretuneError as e:  # no peak: log FLOP/s without an MFU
-            self.peak, self.peak_label = None, str(e)
-        if getattr(trainer, "progress", False):
-            print(f"MFU against: {self.peak_label}")
-
-    def on_log(self, trainer, record: dict) -> None:
-        if "tok_per_s" not in record:
-            return
-        fps = record["tok_per_s"] * self.flops_per_token
-        record["model_flops_per_s"] = fps
-        if self.peak:
-            record["mfu"] = fps / self.peak
-            record["peak_flops"] = self.peak
-
-    def before_step(self, trainer) -> None: ...
-    def after_step(self, trainer, loss, parts) -> None: ...
-    def on_eval(self, trainer, metrics) -> None: ...
-    def on_checkpoint(self, trainer, path) -> None: ...
-    def state_dict(self) -> dict:
-        return {}
-    def load_state_dict(self, d: dict) -> None: ...
 
 
 # --------------------------------------------------------------------------

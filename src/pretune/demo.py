@@ -17,7 +17,8 @@ from pathlib import Path
 from .config.presets import preset
 from .errors import PretuneError
 from .fileio import check_creatable
-from .train import TrainConfig, default_data_dir, pretrain
+from .training.config import TrainConfig
+from .training.pretrain import default_data_dir, pretrain
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
 MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [MASK] .",
@@ -48,7 +49,8 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         finetune: run the transfer-learning experiment after pre-training
         full: the whole fine-tuning grid (100, 1,000, all labels; 3 seeds) and the real-weights runs
     """
-    from .data.shards import prepare, unigram_entropy
+    from .data.prepare import prepare
+    from .data.loaders import unigram_entropy
 
     for flag, v in (("--gpt-steps", gpt_steps), ("--bert-steps", bert_steps)):
         if v <= 0:

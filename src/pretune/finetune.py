@@ -46,52 +46,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config.model import ModelConfig
-from .data.tasks import (ClassificationBatches, Encoded, Example, Task, TextEncoder, eval_batches, load_task,
-                         read_labelled_file, subsample)
+from .data.encoding import ClassificationBatches, Encoded, TextEncoder, eval_batches
+from .data.labelled import Example, Task, load_task, read_labelled_file, subsample
 from .errors import PretuneError
 from .fileio import atomic_write_json, make_dir
 from .models.heads import POOLS, Classifier
 from .models.load import _check_tokenizer, load_classifier, load_model
-from .objectives import l2_loss, l3_loss, mlm_loss, next_token_loss, shift_targets
+from .objectives.finetuning import OBJECTIVES, finetune_loss
 from .runs import checkpoint as ckpt
-from .train import TrainConfig, Trainer, check_resume
-from .training.hooks import Hook
-
-
-OBJECTIVES = ("L2", "L3")
-
-
-def finetune_loss(objective: str = "L2", lam: float = 0.5):
-    """loss_fn(model, batch) -> (loss, parts) for the Trainer: L2, or L3 = L2 + lam * L1 (MLM for an encoder)."""
-    if objective not in OBJECTIVES:
-        raise PretuneError(f"unknown objective '{objective}'", None, "use L2 or L3")
-
-    def loss_fn(model, batch):
-        logits, h = model(batch["input_ids"], batch["attention_mask"], batch["lengths"], batch.get("segment_ids"),
-                          padded=batch.get("padded"))
-        l2 = l2_loss(logits, batch["labels"])
-        parts = {"l2": l2}
-        loss = l2
-        aux = model.moe_losses()
-        if objective == "L3":
-            body = model.body
-            if body.config.causal:  # L1 on the labelled sequence, from the same h_n
-                targets = shift_targets(batch["input_ids"], batch["attention_mask"])
-                lm = next_token_loss(body, h, targets)
-                parts["l1"] = lm
-            else:  # MLM on a masked copy of the labelled sequence
-                h2 = body(batch["mlm_input_ids"], segment_ids=batch.get("segment_ids"),
-                          attention_mask=batch["attention_mask"])
-                lm = mlm_loss(body, h2, batch["mlm_labels"], batch.get("mlm_rows"))
-                parts["mlm"] = lm
-                aux = aux + model.moe_losses()
-            loss = l3_loss(l2, lm, lam)
-        if torch.is_tensor(aux):
-            parts["moe_aux"] = aux
-            loss = loss + aux
-        return loss, parts
-
-    return loss_fn
+from .training.config import TrainConfig
+from .training.hooks import EarlyStopping, Hook, KeepBest
+from .training.loop import Trainer
+from .training.resume import check_resume
 
 
 def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = None, seed: int = 0):
@@ -247,56 +213,6 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-class KeepBest(Hook):
-    """The weights at the best validation loss, kept in memory: for runs that keep no checkpoints
-    (the transfer experiment), where writing one per evaluation would cost more than the run."""
-
-    def __init__(self):
-        self.state: dict | None = None
-        self.step: int | None = None  # the step `state` is from
-
-    def on_eval(self, trainer, metrics):
-        if trainer.best_step == trainer.step:
-            self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-            self.step = trainer.step
-
-    def on_checkpoint(self, trainer, path):
-        if self.step is not None and self.step > trainer.step:  # the guard rolled back past it: undone
-            self.state = self.step = None
-
-
-class EarlyStopping(Hook):
-    """Stop when the validation loss has not improved for `patience` evaluations in a row.
-    Its state is saved with each checkpoint, so a rerun of a stopped run stays stopped."""
-
-    def __init__(self, patience: int | None):
-        self.patience, self.best, self.bad, self.stopped = patience, float("inf"), 0, False
-
-    def on_start(self, trainer):
-        if self.stopped:
-            trainer.stop_requested = True
-
-    def on_eval(self, trainer, metrics):
-        v = metrics.get("val_loss")
-        if v is None:
-            return
-        if v < self.best:
-            self.best, self.bad = v, 0
-        else:
-            self.bad += 1
-            if self.patience and self.bad >= self.patience:
-                self.stopped = trainer.stop_requested = True
-                print(f"early stop at step {trainer.step}: validation loss has not improved for {self.bad} "
-                      f"evaluations (best {self.best:.4f} at step {trainer.best_step})", file=sys.stderr)
-
-    def state_dict(self):
-        return {"best": self.best if math.isfinite(self.best) else None, "bad": self.bad, "stopped": self.stopped}
-
-    def load_state_dict(self, d):
-        self.best = d.get("best") if d.get("best") is not None else float("inf")
-        self.bad, self.stopped = d.get("bad", 0), d.get("stopped", False)
-
-
 # ---- fine-tuning ----------------------------------------------------------------
 
 def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str = "L2", lam: float = 0.5,
@@ -416,7 +332,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         from .training.hooks import MoEStatsHook
         hooks.append(MoEStatsHook())
     if tc.guard:  # as in pre-training: roll back on a non-finite loss or a spike, skip the data, lower the lr
-        from .guard import LossGuard
+        from .training.guard import LossGuard
         # A classifier's loss heads for 0, where 3x the median is one misread batch: a spike must also
         # be above factor x ln K (a uniform guess). L3's L1 term keeps its median above that anyway.
         hooks.append(LossGuard(tc.guard_factor, tc.guard_window, tc.guard_lr_scale, tc.guard_cooldown, tc.guard_max,
@@ -659,8 +575,8 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
 
 def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
-    from .data.shards import eval_batches as lm_eval_batches
-    from .objectives import pretrain_task_loss
+    from .data.loaders import eval_batches as lm_eval_batches
+    from .objectives.losses import pretrain_task_loss
 
     model, cfg, tok = load_model(run)
     data = Path(data or d.get("data") or "")

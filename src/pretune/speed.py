@@ -178,7 +178,8 @@ def _hf_step(hf, opt, precision: str, **inputs):
 
 
 def _trainer(model, batch: dict, loss_fn, precision: str, compile: bool = False):
-    from .train import TrainConfig, Trainer
+    from .training.config import TrainConfig
+    from .training.loop import Trainer
 
     tc = TrainConfig(steps=1 << 30, batch_size=batch["input_ids"].shape[0], warmup=0, device="cpu",
                      precision=precision, compile=compile, grad_clip=1.0)
@@ -223,7 +224,8 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     against `GPT2LMHeadModel` (SDPA) stepped the way `transformers.Trainer` steps it.
     `peak` (default: on for the GPT-2 shape) adds a matmul timing to every round, and
     reports 6·N·tokens/s as a fraction of it."""
-    from .objectives import IGNORE, l1_loss
+    from .objectives.linear_cross_entropy import IGNORE
+    from .objectives.losses import l1_loss
 
     set_threads(threads)
     cfg, B, T = _config(GPT_SHAPES[shape])
@@ -272,7 +274,7 @@ def variant_gain(shape: str = "mini", variant: str = "compile", rounds: int = 5,
     "reference" side, alternated like every benchmark, same weights and batch.
     `setup_s` is the first variant step's time minus an eager step's (the compile time)."""
     from .models.transformer import Transformer
-    from .objectives import l1_loss
+    from .objectives.losses import l1_loss
 
     set_threads(threads)
     cfg, B, T = _config(GPT_SHAPES[shape])
@@ -306,7 +308,9 @@ def bert_mlm(shape: str = "mini", rounds: int = 5, warmup: int = 1, threads: int
     """BERT MLM training step: pretune (the MLM head on the masked rows only) against
     `BertForMaskedLM` (the head on every position), same weights, same masked batch."""
     from .models.transformer import Transformer
-    from .objectives import IGNORE, mlm_mask, mlm_nsp_loss
+    from .objectives.linear_cross_entropy import IGNORE
+    from .objectives.masking import mlm_mask
+    from .objectives.losses import mlm_nsp_loss
 
     set_threads(threads)
     cfg, B, T = _config(BERT_SHAPES[shape], nsp_head=False)
@@ -369,7 +373,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
 
 def _corpus_text(max_bytes: int) -> list[str]:
     """Documents of the built-in corpus (the King James Bible's chapters), up to max_bytes."""
-    from .data.corpora import bible
+    from .data.sources import bible
 
     docs, n = [], 0
     for d in bible():
@@ -415,7 +419,8 @@ def loader(batch: int = 16, seq: int = 256, steps: int = 200, rounds: int = 3, w
     `get_batch` (np.memmap windows at random offsets; Karpathy, nanoGPT train.py) on one shard."""
     import numpy as np
 
-    from .data.shards import LMBatches, Shard, prepare
+    from .data.loaders import LMBatches, Shard
+    from .data.prepare import prepare
 
     set_threads(threads)
     tmp = None

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .data.tasks import Task, TextEncoder, load_task, subsample
+from .data.labelled import Task, load_task, subsample
+from .data.encoding import TextEncoder
 from .errors import PretuneError
 from .fileio import atomic_write_json, atomic_write_text, make_dir
 
@@ -134,8 +135,9 @@ def _variants_of(pretrained_runs: dict, variants) -> dict:
 @torch.no_grad()
 def _forward_seconds(init: Path, task: Task, objectives=("L2", "L3")) -> dict:
     """Seconds per training step (L2, L3) and per evaluated example, measured on this machine."""
-    from .finetune import build_classifier, finetune_loss, load_init
-    from .data.tasks import ClassificationBatches
+    from .finetune import build_classifier, load_init
+    from .objectives.finetuning import finetune_loss
+    from .data.encoding import ClassificationBatches
 
     body, cfg, tok, pooler, _ = load_init(init)
     model = build_classifier(body, cfg, len(task.labels), pooler)

@@ -51,3 +51,51 @@ def count_params(c: ModelConfig) -> dict[str, int]:
     total = emb + other + blocks + heads
     return dict(total=total, embedding=emb, non_embedding=total - emb, active=total - inactive,
                 active_non_embedding=total - emb - inactive)
+
+
+# --------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------
+
+def flop_params(cfg: ModelConfig) -> int:
+    """N of 6·N·D: the weights one token multiplies through (active non-embedding + output projection)."""
+    p = count_params(cfg)
+    out = cfg.padded_vocab_size * cfg.d_model if cfg.lm_head else 0
+    return p["active_non_embedding"] + out
+
+
+def d_attn(cfg: ModelConfig) -> int:
+    return cfg.n_head * cfg.head_dim
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None, predicted: float = 1.0) -> float:
+    """Model FLOPs per trained token, 6·N + 12·L·T·d_attn (PaLM app. B): what MFU is counted in.
+
+    predicted: the fraction of positions the LM head runs on. 1 for L1; for masked-LM 0.15,
+    since only the masked positions need the head (BERT's own code gathers them, as
+    objectives.mlm_loss does), so the head's 6·(V·d + d²) counts at that fraction.
+    Recomputed activations are not counted (that would be hardware FLOPs, HFU)."""
+    T = seq_len or cfg.max_seq_len
+    head = 0
+    if cfg.lm_head:
+        head = cfg.padded_vocab_size * cfg.d_model + (0 if cfg.causal else cfg.d_model * cfg.d_model)
+    n = flop_params(cfg) - head * (1.0 - predicted)
+    return 6.0 * n + 12.0 * cfg.n_layer * T * d_attn(cfg)
+
+
+def training_flops(cfg: ModelConfig, tokens: float, seq_len: int | None = None) -> dict[str, float]:
+    """{'six_nd', 'attention', 'total', 'n', 'per_token'} for `tokens` training tokens."""
+    T = seq_len or cfg.max_seq_len
+    n = flop_params(cfg)
+    six_nd = 6.0 * n * tokens
+    attn = 12.0 * cfg.n_layer * T * d_attn(cfg) * tokens
+    return {"n": n, "six_nd": six_nd, "attention": attn, "total": six_nd + attn,
+            "per_token": (six_nd + attn) / tokens, "seq_len": T}
+
+
+def inference_flops_per_token(cfg: ModelConfig, context: int | None = None) -> dict[str, float]:
+    """Forward FLOPs to generate one token with `context` tokens already in the KV cache."""
+    c = cfg.max_seq_len if context is None else context
+    weights = 2.0 * flop_params(cfg)
+    attn = 4.0 * cfg.n_layer * c * d_attn(cfg)
+    return {"weights": weights, "attention": attn, "total": weights + attn, "context": c}

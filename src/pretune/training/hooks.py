@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import torch
 
+from ..config.model import ModelConfig
+from ..errors import PretuneError
+from ..hardware.peak import device_peak
+from ..models.counting import train_flops_per_token
 from ..models.moe import moe_layers
 from ..runs.plots import plot_moe
 
@@ -75,3 +81,93 @@ class MoEStatsHook(Hook):
     def load_state_dict(self, d: dict) -> None:
         self._n = d.get("n", 0)
         self._sum = None if d.get("sum") is None else torch.tensor(d["sum"], dtype=torch.float32)
+
+
+class MFUHook:
+    """Adds `model_flops_per_s` and `mfu` to every logged record (a `train.Hook`, duck-typed so
+    this module stays free of torch at import). FLOP/s = tokens/s × train_flops_per_token; the peak
+    is the one `device_peak` names, printed once at the start."""
+
+    def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32",
+                 predicted: float | None = None):
+        if predicted is None:  # masked-LM pre-training predicts 15% of the positions (BERT)
+            predicted = 1.0 if model_cfg.causal else 0.15
+        self.flops_per_token = train_flops_per_token(model_cfg, seq_len, predicted)
+        self.precision = precision
+        self.peak: float | None = None
+        self.peak_label = ""
+
+    def on_start(self, trainer) -> None:
+        try:
+            self.peak, self.peak_label = device_peak(getattr(trainer, "device", "cpu"), self.precision)
+        except PretuneError as e:  # no peak: log FLOP/s without an MFU
+            self.peak, self.peak_label = None, str(e)
+        if getattr(trainer, "progress", False):
+            print(f"MFU against: {self.peak_label}")
+
+    def on_log(self, trainer, record: dict) -> None:
+        if "tok_per_s" not in record:
+            return
+        fps = record["tok_per_s"] * self.flops_per_token
+        record["model_flops_per_s"] = fps
+        if self.peak:
+            record["mfu"] = fps / self.peak
+            record["peak_flops"] = self.peak
+
+    def before_step(self, trainer) -> None: ...
+    def after_step(self, trainer, loss, parts) -> None: ...
+    def on_eval(self, trainer, metrics) -> None: ...
+    def on_checkpoint(self, trainer, path) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+class KeepBest(Hook):
+    """The weights at the best validation loss, kept in memory: for runs that keep no checkpoints
+    (the transfer experiment), where writing one per evaluation would cost more than the run."""
+
+    def __init__(self):
+        self.state: dict | None = None
+        self.step: int | None = None  # the step `state` is from
+
+    def on_eval(self, trainer, metrics):
+        if trainer.best_step == trainer.step:
+            self.state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+            self.step = trainer.step
+
+    def on_checkpoint(self, trainer, path):
+        if self.step is not None and self.step > trainer.step:  # the guard rolled back past it: undone
+            self.state = self.step = None
+
+
+class EarlyStopping(Hook):
+    """Stop when the validation loss has not improved for `patience` evaluations in a row.
+    Its state is saved with each checkpoint, so a rerun of a stopped run stays stopped."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.best, self.bad, self.stopped = patience, float("inf"), 0, False
+
+    def on_start(self, trainer):
+        if self.stopped:
+            trainer.stop_requested = True
+
+    def on_eval(self, trainer, metrics):
+        v = metrics.get("val_loss")
+        if v is None:
+            return
+        if v < self.best:
+            self.best, self.bad = v, 0
+        else:
+            self.bad += 1
+            if self.patience and self.bad >= self.patience:
+                self.stopped = trainer.stop_requested = True
+                print(f"early stop at step {trainer.step}: validation loss has not improved for {self.bad} "
+                      f"evaluations (best {self.best:.4f} at step {trainer.best_step})", file=sys.stderr)
+
+    def state_dict(self):
+        return {"best": self.best if math.isfinite(self.best) else None, "bad": self.bad, "stopped": self.stopped}
+
+    def load_state_dict(self, d):
+        self.best = d.get("best") if d.get("best") is not None else float("inf")
+        self.bad, self.stopped = d.get("bad", 0), d.get("stopped", False)

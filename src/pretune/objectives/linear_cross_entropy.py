@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+
 IGNORE = -100
 
 

@@ -44,9 +44,9 @@ import sys
 
 import torch
 
-from .runs.checkpoint import list_checkpoints
-from .errors import PretuneError
-from .training.hooks import Hook
+from ..errors import PretuneError
+from ..runs.checkpoint import list_checkpoints
+from .hooks import Hook
 
 
 class LossGuard(Hook):

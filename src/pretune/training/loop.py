@@ -1,0 +1,381 @@
+"""The one training loop, for every objective (L1, MLM + NSP, L2, L3).
+
+The loop owns the order of things: lr from the schedule, forward under
+autocast, backward (scaled for fp16), clip, step, log, evaluate, checkpoint.
+Everything else plugs in through hooks (`Hook`): MFU logging, the loss-spike
+guard, MoE statistics, fine-tuning metrics. What a hook may rely on is
+written in docs/training.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import PretuneError
+from ..fileio import atomic_write_text, make_dir
+from ..runs import checkpoint as ckpt
+from .config import TrainConfig, lr_at, make_optimizer, resolve_device
+from .hooks import Hook
+
+
+class Trainer:
+    """Runs `loss_fn(model, batch) -> (loss, parts)` over `batches` for tc.steps optimizer steps."""
+
+    def __init__(self, model: torch.nn.Module, tc: TrainConfig, batches, loss_fn: Callable,
+                 run_dir: str | Path, eval_fn: Callable[[], dict] | None = None,
+                 hooks: list[Hook] | None = None, run_config: dict | None = None,
+                 progress: bool = True, tokens_per_batch: int | None = None):
+        self.tc, self.run_dir = tc, Path(run_dir)
+        self.device = resolve_device(tc.device)
+        self.model = model.to(self.device)
+        self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
+        self.hooks = list(hooks or [])
+        self.run_config = run_config or {}
+        self.progress = progress
+        self.tokens_per_batch = tokens_per_batch
+        self.optimizer = make_optimizer(self.model, tc, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.step = 0
+        self.tokens = 0
+        self.best_val = float("inf")
+        self.best_step: int | None = None
+        self.skipped_steps = 0  # fp16 steps GradScaler skipped; counted on the device (see the property)
+        self.found_inf: torch.Tensor | None = None  # fp16: this step's overflow flag, 1.0 or 0.0 on the device
+        self.stop_requested = False
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after this step
+        self.rolled_back = False  # set by rollback(): the rest of this step's bookkeeping is skipped
+        self.last_eval: dict = {}
+        self._forward = torch.compile(self.model) if tc.compile else self.model
+
+    # ---- pieces ----------------------------------------------------------
+    def autocast(self):
+        if self.tc.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.tc.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _to_device(self, batch: dict) -> dict:
+        nb = self.device.type == "cuda"
+        return {k: (v.pin_memory().to(self.device, non_blocking=True) if nb else v.to(self.device))
+                if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    @property
+    def skipped_steps(self) -> int:
+        """fp16 steps GradScaler skipped (inf/NaN gradients). They are summed on the device,
+        so reading this waits for the device: the loop reads it at log time and when saving."""
+        if self._skipped_dev is not None:
+            self._skipped_host += int(self._skipped_dev.item())
+            self._skipped_dev = None
+        return self._skipped_host
+
+    @skipped_steps.setter
+    def skipped_steps(self, n: int) -> None:
+        self._skipped_host, self._skipped_dev = int(n), None
+
+    def _found_inf(self, gnorm: torch.Tensor) -> torch.Tensor:
+        """1.0 (on the device) if this step's scaled gradients held an inf or a NaN, else 0.0: the
+        flag with which GradScaler skips the update and halves the scale, read without a sync."""
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer)) or {}
+        flags = list(state.get("found_inf_per_device", {}).values())
+        if not flags:  # a GradScaler that keeps its flags elsewhere: inf/NaN gradients have a non-finite norm
+            return (~torch.isfinite(gnorm)).float()
+        return sum(f.to(self.device, non_blocking=True) for f in flags).clamp(max=1.0)
+
+    def _metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        """Append one line to metrics.jsonl with one write() of the complete line (O_APPEND). A
+        crash can leave at most a cut-short last line, which the next run drops (`_truncate_metrics`)."""
+        data = memoryview((json.dumps(record) + "\n").encode())
+        try:
+            with open(self._metrics_path(), "ab", buffering=0) as f:
+                while data:  # a regular file takes it in one write; a short write continues
+                    data = data[f.write(data):]
+        except OSError as e:
+            raise PretuneError(f"cannot write metrics.jsonl: {e.strerror}", str(self.run_dir),
+                               "free disk space or fix permissions, then rerun the same command to resume") from e
+
+    # ---- resume ------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the latest good checkpoint, if any. True if resumed."""
+        ckpt.clean_partial(self.run_dir)
+        ck = ckpt.latest_checkpoint(self.run_dir)
+        if ck is None:
+            if ckpt.list_checkpoints(self.run_dir):  # written, then damaged: never silently start over
+                raise ckpt.no_checkpoint_error(self.run_dir, "")
+            self._truncate_metrics()  # died before its first checkpoint: step 0 again, its lines go
+            return False
+        state = self._restore(ck)
+        for h, hs in zip(self.hooks, state.get("hooks", [])):
+            h.load_state_dict(hs)
+        for name in ckpt.set_aside(self.run_dir, self.step):  # the broken ones latest_checkpoint passed over
+            print(f"note: set the unusable checkpoint {name} aside as .broken-{name}")
+        self._truncate_metrics()
+        return True
+
+    def _restore(self, ck: Path) -> dict:
+        """Weights, optimizer, RNG, loss scaler, counters and data position from a checkpoint."""
+        ckpt.load_weights(self.model, ck)
+        state = ckpt.load_training_state(ck, self.optimizer)
+        self.step = state["step"]
+        self.tokens = state.get("tokens", 0)
+        self.best_val = state.get("best_val", float("inf"))
+        self.best_step = state.get("best_step")
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("data") is not None and hasattr(self.batches, "load_state_dict"):
+            self.batches.load_state_dict(state["data"])
+        return state
+
+    def _truncate_metrics(self) -> None:
+        """Metrics logged after the current step belong to a future that did not happen."""
+        mp = self._metrics_path()
+        if mp.exists():
+            keep = []
+            for line in mp.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= self.step:
+                        keep.append(line)
+                except ValueError:
+                    pass  # a line cut short by a crash
+            atomic_write_text(mp, "".join(line + "\n" for line in keep))
+
+    def _logged_eval(self) -> dict | None:
+        """The evaluation row metrics.jsonl holds for this step, if any (only the final one can be)."""
+        mp = self._metrics_path()
+        if not mp.exists():
+            return None
+        for line in mp.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("step") == self.step and "loss" not in r and any(k.startswith("val") for k in r):
+                return {k: v for k, v in r.items() if k != "step"}
+        return None
+
+    def rollback(self) -> tuple[Path, dict | None, dict | None]:
+        """Go back to the newest good checkpoint before this step, keeping the data position:
+        the batches read since that checkpoint (the ones that led here) are skipped, as PaLM
+        (Chowdhery et al. 2022, sec. 5.1) restarts ~100 steps before a spike and skips the
+        200-500 batches around it. Hook states are kept (the guard counts its rollbacks).
+        Returns (checkpoint, data state there, data state now)."""
+        ck = ckpt.latest_checkpoint(self.run_dir, before=self.step)
+        if ck is None:
+            raise PretuneError(f"no good checkpoint before step {self.step} to roll back to", str(self.run_dir),
+                               "save checkpoints more often (--train.ckpt-every)")
+        data_now = self.batches.state_dict() if hasattr(self.batches, "state_dict") else None
+        self.optimizer.zero_grad(set_to_none=True)
+        state = self._restore(ck)
+        if data_now is not None:
+            self.batches.load_state_dict(data_now)
+        self._truncate_metrics()
+        self.rolled_back = True
+        return ck, state.get("data"), data_now
+
+    def save(self) -> Path:
+        state = {
+            "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
+            "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
+            "hooks": [h.state_dict() for h in self.hooks],
+        }
+        keep = {self.best_step} if self.best_step is not None else set()
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                    keep_last=self.tc.keep_last, keep=keep)
+        for h in self.hooks:
+            h.on_checkpoint(self, path)
+        return path
+
+    # ---- evaluation --------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if self.eval_fn is None:
+            return {}
+        self.model.eval()
+        with self.autocast():
+            metrics = self.eval_fn()
+        self.model.train()
+        val = metrics.get("val_loss")
+        if val is not None and val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+        for h in self.hooks:
+            h.on_eval(self, metrics)
+        self.last_eval = metrics
+        return metrics
+
+    # ---- the loop ----------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, dict]:
+        """One optimizer step over grad_accum micro-batches. Returns the mean loss (a device tensor)."""
+        tc = self.tc
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.step, tc) * g.get("lr_scale", 1.0) * g.get("guard_lr_scale", 1.0)
+        total = torch.zeros((), device=self.device)
+        parts_sum: dict[str, torch.Tensor] = {}
+        for _ in range(tc.grad_accum):
+            batch = self._to_device(next(self.batches))
+            with self.autocast():
+                loss, parts = self.loss_fn(self._forward, batch)
+            ckpt.fault_point("after_forward")
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.detach() / tc.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0) + v.detach() / tc.grad_accum
+            if self.tokens_per_batch:
+                self.tokens += self.tokens_per_batch
+            else:
+                self.tokens += batch["input_ids"].numel()
+        self.scaler.unscale_(self.optimizer)
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        else:
+            gnorm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.model.parameters()
+                                   if p.grad is not None))
+        parts_sum["grad_norm"] = gnorm.detach()
+        found_inf = self._found_inf(gnorm.detach()) if self.scaler.is_enabled() else None
+        ckpt.fault_point("in_optimizer_step")
+        self.scaler.step(self.optimizer)  # with found_inf the (fused) optimizer skips the update
+        self.scaler.update()  # ... and the scale is halved; no host sync in either
+        if found_inf is not None:  # inf/nan gradients: counted on the device, read at log time
+            self._skipped_dev = found_inf if self._skipped_dev is None else self._skipped_dev + found_inf
+        self.found_inf = found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, parts_sum
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        tc = self.tc
+        torch.manual_seed(tc.seed)
+        make_dir(self.run_dir, "the run directory")
+        resumed = self.resume()
+        if resumed:
+            print(f"resuming {self.run_dir} from step {self.step}")
+        self.model.train()
+        for h in self.hooks:
+            h.on_start(self)
+        bar = tqdm(total=tc.steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc=self.run_dir.name)
+        old_handlers = self._catch_signals()
+        try:
+            final = self._loop(bar)
+        finally:
+            self._restore_signals(old_handlers)
+        if self.stop_signal is not None and self.step < tc.steps:
+            import signal
+            name = signal.Signals(self.stop_signal).name
+            print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
+                  f"{self.run_dir / 'checkpoints' / f'step-{self.step:06d}'} written; "
+                  "resume with the same command", file=sys.stderr, flush=True)
+            raise Preempted(128 + self.stop_signal)
+        return final
+
+    def _catch_signals(self) -> dict:
+        """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C): finish the step,
+        checkpoint, stop. A second signal stops at once, with the same exit status (the
+        checkpoints already written stay good). After the last step a signal changes nothing:
+        the final evaluation and checkpoint are written and the run ends as finished."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.stop_signal is not None:
+                print(f"\npretune: {name} again: stopped at once at step {self.step}/{self.tc.steps}, no "
+                      "checkpoint written for it; the checkpoints already written are intact; resume with "
+                      "the same command", file=sys.stderr, flush=True)
+                raise Preempted(128 + signum)
+            self.stop_signal, self.stop_requested = signum, True
+            if self.step >= self.tc.steps:
+                print(f"\npretune: {name}: all {self.tc.steps} steps are done; writing the final checkpoint "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+                return
+            print(f"\npretune: {name}: finishing step {self.step + 1}, then writing a "
+                  "checkpoint (send it again to stop at once)", file=sys.stderr, flush=True)
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            old[s] = signal.signal(s, handler)
+        return old
+
+    @staticmethod
+    def _restore_signals(old: dict) -> None:
+        import signal
+        for s, h in old.items():
+            signal.signal(s, h)
+
+    def _loop(self, bar) -> dict:
+        tc = self.tc
+        t0, tok0, last = time.perf_counter(), self.tokens, None
+        while self.step < tc.steps and not self.stop_requested:
+            for h in self.hooks:
+                h.before_step(self)
+            loss, parts = self.train_step()
+            self.step += 1
+            for h in self.hooks:
+                h.after_step(self, loss, parts)
+            if self.rolled_back:  # a hook (the guard) went back to a checkpoint: this step never happened
+                self.rolled_back = False
+                bar.n = self.step
+                bar.refresh()
+                t0, tok0 = time.perf_counter(), self.tokens
+                continue
+            bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == tc.steps:
+                dt = time.perf_counter() - t0
+                record = {"step": self.step, "loss": loss.item(), "lr": lr_at(self.step - 1, tc),
+                          "tokens": self.tokens, "tok_per_s": (self.tokens - tok0) / max(dt, 1e-9)}
+                record.update({k: float(v) for k, v in parts.items()})
+                if self.skipped_steps:
+                    record["skipped_steps"] = self.skipped_steps
+                if self.scaler.is_enabled():
+                    record["loss_scale"] = self.scaler.get_scale()
+                for h in self.hooks:
+                    h.on_log(self, record)
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
+                                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+                t0, tok0 = time.perf_counter(), self.tokens
+                last = record
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                m = self.evaluate()
+                if m:
+                    self.log({"step": self.step, **m})
+            if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
+                self.save()
+        bar.close()
+        final = {}
+        if self.step >= tc.steps:
+            m = self._logged_eval()  # killed after the final evaluation was logged: not again
+            if m is None:
+                m = self.evaluate()
+                if m:
+                    self.log({"step": self.step, **m})
+            final = {**(last or {}), **m}
+        self.save()
+        try:
+            from ..runs.plots import plot_metrics
+            plot_metrics(self.run_dir)
+        except Exception as e:  # a plot must never lose a run
+            print(f"note: could not draw the loss plot: {e}")
+        return final
+
+
+class Preempted(SystemExit):
+    """Raised by `Trainer.fit` once a SIGTERM/SIGINT stop has written its checkpoint. Its exit
+    status is 128 + the signal (143 for SIGTERM, 130 for SIGINT), as a shell reports a process
+    a signal ended: a scheduler (Kubernetes, SLURM --requeue) then sees a run that did not
+    finish, and restarts it with the same command, which resumes."""

@@ -1,0 +1,141 @@
+"""Pre-training: a fresh GPT (L1) or BERT (MLM + NSP) on prepared shards, through the one loop."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config.model import ModelConfig
+from ..errors import PretuneError
+from ..fileio import atomic_write_json, check_creatable, make_dir
+from .config import TrainConfig, resolve_device
+from .hooks import Hook
+from .loop import Trainer
+from .resume import check_resume, data_fingerprint
+
+
+def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
+    """(train batches, eval function) for the model's family."""
+    from ..data.loaders import LMBatches, PairBatches, eval_batches
+    from ..objectives.losses import pretrain_loss, pretrain_task_loss
+
+    kind = "lm" if model_cfg.causal else "pairs"
+    if kind == "lm":
+        train = LMBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed)
+    else:
+        from ..tokenizer.core import Tokenizer
+        tok = Tokenizer.load(data_dir)
+        train = PairBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed,
+                            tokenizer_special=tok.special_dict(), vocab_size=tok.vocab_size)
+
+    def eval_fn_for(model):
+        def eval_fn():
+            losses, parts_sum, n = 0.0, {}, 0
+            for batch in eval_batches(data_dir, "val", tc.batch_size, seq_len, n_batches=tc.eval_batches,
+                                      causal=model_cfg.causal):
+                batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
+                         for k, v in batch.items()}
+                # val_loss is the task loss alone (L1, MLM + NSP): a router's auxiliary losses are
+                # no part of the model's likelihood; they are logged apart, as val_moe_aux
+                loss, parts = pretrain_task_loss(model, batch)
+                aux = model.moe_losses()
+                if torch.is_tensor(aux):
+                    parts["moe_aux"] = aux
+                losses += loss.item()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+                n += 1
+            out = {"val_loss": losses / max(n, 1)}
+            out.update({f"val_{k}": v / max(n, 1) for k, v in parts_sum.items()})
+            return out
+        return eval_fn
+
+    return train, eval_fn_for, pretrain_loss
+
+
+def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bool = True,
+             hooks: list[Hook] | None = None, extra_config: dict | None = None) -> dict:
+    """Pre-train a fresh model (or resume `out`), returning the final metrics."""
+    from ..models.transformer import Transformer
+    from ..tokenizer.core import Tokenizer
+
+    out = Path(out)
+    seq_len = tc.seq_len or model_cfg.max_seq_len
+    if seq_len > model_cfg.max_seq_len:
+        raise PretuneError(f"seq_len={seq_len} exceeds the model's window max_seq_len={model_cfg.max_seq_len}",
+                           None, "lower --train.seq-len or raise --arch.max-seq-len")
+    tok = Tokenizer.load(data_dir)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise PretuneError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
+                           f"{model_cfg.vocab_size}", str(data_dir),
+                           f"set --arch.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
+    run_config = {"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
+                  "data_sha256": data_fingerprint(data_dir),
+                  "objective": "L1" if model_cfg.causal else "MLM+NSP", **(extra_config or {})}
+    changes = check_resume(out, run_config)  # before anything is built or written
+    resolve_device(tc.device)  # a bad --train.device fails before the run directory is made
+    torch.manual_seed(tc.seed)
+    model = Transformer(model_cfg)
+    train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len)
+    if changes:
+        print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
+    make_dir(out, "the run directory")
+    atomic_write_json(out / "config.json", run_config)
+    if not (out / "tokenizer.json").exists():
+        tok.save(out)
+    all_hooks = list(hooks or [])
+    try:
+        from .hooks import MFUHook  # the cost planner's live MFU, where it is available
+        all_hooks.insert(0, MFUHook(model_cfg, seq_len, tc.precision))
+    except ImportError:
+        pass
+    if model_cfg.n_expert:  # routers' expert loads, drops and entropy -> metrics.jsonl, moe.png
+        from .hooks import MoEStatsHook
+        all_hooks.append(MoEStatsHook())
+    if tc.guard:  # loss spikes and non-finite losses -> roll back, skip the data, lower the lr
+        from .guard import LossGuard
+        all_hooks.append(LossGuard.from_config(tc))
+    trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
+                      run_config=run_config, progress=progress,
+                      tokens_per_batch=tc.batch_size * seq_len)
+    trainer.eval_fn = eval_fn_for(trainer.model)
+    return trainer.fit()
+
+
+def default_data_dir(tokenizer: str, root: Path = Path("runs/data")) -> Path:
+    return root / f"builtin-{tokenizer}"
+
+
+def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: TrainConfig = None,
+                 data: Path | None = None, out: Path | None = None) -> dict:
+    """Pre-train a GPT (L1) or BERT (MLM + NSP) from scratch; rerun the same command to resume.
+
+    The optimiser and schedule are the preset's recipe (docs/training.md); --train.* overrides any.
+
+    Args:
+        model: a preset name (gpt-mini, bert-mini, gpt2, bert-base, ...) or a config.json path
+        data: a folder made by `pretune prepare` (default: the built-in corpus, prepared on first use)
+        out: the run directory (default: runs/<model>)
+    """
+    from ..config.presets import preset
+
+    if model.endswith(".json"):
+        cfg = ModelConfig.load(model)
+        cfg = cfg.replace(**(arch or {})) if arch else cfg
+    else:
+        cfg = preset(model, **(arch or {}))
+    tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (recipes.py)
+    out = Path(out or f"runs/{cfg.name}")
+    check_creatable(out, "the run directory")  # before the built-in corpus is prepared
+    if data is None:
+        from ..data.prepare import prepare
+        data = default_data_dir(cfg.tokenizer)
+        if not (data / "meta.json").exists():
+            prepare(["builtin"], cfg.tokenizer, data)
+    final = pretrain(cfg, tc, Path(data), out)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
+    print(f"run directory: {out}")
+    return final
