@@ -1,4 +1,4 @@
-"""Shared command-line plumbing of the benchmark scripts (the benchmarks live in pretune.speed)."""
+"""Shared command-line plumbing of the benchmark scripts (the benchmarks live in pretune_bench)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ def parser(description: str, rounds: int) -> argparse.ArgumentParser:
 
 
 def report(results: list[dict], json_path: str | None) -> None:
-    from pretune import speed
+    from pretune_bench import harness
 
     if json_path == "-":
         print(json.dumps(results, indent=2))
         return
     for r in results:
-        print(speed.describe(r))
+        print(harness.describe(r))
     if json_path:
         from pretune.fileio import atomic_write_json
         atomic_write_json(json_path, results)

@@ -9,7 +9,7 @@ if __name__ == "__main__":
     ap = parser(__doc__.split("\n")[0], rounds=7)
     ap.add_argument("--precision", default="fp32", help="fp32 or bf16")
     a = ap.parse_args()
-    from pretune import speed
+    from pretune_bench import cases
 
-    report([speed.bert_mlm("mini", rounds=a.rounds, warmup=a.warmup, threads=a.threads, precision=a.precision,
+    report([cases.bert_mlm("mini", rounds=a.rounds, warmup=a.warmup, threads=a.threads, precision=a.precision,
                            progress=True)], a.json)

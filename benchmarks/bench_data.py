@@ -10,7 +10,7 @@ if __name__ == "__main__":
     ap.add_argument("--tokenizer", default="gpt2")
     ap.add_argument("--megabytes", type=float, default=2.0, help="text to tokenize per round")
     a = ap.parse_args()
-    from pretune import speed
+    from pretune_bench import cases
 
     kw = dict(rounds=a.rounds, warmup=a.warmup, threads=a.threads, progress=True)
-    report([speed.tokenization(a.tokenizer, int(a.megabytes * 1e6), **kw), speed.loader(**kw)], a.json)
+    report([cases.tokenization(a.tokenizer, int(a.megabytes * 1e6), **kw), cases.loader(**kw)], a.json)

@@ -13,7 +13,7 @@ if __name__ == "__main__":
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     a = ap.parse_args()
-    from pretune import speed
+    from pretune_bench import cases
 
-    report([speed.generation(a.shape, int(b), a.new_tokens, a.prompt, rounds=a.rounds, warmup=a.warmup,
+    report([cases.generation(a.shape, int(b), a.new_tokens, a.prompt, rounds=a.rounds, warmup=a.warmup,
                              threads=a.threads, progress=True) for b in a.batch.split(",")], a.json)

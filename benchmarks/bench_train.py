@@ -15,18 +15,18 @@ if __name__ == "__main__":
     ap.add_argument("--peak", action="store_true", help="also time the fp32 matmul peak in every round")
     ap.add_argument("--bf16-gain", action="store_true", help="time pretune bf16 autocast against pretune fp32")
     a = ap.parse_args()
-    from pretune import speed
+    from pretune_bench import cases
 
     out = []
     for prec in a.precision.split(","):
         common = dict(shape=a.shape, precision=prec, rounds=a.rounds, warmup=a.warmup, threads=a.threads,
                       progress=True)
         if a.bf16_gain:
-            out.append(speed.variant_gain(a.shape, "bf16", a.rounds, a.warmup, a.threads, progress=True))
+            out.append(cases.variant_gain(a.shape, "bf16", a.rounds, a.warmup, a.threads, progress=True))
             break
         if a.compile:
             common.pop("precision")
-            out.append(speed.variant_gain(variant="compile", **common))
+            out.append(cases.variant_gain(variant="compile", **common))
         else:
-            out.append(speed.gpt_train(peak=a.peak or a.shape == "gpt2", **common))
+            out.append(cases.gpt_train(peak=a.peak or a.shape == "gpt2", **common))
     report(out, a.json)

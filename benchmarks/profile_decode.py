@@ -38,13 +38,13 @@ if __name__ == "__main__":
     import torch
     import torch.nn.functional as F
 
-    from pretune import speed
-    from pretune.generate import gemv_layout
+    from pretune_bench import harness
+    from pretune.inference.generate import gemv_layout
     from pretune.models.layers import KVCache
     from pretune.models.transformer import Transformer
 
-    speed.set_threads(a.threads)
-    cfg, _, _ = speed._config(speed.GPT_SHAPES["mini"])
+    harness.set_threads(a.threads)
+    cfg, _, _ = harness._config(harness.GPT_SHAPES["mini"])
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     cache = KVCache(cfg, 1, cfg.max_seq_len, "cpu", torch.float32)

@@ -14,9 +14,9 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true", help="leave out the GPT-2-small shape")
     ap.add_argument("--only", default=None, help="comma-separated label fragments, e.g. 'gpt_train mini,generate'")
     a = ap.parse_args()
-    from pretune import speed
+    from pretune_bench import suite
 
-    res = speed.run_suite(only=a.only.split(",") if a.only else None, quick=a.quick, rounds=a.rounds or None,
+    res = suite.run_suite(only=a.only.split(",") if a.only else None, quick=a.quick, rounds=a.rounds or None,
                           threads=a.threads)
     path = a.json or str(Path(__file__).parent / "results" / time.strftime("%Y%m%d-%H%M%S.json"))
     report(res, path)

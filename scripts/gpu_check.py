@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
     from pretune.config.presets import preset
     from pretune.models.transformer import Transformer
     from pretune.objectives.losses import l1_loss
-    from pretune.speed import _Repeat, six_n
+    from pretune_bench.harness import _Repeat, six_n
     from pretune.training.config import TrainConfig
     from pretune.training.loop import Trainer
 

@@ -9,11 +9,12 @@ Hugging Face's implementation), and the MFU arithmetic matches hand computation.
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from pretune import speed
+from pretune_bench import cases, harness, suite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +34,7 @@ def _well_formed(r: dict, unit: str):
         assert len(s["times_s"]) == r["rounds"]
         assert s["median_s"] > 0 and s[unit] > 0 and math.isfinite(s[unit])
     assert r["ratio"] == pytest.approx(r["reference"]["median_s"] / r["pretune"]["median_s"])
-    assert isinstance(speed.describe(r), str)
+    assert isinstance(harness.describe(r), str)
     return r
 
 
@@ -44,7 +45,7 @@ def test_six_n_of_gpt2_small_by_hand():
     # minus the 1024 x 768 position table = N of 6·N. Vocabulary padding is not counted.
     from pretune.config.presets import preset
 
-    assert speed.six_n(preset("gpt2")) == 124_439_808 - 1024 * 768
+    assert harness.six_n(preset("gpt2")) == 124_439_808 - 1024 * 768
 
 
 def test_mfu_arithmetic_by_hand():
@@ -91,7 +92,7 @@ def test_gpu_check_runs_its_cpu_fallback(tmp_path, monkeypatch):
 # ---- each benchmark, one tiny round ----------------------------------------------
 
 def test_gpt_train_tiny_round_matches_the_reference_loss():
-    r = _well_formed(speed.gpt_train("tiny", rounds=1, warmup=0, peak=True), "tokens_per_s")
+    r = _well_formed(cases.gpt_train("tiny", rounds=1, warmup=0, peak=True), "tokens_per_s")
     # same weights, same batch: the losses of pretune and GPT2LMHeadModel agree
     assert r["initial_loss"]["pretune"] == pytest.approx(r["initial_loss"]["reference"], abs=1e-5)
     # the tiny shape (gpt-mini with L = 2, d = 64, 4d = 256, V = 512 tied; B = 2, T = 32): one block
@@ -104,44 +105,55 @@ def test_gpt_train_tiny_round_matches_the_reference_loss():
 
 
 def test_gpt_train_bf16_tiny_round():
-    r = _well_formed(speed.gpt_train("tiny", precision="bf16", rounds=1, warmup=0), "tokens_per_s")
+    r = _well_formed(cases.gpt_train("tiny", precision="bf16", rounds=1, warmup=0), "tokens_per_s")
     assert r["precision"] == "bf16" and r["target"] is None
 
 
 def test_bf16_against_fp32_tiny_round():
     # (the "compile" variant takes a minute to compile on two cores: benchmarks/bench_train.py --compile)
-    r = _well_formed(speed.variant_gain("tiny", "bf16", rounds=1, warmup=0), "tokens_per_s")
+    r = _well_formed(cases.variant_gain("tiny", "bf16", rounds=1, warmup=0), "tokens_per_s")
     assert r["bench"] == "bf16" and r["setup_s"] is not None
 
 
 def test_bert_mlm_tiny_round():
-    r = _well_formed(speed.bert_mlm("tiny", rounds=1, warmup=0), "tokens_per_s")
+    r = _well_formed(cases.bert_mlm("tiny", rounds=1, warmup=0), "tokens_per_s")
     assert 0 < r["masked_fraction"] < 0.5
 
 
 def test_generation_tiny_round_gives_the_references_tokens():
-    r = _well_formed(speed.generation("tiny", batch=2, new_tokens=6, prompt=4, rounds=1, warmup=0), "tokens_per_s")
+    r = _well_formed(cases.generation("tiny", batch=2, new_tokens=6, prompt=4, rounds=1, warmup=0), "tokens_per_s")
     assert r["same_tokens_fraction"] == 1.0  # greedy on the same weights: GPT2LMHeadModel.generate's tokens
 
 
 def test_tokenization_and_loader_tiny_rounds():
-    r = _well_formed(speed.tokenization(max_bytes=20_000, rounds=1, warmup=0), "mb_per_s")
+    r = _well_formed(cases.tokenization(max_bytes=20_000, rounds=1, warmup=0), "mb_per_s")
     assert r["same_tokens"]
-    _well_formed(speed.loader(steps=2, rounds=1, warmup=0), "tokens_per_s")
+    _well_formed(cases.loader(steps=2, rounds=1, warmup=0), "tokens_per_s")
 
 
 def test_bench_verb_runs_the_suite(monkeypatch, capsys):
     from pretune.cli import main
 
-    tiny = [("gpt_train tiny", speed.gpt_train, dict(shape="tiny", rounds=1, warmup=0, peak=False))]
-    monkeypatch.setattr(speed, "suite_plan", lambda quick=False: tiny)
+    tiny = [("gpt_train tiny", cases.gpt_train, dict(shape="tiny", rounds=1, warmup=0, peak=False))]
+    monkeypatch.setattr(suite, "suite_plan", lambda quick=False: tiny)
     main(["bench", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["results"][0]["bench"] == "gpt_train"
     assert main(["bench", "--only", "nothing-like-this"]) == 2
 
 
+def test_bench_suite_without_transformers_says_which_extra(monkeypatch, capsys):
+    """The suite's reference side is Hugging Face transformers, the [bench] extra: without it, one line."""
+    from pretune.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails, as when not installed
+    assert main(["bench", "--only", "gpt_train"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "pretune: error: the benchmark suite needs Hugging Face transformers (the reference side) "
+        "(pretune bench): pip install 'pretune[bench]'"]
+
+
 def test_alternation_flips_the_order():
     calls = []
-    speed.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0)
+    harness.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0)
     assert calls == ["a", "b", "b", "a", "a", "b"]

@@ -25,7 +25,7 @@ from pretune.training.config import TrainConfig
 
 
 class Tokens:
-    """Batch k is a pure function of k (the loader contract of data/shards.py)."""
+    """Batch k is a pure function of k (the loader contract of data/loaders.py)."""
 
     def __init__(self):
         self.k = 0

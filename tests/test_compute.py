@@ -12,8 +12,8 @@ import pytest
 
 from pretune.cli import main
 from pretune.training.hooks import MFUHook
-from pretune.compute import (PF_DAY, device_seconds, dollars, energy_cost, energy_kwh, flops_from_pf_days, implied_mfu,
-                             memory, mfu_flag, pf_days, plan, wall_clock_days)
+from pretune.planning.cost import (PF_DAY, device_seconds, dollars, energy_cost, energy_kwh, flops_from_pf_days,
+                                   implied_mfu, memory, mfu_flag, pf_days, plan, wall_clock_days)
 from pretune.models.counting import flop_params, inference_flops_per_token, train_flops_per_token, training_flops
 from pretune.hardware.peak import device_peak, mfu
 from pretune.models.counting import count_params

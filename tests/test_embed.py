@@ -86,7 +86,7 @@ def test_stdout_json_and_bad_input(run, capsys):
 
 def test_decoder_embeddings_pool_the_last_token_not_cls(tmp_path, capsys):
     from pretune.config.model import ModelConfig
-    from pretune.embed import embed_texts
+    from pretune.inference.embed import embed_texts
     from pretune.interop import write_run
     from pretune.models.transformer import Transformer
     from pretune.data.tokenizers import load_tokenizer

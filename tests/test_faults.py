@@ -72,9 +72,9 @@ def _child(argv, env, log):
 def ctx():
     os.environ.update(ENV)  # inherited by the forkserver
     c = mp.get_context("forkserver")
-    c.set_forkserver_preload(["torch", "torch._dynamo", "pretune.compute", "pretune.cli",
-                              "pretune.training.pretrain", "pretune.data.prepare", "pretune.data.loaders", "pretune.training.guard",
-                              "pretune.objectives.losses", "pretune.runs.plots", "pretune.finetune",
+    c.set_forkserver_preload(["torch", "torch._dynamo", "pretune.planning.cost", "pretune.cli",
+                              "pretune.training.pretrain", "pretune.data.prepare", "pretune.data.loaders",
+                              "pretune.training.guard", "pretune.objectives.losses", "pretune.runs.plots", "pretune.tasks.finetune",
                               "pretune.data.labelled", "pretune.data.encoding", "matplotlib.pyplot", "tqdm"])  # torch._dynamo: the optimizer imports it, 3 s
     return c
 

@@ -18,7 +18,8 @@ from pretune.errors import PretuneError
 from pretune.fileio import atomic_write_json
 from pretune.models.heads import Classifier
 from pretune.training.hooks import EarlyStopping
-from pretune.finetune import build_classifier, classification_metrics, freeze
+from pretune.tasks.build import build_classifier, freeze
+from pretune.evaluation.classification import classification_metrics
 from pretune.objectives.finetuning import finetune_loss
 from pretune.models.load import load_classifier, load_model
 from pretune.models.transformer import Transformer
@@ -138,7 +139,7 @@ def test_mean_pooling_is_the_mean_over_the_real_tokens(toks, causal):
 
 
 def test_encoder_head_starts_from_the_nsp_pooler(toks, tmp_path):
-    from pretune.finetune import load_init
+    from pretune.tasks.build import load_init
     run = make_run(tmp_path / "bert", False, toks[False])
     body, cfg, tok, pooler, _ = load_init(run)
     want = body.nsp_head.pooler.dense.weight.detach().clone()
@@ -320,7 +321,7 @@ def test_finetune_resume_is_bit_identical(toks, tmp_path, causal):
     def trainer(d, hooks=()):
         torch.manual_seed(7)
         model = build_classifier(Transformer(tiny_cfg(causal, tok, dropout=0.1)), tiny_cfg(causal, tok), 2)
-        from pretune.finetune import predict
+        from pretune.evaluation.classification import predict
 
         def eval_fn():
             p = predict(model, val, te.pad_id)
@@ -441,7 +442,7 @@ def test_finetuning_a_moe_model_logs_its_routers(toks, tmp_path, toy_csv):
             assert len(layer) == 4 and abs(sum(layer) - 1) < 1e-4  # logged to 5 decimals
         assert 0 <= r["moe_entropy"] <= np.log(4) + 1e-6 and "moe_aux" in r
 
-# ---- the loss-spike guard, as in pre-training (guard.py) ----------------------------------------
+# ---- the loss-spike guard, as in pre-training (training/guard.py) ----------------------------------------
 
 class LrBurst(Hook):
     """The lr multiplied by `factor` for the first `n` steps at or after `start` (transient:
@@ -459,7 +460,7 @@ class LrBurst(Hook):
 
 def inject(monkeypatch, fault):
     """A NaN loss at the 40th training batch, or the lr x 1000 for 3 steps from step 40."""
-    import pretune.finetune as ftm
+    import pretune.tasks.finetune as ftm
     if fault == "nan":
         real, calls = ftm.finetune_loss, [0]
 
@@ -590,7 +591,7 @@ def test_long_texts_are_truncated_with_one_warning(toks, tmp_path, capsys):
 
 
 def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys):
-    from pretune.transfer import run_transfer_experiment
+    from pretune.recipes.transfer import run_transfer_experiment
     runs = {"tiny-gpt": make_run(tmp_path / "gpt", True, toks[True]),
             "tiny-bert": make_run(tmp_path / "bert", False, toks[False])}
     res = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16,), task=str(toy_csv), progress=False)
@@ -659,7 +660,7 @@ def test_the_transfer_experiment_keeps_a_classifier_that_classify_can_use(toks, 
     """The grid keeps no training checkpoints, but it keeps the tested weights of each model's
     pre-trained cell at the largest labelled size: `classify` works there and gives what a by-hand
     forward on those saved weights gives, and `evaluate` reproduces the cell's own test result."""
-    from pretune.transfer import run_transfer_experiment
+    from pretune.recipes.transfer import run_transfer_experiment
     runs = {"tiny-gpt": make_run(tmp_path / "gpt", True, toks[True]),
             "tiny-bert": make_run(tmp_path / "bert", False, toks[False])}
     res = run_transfer_experiment(runs, tmp_path / "transfer", sizes=(16, 32), task=str(toy_csv), progress=False,
@@ -700,8 +701,8 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
     """`pretune demo` (pre-training stubbed with tiny random runs, the grid shrunk to the toy task)
     ends by naming a fine-tuned run per model; `classify` works on each."""
     import pretune.data.loaders as shards
-    import pretune.demo as demo
-    import pretune.transfer as transfer
+    import pretune.recipes.demo as demo
+    import pretune.recipes.transfer as transfer
 
     def fake_pretrain(cfg, tc, data, out):
         make_run(out, cfg.causal, toks[cfg.causal])
@@ -726,7 +727,7 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
 
 def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):
     """An imported sentence encoder (MiniLM) has no MLM head: its grid is pretrained and scratch only."""
-    from pretune.transfer import run_transfer_experiment
+    from pretune.recipes.transfer import run_transfer_experiment
     runs = {"encoder": make_run(tmp_path / "enc", False, toks[False], lm_head=False, nsp_head=False)}
     res = run_transfer_experiment(runs, tmp_path / "t", sizes=(16,), task=str(toy_csv), progress=False)
     assert sorted(r["variant"] for r in res["rows"]) == ["pretrained", "scratch"]
@@ -740,7 +741,7 @@ def _summary(cells):
 
 
 def test_pretraining_gains_are_pretrained_minus_scratch_in_points():
-    from pretune.transfer import gain_lines, pretraining_gains
+    from pretune.recipes.transfer import gain_lines, pretraining_gains
 
     s = _summary([("gpt-mini", "pretrained", 100, 0.586), ("gpt-mini", "scratch", 100, 0.497),
                   ("gpt-mini", "pretrained", 1000, 0.565), ("gpt-mini", "scratch", 1000, 0.634),
@@ -751,7 +752,7 @@ def test_pretraining_gains_are_pretrained_minus_scratch_in_points():
 
 
 def test_the_demo_explains_a_loss_to_scratch_and_says_nothing_otherwise():
-    from pretune.demo import transfer_caveat
+    from pretune.recipes.demo import transfer_caveat
 
     losing = {"bert-mini": {"unigram_entropy": 6.305, "lm_loss": 5.985},
               "transfer": {"summary": _summary([("bert-mini", "pretrained", 1000, 0.504),

@@ -3,7 +3,7 @@ import torch
 
 from pretune import Transformer
 from pretune.config.model import ModelConfig
-from pretune.generate import generate, sample_next
+from pretune.inference.generate import generate, sample_next
 
 
 def test_top_k_and_top_p_by_hand():

@@ -81,7 +81,7 @@ def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_r
     against rotary computed here from its definition (Su et al. 2021, half-split layout), and
     the whole extended model against transformers' Llama with linear rope scaling."""
     import copy
-    from pretune.interop.hf import export_hf
+    from pretune.interop.hf_weights import export_hf
     c = _tiny(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_head=2)
     m = randomize(Transformer(c))
     trained = copy.deepcopy(m)
@@ -124,7 +124,7 @@ def test_rotary_position_interpolation_maps_the_longer_window_into_the_trained_r
 
 
 def test_extended_decoder_generates_past_its_trained_window():
-    from pretune.generate import generate
+    from pretune.inference.generate import generate
     m = randomize(Transformer(_tiny(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False)))
     m.extend_window(32)
     y = generate(m, torch.randint(0, 97, (1, 10)), max_new_tokens=20, temperature=0)
@@ -135,7 +135,7 @@ def test_extended_decoder_generates_past_its_trained_window():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from pretune.interop.hf import load_hf_folder
+    from pretune.interop.hf_weights import load_hf_folder
     return load_hf_folder(MINILM)
 
 
@@ -162,7 +162,7 @@ def test_minilm_tokenizer_matches_the_reference_tokenizer(minilm):
 
 def test_bert_for_pretraining_with_prefix_and_heads(tmp_path):
     """A `bert.`-prefixed BertForPreTraining checkpoint, MLM and NSP heads included."""
-    from pretune.interop.hf import load_hf_folder
+    from pretune.interop.hf_weights import load_hf_folder
     cfg = transformers.BertConfig(vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=48, max_position_embeddings=40, type_vocab_size=2)
     torch.manual_seed(1)
@@ -207,7 +207,7 @@ MAPPINGS = {
 
 @pytest.mark.parametrize("name", sorted(MAPPINGS))
 def test_export_loads_in_transformers_with_the_same_logits(name, tmp_path):
-    from pretune.interop.hf import export_hf, load_hf_folder
+    from pretune.interop.hf_weights import export_hf, load_hf_folder
     c = MAPPINGS[name]
     model = randomize(Transformer(c), seed=len(name))
     out = export_hf(model, None, tmp_path / "hf")
@@ -253,8 +253,8 @@ def test_export_loads_in_transformers_with_the_same_logits(name, tmp_path):
 
 def test_exported_bert_mini_fills_masks_like_bert_for_masked_lm(tmp_path):
     """Same [MASK] predictions, each side using its own tokenizer (ours exported, theirs read back)."""
-    from pretune.generate import fill_mask
-    from pretune.interop.hf import export_hf
+    from pretune.inference.generate import fill_mask
+    from pretune.interop.hf_weights import export_hf
     from pretune.data.tokenizers import load_tokenizer
     model = randomize(Transformer(preset("bert-mini", nsp_head=False)), seed=3)
     tok = load_tokenizer("bert-uncased")
@@ -281,7 +281,7 @@ def test_exported_bert_mini_fills_masks_like_bert_for_masked_lm(tmp_path):
     (dict(causal=False, norm_placement="post", embedding_norm=True, type_vocab_size=0), "segment"),
 ])
 def test_combinations_without_a_hf_equivalent_are_refused_in_one_line(kw, words, tmp_path):
-    from pretune.interop.hf import export_hf
+    from pretune.interop.hf_weights import export_hf
     model = Transformer(_small(**kw))
     with pytest.raises(PretuneError, match="no Hugging Face equivalent") as e:
         export_hf(model, None, tmp_path / "hf")
@@ -323,7 +323,7 @@ def test_import_command_makes_a_run_every_verb_accepts(tmp_path, capsys, minilm)
 
 @pytest.fixture
 def tiny_bert_folder(tmp_path):
-    from pretune.interop.hf import export_hf
+    from pretune.interop.hf_weights import export_hf
     d = tmp_path / "bert"
     export_hf(randomize(Transformer(_small(**_BERT, nsp_head=True))), None, d)
     return d
@@ -502,7 +502,7 @@ def _shard(d: Path, names=("model-00001-of-00002.safetensors", "model-00002-of-0
 
 
 def test_sharded_weights_load_as_the_single_file_did(tiny_bert_folder):
-    from pretune.interop.hf import load_hf_folder
+    from pretune.interop.hf_weights import load_hf_folder
     one, _, _ = load_hf_folder(tiny_bert_folder)
     _shard(tiny_bert_folder)
     two, _, _ = load_hf_folder(tiny_bert_folder)
@@ -627,7 +627,8 @@ def test_gguf_bad_input(tmp_path, capsys):
 def test_core_never_imports_transformers_or_gguf():
     import subprocess
     import sys
-    code = ("import sys, pretune.interop, pretune.interop.hf, pretune.interop.gguf, pretune.embed, pretune.cli;"
+    code = ("import sys, pretune.interop, pretune.interop.hf_config, pretune.interop.hf_weights, pretune.interop.gguf,"
+            " pretune.inference.embed, pretune.cli;"
             "print(sorted(m for m in ('transformers', 'gguf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -684,7 +685,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_greedy_says_paris(smollm2):
-    from pretune.generate import generate
+    from pretune.inference.generate import generate
     model, tok, ref = smollm2
     ids = torch.tensor([tok.encode("The capital of France is")])
     out = generate(model, ids, max_new_tokens=3, temperature=0)  # prefill, then the static KV cache

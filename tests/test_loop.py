@@ -48,7 +48,7 @@ def _one_thread():
 
 
 class Synthetic:
-    """Batch k is a pure function of (seed, k), the loader contract of data/shards.py; an encoder's
+    """Batch k is a pure function of (seed, k), the loader contract of data/loaders.py; an encoder's
     batches carry mlm_rows as PairBatches' do."""
 
     def __init__(self, causal, seed=0):
@@ -157,7 +157,7 @@ def test_a_fine_tuning_step_never_waits_for_the_device(tmp_path, causal, objecti
     collate knows it on the host. L3's next-token targets used a boolean index too."""
     from pretune.data.encoding import ClassificationBatches, TextEncoder
     from pretune.data.labelled import Example
-    from pretune.finetune import build_classifier
+    from pretune.tasks.build import build_classifier
     from pretune.objectives.finetuning import finetune_loss
     from pretune.tokenizer.vocabularies import train_tokenizer
 

@@ -58,7 +58,7 @@ def _assert_same_bits(a: Transformer, b: Transformer, c: ModelConfig):
 @pytest.mark.parametrize("tied", [False, True])
 def test_export_loads_as_mixtral_with_the_same_logits_and_reimports_bit_identical(tied, tmp_path, capsys):
     from pretune.interop import write_run
-    from pretune.interop.hf import load_hf_folder
+    from pretune.interop.hf_weights import load_hf_folder
 
     c = _cfg(tie_embeddings=tied)
     model = randomize(Transformer(c), seed=7 + tied)
@@ -97,7 +97,7 @@ def test_a_mixtral_saved_by_transformers_imports_with_the_same_logits(layout, tm
     `down_proj`, router `mlp.gate`), and a file of that state dict imports as well."""
     from safetensors.torch import save_file
 
-    from pretune.interop.hf import load_hf_folder
+    from pretune.interop.hf_weights import load_hf_folder
 
     torch.manual_seed(0)
     cfg = transformers.MixtralConfig(vocab_size=500, hidden_size=64, intermediate_size=80, num_hidden_layers=2,

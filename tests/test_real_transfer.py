@@ -5,7 +5,7 @@ reports measurements of, and that a missing package is skipped."""
 import re
 from pathlib import Path
 
-from pretune import transfer
+from pretune.recipes import transfer
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "interop.md"
 

@@ -1,6 +1,6 @@
 """Each family trains by its paper's recipe: the optimiser and schedule a preset's run builds,
 which parameters decay, the residual init, and that a --train.* option still wins.
-The expected numbers are the papers' (cited in src/pretune/recipes.py) or computed by hand."""
+The expected numbers are the papers' (cited in src/pretune/config/training_recipes.py) or computed by hand."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from pretune.training import pretrain as train_mod
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
-from pretune.finetune import finetune
+from pretune.tasks.finetune import finetune
 from pretune.models.transformer import Transformer
 from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.training.config import lr_at, make_optimizer

@@ -202,7 +202,7 @@ def test_allow_change_only_takes_schedule_options(w, tmp_path, capsys):
 FINETUNE_REFUSED = [
     (["--seed", "1"], "seed=0, now seed=1"),
     (["--batch-size", "8"], "batch_size=16, now batch_size=8"),
-    (["--lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (recipes.py)
+    (["--lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (config/training_recipes.py)
     (["--freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
     (["--pool", "mean"], "pool='last', now pool='mean'"),
     (["--objective", "L3"], "objective='L2', now objective='L3'"),

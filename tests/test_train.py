@@ -16,7 +16,7 @@ from pretune.training.config import TrainConfig, lr_at, param_groups
 
 
 class Synthetic:
-    """Batch k is a pure function of (seed, k): the loader contract of data/shards.py."""
+    """Batch k is a pure function of (seed, k): the loader contract of data/loaders.py."""
 
     def __init__(self, causal, seed=0, B=4, T=16, V=50):
         self.causal, self.seed, self.B, self.T, self.V, self.k = causal, seed, B, T, V, 0

@@ -68,8 +68,8 @@ class ModelConfig:
     capacity_factor: float | None = None  # None = dropless
     aux_loss_coef: float = 0.01  # Switch Transformer load balancing
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
-    tokenizer: str = "gpt2"  # the vocabulary this shape expects (see tokenizer.py)
-    # how the family initialises and trains (None: the family's, by shape; recipes.py)
+    tokenizer: str = "gpt2"  # the vocabulary this shape expects (see data/tokenizers.py)
+    # how the family initialises and trains (None: the family's, by shape; training_recipes.py)
     residual_scale_init: bool | None = None  # residual projections' init std / sqrt(2 n_layer) (GPT-2)
     recipe: str | None = None  # the training recipe (recipes.RECIPES): gpt1 | gpt3 | bert | llama
 
@@ -110,7 +110,7 @@ class ModelConfig:
 
     @property
     def train_recipe(self) -> str:
-        """The recipe this model trains by: the field, else the family's by shape (recipes.py)."""
+        """The recipe this model trains by: the field, else the family's by shape (training_recipes.py)."""
         from .training_recipes import recipe_name
         return recipe_name(self)
 

@@ -13,7 +13,7 @@ from .model import ModelConfig
 # Presets: the published shapes.
 # --------------------------------------------------------------------------
 
-# Each family names its init and its training recipe (recipes.py cites the numbers):
+# Each family names its init and its training recipe (training_recipes.py cites the numbers):
 # GPT-1 N(0, 0.02) unscaled (Radford et al. 2018, sec. 4.1); GPT-2/3 residual projections
 # scaled by 1/sqrt(2 n_layer) (Radford et al. 2019, sec. 2.3), trained by GPT-3's recipe (GPT-2's
 # paper gives none); BERT N(0, 0.02) unscaled (google-research/bert `initializer_range`).

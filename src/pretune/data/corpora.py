@@ -35,7 +35,7 @@ newlines; a `.jsonl` file one JSON object per line with a "text" field; a folder
 all such files below it, in sorted order. A file must be UTF-8 text: a NUL byte
 or an invalid UTF-8 sequence is refused before any work, with the file and the
 byte offset of the first bad byte (a binary or Latin-1 file would otherwise be
-tokenized as if it were text, as task files are refused in tasks.py).
+tokenized as if it were text, as task files are refused in labelled.py).
 """
 
 from __future__ import annotations

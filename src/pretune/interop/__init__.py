@@ -6,7 +6,7 @@
 
 An import makes an ordinary run directory (config.json, tokenizer.json,
 checkpoints/step-000000/ with model.safetensors and a manifest), so every verb
-that takes a run takes it. The mapping of each architecture is in `hf.py` and
+that takes a run takes it. The mapping of each architecture is in `hf_config.py`, `hf_weights.py` and
 docs/interop.md.
 """
 
@@ -36,7 +36,7 @@ def load_source(source: str):
     if kind == "gguf":
         from .gguf import load_gguf
         return load_gguf(rest)
-    from .hf import load_hf_folder
+    from .hf_weights import load_hf_folder
     return load_hf_folder(rest)
 
 
@@ -108,7 +108,8 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
     from ..runs.checkpoint import read_run_config
     from ..fileio import check_creatable
     check_creatable(out, "the export folder")  # before any weights are read
-    from .hf import export_hf, hf_class, hf_family
+    from .hf_weights import export_hf
+    from .hf_config import hf_class, hf_family
 
     hf_family(read_config(run))  # refuse before loading any weights
     model, cfg, tok = load_model(run)

@@ -107,7 +107,7 @@ def load_gguf(path: str | Path):
     from tqdm import tqdm
 
     from ..models.transformer import Transformer
-    from .hf import load_state
+    from .hf_weights import load_state
 
     path = Path(path)
     where = str(path)

@@ -103,7 +103,7 @@ class Classifier(nn.Module):
 
     def forward(self, input_ids, attention_mask, lengths, segment_ids=None, padded: bool | None = None):
         """(class logits, h_n). `padded`: whether any row is padded, known on the host from the batch
-        (`data.tasks.collate`); without it the mask is read, a host sync."""
+        (`data.encoding.collate`); without it the mask is read, a host sync."""
         if padded is None:
             padded = not bool(attention_mask.all())
         mask = attention_mask if padded else None  # no padding: the fast causal path

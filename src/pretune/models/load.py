@@ -20,7 +20,7 @@ def load_model(run_dir: str | Path, device: str = "cpu"):
     from ..tokenizer.core import Tokenizer
 
     cfg_d = read_run_config(run_dir)
-    if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (finetune.py)
+    if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (tasks/finetune.py)
         clf, cfg, tok, _ = load_classifier(run_dir, device)
         return clf.body, cfg, tok
     cfg = ModelConfig.from_dict(cfg_d["model"], str(Path(run_dir) / "config.json"))

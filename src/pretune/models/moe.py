@@ -92,7 +92,7 @@ class MoE(nn.Module):
     while the padding is at most `max_padding` times the real work, grouped beyond.
 
     The E experts' weights are stacked, in `nn.Linear`'s (out, in) layout and the
-    same fused [gate; up] order as `pretune.model.MLP` and Hugging Face's
+    same fused [gate; up] order as `pretune.models.layers.MLP` and Hugging Face's
     `MixtralExperts` (gate_up_proj, down_proj):
         fc_weight   (E, F, d)   F = d_expert_ff, or 2 * d_expert_ff for SwiGLU
         proj_weight (E, d, d_expert_ff)
@@ -149,7 +149,7 @@ class MoE(nn.Module):
                         self.proj_weight.unbind(0), self.proj_bias.unbind(0) if self.proj_bias is not None else none))
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """The activation between the two projections, as in `pretune.model.MLP`: GELU, or SwiGLU's silu(gate) * up."""
+        """The activation between the two projections, as in `pretune.models.layers.MLP`: GELU, or SwiGLU's silu(gate) * up."""
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up

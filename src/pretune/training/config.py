@@ -17,13 +17,13 @@ NO_DECAY_KINDS = ("bias", "norm", "embedding")
 @dataclass
 class TrainConfig:
     """How to train: the optimiser, the schedule, precision, logging and checkpoints.
-    The defaults here are GPT-3's recipe; `for_model` gives a model its own family's (recipes.py)."""
+    The defaults here are GPT-3's recipe; `for_model` gives a model its own family's (config/training_recipes.py)."""
 
     steps: int = 1000  # optimizer steps in all
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     seq_len: int | None = None  # tokens per sequence; None = the model's window
-    lr: float = 6e-4  # peak learning rate (this and the optimiser's fields: the model's recipe, recipes.py)
+    lr: float = 6e-4  # peak learning rate (this and the optimiser's fields: the model's recipe, config/training_recipes.py)
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     warmup: int = 100  # linear warmup steps (recipe: the paper's count, at most a tenth of the steps)
     decay: str = "cosine"  # cosine | linear (BERT) | constant
@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (opt-in)
-    guard: bool = True  # roll back on a loss spike or a non-finite loss/gradient (guard.py)
+    guard: bool = True  # roll back on a loss spike or a non-finite loss/gradient (training/guard.py)
     guard_factor: float = 3.0  # a loss above this many times the recent median is a spike
     guard_window: int = 50  # steps in the recent median
     guard_lr_scale: float = 0.1  # after a rollback the lr is multiplied by this ...
@@ -93,7 +93,7 @@ class TrainConfig:
 
     @classmethod
     def for_model(cls, model_cfg, d: dict | None = None, stage: str = "pretrain", **defaults) -> "TrainConfig":
-        """The model's recipe for `stage` (pretrain | finetune; recipes.py), under the caller's
+        """The model's recipe for `stage` (pretrain | finetune; config/training_recipes.py), under the caller's
         `defaults` (a demo's tuned budget, finetune's steps), under the user's options `d`
         (--train.*): `--train.beta2 0.95` wins over any recipe."""
         from ..config.training_recipes import recipe_for, train_defaults, warmup_steps
@@ -128,7 +128,7 @@ _NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
 
 
 def param_kind(mod: torch.nn.Module, name: str, p: torch.Tensor) -> str:
-    """bias | norm | embedding | weight. A bias by name (the stacked expert biases of moe.py are
+    """bias | norm | embedding | weight. A bias by name (the stacked expert biases of models/moe.py are
     (E, F)), a norm's gain by its module or by being 1-D, an embedding table by its module."""
     if name.endswith("bias"):
         return "bias"
@@ -141,7 +141,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: str = "b
     """[decayed, not decayed]: every trainable parameter whose kind `no_decay` does not name is
     decayed. The recipes' "bias,norm" is GPT-1's "all non bias or gain weights" (Radford et al. 2018,
     sec. 4.1) and BERT's `exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]`: the
-    embeddings decay (recipes.py). A tied W_e is one parameter, classed by the embedding table."""
+    embeddings decay (config/training_recipes.py). A tied W_e is one parameter, classed by the embedding table."""
     skip = {k.strip() for k in no_decay.split(",") if k.strip()}
     decay, keep, seen = [], [], set()
     for _, mod in model.named_modules():

@@ -27,7 +27,7 @@ Each intervention goes to the console and to metrics.jsonl as a row with
 
 The guard reads the loss, the gradient norm and (fp16) the scaler's overflow flag
 every step, in one read: the training loop's one host-device sync per step (a
-dropless mixture-of-experts layer adds its own, moe.py). On a GPU the host then
+dropless mixture-of-experts layer adds its own, models/moe.py). On a GPU the host then
 cannot queue the next step while this one runs; on the CPU it costs nothing.
 That is the price of catching a bad step before the next one runs. Reading the
 losses only at log time would let up to `log_every - 1` more steps run on top of
@@ -166,7 +166,7 @@ class LossGuard(Hook):
 
 
 def _counter(data_state: dict | None):
-    """The batch counter of a loader's state (data/shards.py calls it `batch`)."""
+    """The batch counter of a loader's state (data/loaders.py calls it `batch`)."""
     if not isinstance(data_state, dict):
         return None
     for key in ("batch", "k", "index"):

@@ -84,7 +84,7 @@ class MoEStatsHook(Hook):
 
 
 class MFUHook:
-    """Adds `model_flops_per_s` and `mfu` to every logged record (a `train.Hook`, duck-typed so
+    """Adds `model_flops_per_s` and `mfu` to every logged record (a `Hook`, duck-typed so
     this module stays free of torch at import). FLOP/s = tokens/s × train_flops_per_token; the peak
     is the one `device_peak` names, printed once at the start."""
 

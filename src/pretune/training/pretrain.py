@@ -127,7 +127,7 @@ def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: Train
         cfg = cfg.replace(**(arch or {})) if arch else cfg
     else:
         cfg = preset(model, **(arch or {}))
-    tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (recipes.py)
+    tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (config/training_recipes.py)
     out = Path(out or f"runs/{cfg.name}")
     check_creatable(out, "the run directory")  # before the built-in corpus is prepared
     if data is None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config.presets import preset
-from .errors import PretuneError
-from .fileio import check_creatable
-from .training.config import TrainConfig
-from .training.pretrain import default_data_dir, pretrain
+from ..config.presets import preset
+from ..errors import PretuneError
+from ..fileio import check_creatable
+from ..training.config import TrainConfig
+from ..training.pretrain import default_data_dir, pretrain
+
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
+
+
 MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [MASK] .",
           "i don't [MASK] what you mean ."]
 
@@ -29,6 +32,8 @@ MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [M
 # What a budget leaves out (eps, beta1, which parameters decay, the clip) is the preset's recipe.
 GPT_TRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
                  weight_decay=0.1, eval_every=100, eval_batches=8, log_every=10, ckpt_every=100)
+
+
 # bert-mini: many small steps. Masked-LM sits on the unigram plateau until attention learns to
 # read the neighbours, and what gets it off is the number of updates: for the same 1M tokens,
 # 250 steps of 32 at lr 1e-3 ended at val MLM 6.66 (above the unigram entropy, [CLS] the same for
@@ -49,8 +54,8 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         finetune: run the transfer-learning experiment after pre-training
         full: the whole fine-tuning grid (100, 1,000, all labels; 3 seeds) and the real-weights runs
     """
-    from .data.prepare import prepare
-    from .data.loaders import unigram_entropy
+    from ..data.prepare import prepare
+    from ..data.loaders import unigram_entropy
 
     for flag, v in (("--gpt-steps", gpt_steps), ("--bert-steps", bert_steps)):
         if v <= 0:
@@ -77,7 +82,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print(f"{name}: validation loss {final['val_loss']:.3f} nats/token; unigram entropy of the "
                   f"same split {h:.3f}; below it by {gap:.3f} nats ({'>= 1 nat: learned' if gap >= 1 else '< 1 nat'})")
         elif final.get("val_mlm") is not None:  # masked-LM never predicts a special token
-            from .tokenizer.core import Tokenizer
+            from ..tokenizer.core import Tokenizer
             h = unigram_entropy(data, "val", exclude=Tokenizer.load(out / name).special_ids)
             report[name].update(unigram_entropy=h, lm_loss=final["val_mlm"])
             print(f"{name}: validation MLM loss {final['val_mlm']:.3f} nats/masked token (unigram entropy of "
@@ -125,8 +130,8 @@ def transfer_caveat(report: dict, full: bool) -> str | None:
 
 
 def _show(runs: dict) -> None:
-    from .models.load import load_model
-    from .generate import fill_mask, generate
+    from ..models.load import load_model
+    from ..inference.generate import fill_mask, generate
 
     import torch
 

@@ -18,31 +18,14 @@ import dataclasses
 import importlib
 import inspect
 import re
-import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import PretuneError
+from ..errors import PretuneError
+from .verbs import VERBS
 
-# verb -> "module:function"; modules are imported only when their verb runs.
-VERBS: dict[str, str] = {
-    "prepare": "pretune.data.prepare:prepare_cmd",
-    "curate": "pretune.data.curate:curate_cmd",
-    "pretrain": "pretune.training.pretrain:pretrain_cmd",
-    "generate": "pretune.generate:generate_cmd",
-    "fill-mask": "pretune.generate:fill_mask_cmd",
-    "demo": "pretune.demo:demo_cmd",
-    "cost": "pretune.compute:cost_cmd",
-    "bench": "pretune.bench:bench_cmd",
-    "embed": "pretune.embed:embed_cmd",
-    "import": "pretune.interop:import_cmd",
-    "export": "pretune.interop:export_cmd",
-    "finetune": "pretune.finetune:finetune_cmd",
-    "classify": "pretune.finetune:classify_cmd",
-    "evaluate": "pretune.finetune:evaluate_cmd",
-}
 
 _MISSING = object()
 
@@ -226,38 +209,3 @@ def call_verb(verb: str, argv: list[str]):
         if parent is not None:
             kwargs[parent] = groups.get(parent, {})
     return fn(**kwargs)
-
-
-def _close_progress_bars() -> None:
-    """An error raised under an open tqdm bar would print on the bar's line: end the bars first."""
-    std = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or ()):
-        bar.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: pretune <command> [options]   (pretune <command> --help for its options)\n")
-        for v, target in VERBS.items():
-            mod, name = target.split(":")
-            try:
-                summary = _doc_args(getattr(importlib.import_module(mod), name))[0]
-            except Exception:  # a verb whose optional dependency is missing still lists
-                summary = ""
-            print(f"  {v:<10} {summary}")
-        return 0
-    try:
-        call_verb(argv[0], argv[1:])
-    except PretuneError as e:
-        _close_progress_bars()
-        print(f"pretune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pretune: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,107 +1,16 @@
-"""Side-by-side speed: pretune against the implementation most users would otherwise run.
-
-Every benchmark builds pretune and the reference (Hugging Face `transformers`,
-or nanoGPT's `get_batch` for the loader) on the identical configuration: the
-same shapes, the same weights (copied from pretune into the reference through
-`interop.hf`), the same batch and the same thread count. Each side is warmed
-up, then the two alternate for `rounds` rounds, the order flipping every round
-(A B, B A, A B, ...), so a change in the machine's load (a shared CPU) falls on
-both alike; the medians and their ratio are reported. A ratio > 1 means
-pretune is faster. Wall-clock time is the measure; each side's process CPU
-time is kept too, as a check on how much the machine was shared.
-
-A target is a ratio in one run, printed next to it; it is never a timing
-assertion in a test. Run `pretune bench` (the suite) or `benchmarks/*.py`.
-"""
+"""The benchmarks: each builds pretune and the Hugging Face reference on the same configuration and
+weights and times them alternately (harness.py); training steps, generation, tokenization, loading."""
 
 from __future__ import annotations
 
-import math
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
-from typing import Callable
 
 import torch
 
-from .config.model import ModelConfig
-from .config.presets import preset
-
-# The shapes of the issue, plus a tiny one for the tests.
-GPT_SHAPES = {
-    "mini": dict(preset="gpt-mini", batch=16, seq=256),  # 4 layers, d=256, 4 heads, vocab 8192
-    "gpt2": dict(preset="gpt2", batch=4, seq=256),  # 12 layers, d=768, 12 heads, vocab 50,257
-    "tiny": dict(preset="gpt-mini", batch=2, seq=32, n_layer=2, d_model=64, n_head=2, vocab_size=512),
-}
-BERT_SHAPES = {
-    "mini": dict(preset="bert-mini", batch=32, seq=128),  # 4 layers, d=256, 4 heads, vocab 30,522
-    "tiny": dict(preset="bert-mini", batch=2, seq=32, n_layer=2, d_model=64, n_head=2, vocab_size=512),
-}
-TARGETS = {  # pretune / reference, from the issue
-    ("gpt_train", "mini", "fp32"): 1.25,
-    ("gpt_train", "gpt2", "fp32"): 1.10,
-    ("bert_mlm", "mini", "fp32"): 1.5,
-    ("generate", "mini", 1): 3.0,
-    ("generate", "gpt2", 1): 3.0,
-}
-PEAK_FRACTION_TARGET = 0.70  # GPT-2-small fp32: 6·N·tokens/s over the measured fp32 matmul peak
-
-
-def _config(shape: dict, **over) -> tuple[ModelConfig, int, int]:
-    s = dict(shape)
-    name, B, T = s.pop("preset"), s.pop("batch"), s.pop("seq")
-    return preset(name, dropout=0.0, **{**s, **over}), B, T
-
-
-_DEFAULT_THREADS = torch.get_num_threads()
-
-
-def set_threads(threads: int | None) -> int:
-    """Both sides run with the same intra-op thread count (None: torch's default)."""
-    torch.set_num_threads(threads or _DEFAULT_THREADS)
-    return torch.get_num_threads()
-
-
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-              progress: bool = False, desc: str = "") -> dict[str, dict[str, list[float]]]:
-    """Time each function once per round, alternating their order every round.
-    Returns {name: {"wall": [s, ...], "cpu": [s, ...]}} (warm-up calls not included)."""
-    from tqdm import tqdm
-
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    out = {n: {"wall": [], "cpu": []} for n in names}
-    for r in tqdm(range(rounds), desc=desc, unit="round", disable=not progress, leave=False):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[n]()
-            out[n]["wall"].append(time.perf_counter() - t0)
-            out[n]["cpu"].append(time.process_time() - c0)
-    return out
-
-
-def _side(times: dict[str, list[float]], work: float, unit: str, flops_per_unit: float | None = None) -> dict:
-    med = statistics.median(times["wall"])
-    d = {"median_s": med, "min_s": min(times["wall"]), "cpu_s": statistics.median(times["cpu"]),
-         "times_s": [round(t, 4) for t in times["wall"]], unit: work / med}
-    if flops_per_unit:
-        d["gflops"] = work * flops_per_unit / med / 1e9
-    return d
-
-
-def _result(bench: str, shape: str, params: dict, times: dict, work: float, unit: str, rounds: int,
-            warmup: int, flops_per_unit: float | None = None, target_key=None, **extra) -> dict:
-    pt = _side(times["pretune"], work, unit, flops_per_unit)
-    ref = _side(times["reference"], work, unit, flops_per_unit)
-    ratio = ref["median_s"] / pt["median_s"]
-    target = TARGETS.get(target_key) if target_key else extra.pop("target", None)
-    return {"bench": bench, "shape": shape, **params, "threads": torch.get_num_threads(),
-            "rounds": rounds, "warmup": warmup, "unit": unit, "pretune": pt, "reference": ref,
-            "ratio": ratio, "target": target, "meets_target": None if target is None else ratio >= target,
-            **extra}
+from .harness import (BERT_SHAPES, GPT_SHAPES, PEAK_FRACTION_TARGET, _config, _hf_step, _result, _trainer, alternate,
+                      cpu_has_native_bf16, set_threads, six_n)
 
 
 # ---------------------------------------------------------------------------
@@ -138,63 +47,13 @@ def hf_bert_mlm(model) -> torch.nn.Module:
 
 
 def _copy_weights(model, hf, allowed_missing: set[str]) -> None:
-    from .interop.hf import tensors_for_hf
+    from pretune.interop.hf_weights import tensors_for_hf
 
     sd, _ = tensors_for_hf(model)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     bad = [k for k in missing if k not in allowed_missing] + list(unexpected)
     if bad:
         raise RuntimeError(f"weights did not map onto the reference: {bad[:4]}")
-
-
-class _Repeat:
-    """The same batch every step: both sides see identical data, and no loader time is measured."""
-
-    def __init__(self, batch: dict):
-        self.b = batch
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        return self.b
-
-
-def _autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def _hf_step(hf, opt, precision: str, **inputs):
-    """What `transformers.Trainer` does by default: forward with labels (its own loss),
-    backward, clip the global norm to 1.0, fused AdamW (`adamw_torch_fused`), zero the grads."""
-    def step():
-        with _autocast(precision):
-            loss = hf(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def _trainer(model, batch: dict, loss_fn, precision: str, compile: bool = False):
-    from .training.config import TrainConfig
-    from .training.loop import Trainer
-
-    tc = TrainConfig(steps=1 << 30, batch_size=batch["input_ids"].shape[0], warmup=0, device="cpu",
-                     precision=precision, compile=compile, grad_clip=1.0)
-    tr = Trainer(model, tc, _Repeat(batch), loss_fn, tempfile.gettempdir(), progress=False)
-    return tr
-
-
-def six_n(c: ModelConfig) -> int:
-    """N of 6·N FLOPs per token: every parameter but the position table, the tied W_e
-    once (the output projection uses it), vocabulary padding not counted."""
-    from .models.counting import count_params
-
-    p = count_params(c.replace(vocab_multiple=1))
-    pos = c.max_seq_len * c.d_model if c.position == "learned" else 0
-    return p["total"] - pos
 
 
 # ---------------------------------------------------------------------------
@@ -224,13 +83,13 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     against `GPT2LMHeadModel` (SDPA) stepped the way `transformers.Trainer` steps it.
     `peak` (default: on for the GPT-2 shape) adds a matmul timing to every round, and
     reports 6·N·tokens/s as a fraction of it."""
-    from .objectives.linear_cross_entropy import IGNORE
-    from .objectives.losses import l1_loss
+    from pretune.objectives.linear_cross_entropy import IGNORE
+    from pretune.objectives.losses import l1_loss
 
     set_threads(threads)
     cfg, B, T = _config(GPT_SHAPES[shape])
     torch.manual_seed(0)
-    from .models.transformer import Transformer
+    from pretune.models.transformer import Transformer
 
     model = Transformer(cfg)
     hf = hf_gpt2(model).train()
@@ -273,8 +132,8 @@ def variant_gain(shape: str = "mini", variant: str = "compile", rounds: int = 5,
     "bf16": bf16 autocast) on the "pretune" side, the plain fp32 eager step on the
     "reference" side, alternated like every benchmark, same weights and batch.
     `setup_s` is the first variant step's time minus an eager step's (the compile time)."""
-    from .models.transformer import Transformer
-    from .objectives.losses import l1_loss
+    from pretune.models.transformer import Transformer
+    from pretune.objectives.losses import l1_loss
 
     set_threads(threads)
     cfg, B, T = _config(GPT_SHAPES[shape])
@@ -307,10 +166,10 @@ def bert_mlm(shape: str = "mini", rounds: int = 5, warmup: int = 1, threads: int
              precision: str = "fp32", progress: bool = False) -> dict:
     """BERT MLM training step: pretune (the MLM head on the masked rows only) against
     `BertForMaskedLM` (the head on every position), same weights, same masked batch."""
-    from .models.transformer import Transformer
-    from .objectives.linear_cross_entropy import IGNORE
-    from .objectives.masking import mlm_mask
-    from .objectives.losses import mlm_nsp_loss
+    from pretune.models.transformer import Transformer
+    from pretune.objectives.linear_cross_entropy import IGNORE
+    from pretune.objectives.masking import mlm_mask
+    from pretune.objectives.losses import mlm_nsp_loss
 
     set_threads(threads)
     cfg, B, T = _config(BERT_SHAPES[shape], nsp_head=False)
@@ -342,8 +201,8 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     """Greedy decoding with a KV cache: pretune's `generate` (static cache) against
     `GPT2LMHeadModel.generate(use_cache=True, do_sample=False)`, same weights and prompt,
     exactly `new_tokens` new tokens each (no end-of-text stop)."""
-    from .generate import generate
-    from .models.transformer import Transformer
+    from pretune.inference.generate import generate
+    from pretune.models.transformer import Transformer
 
     set_threads(threads)
     cfg, _, _ = _config(GPT_SHAPES[shape])
@@ -373,7 +232,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
 
 def _corpus_text(max_bytes: int) -> list[str]:
     """Documents of the built-in corpus (the King James Bible's chapters), up to max_bytes."""
-    from .data.sources import bible
+    from pretune.data.sources import bible
 
     docs, n = [], 0
     for d in bible():
@@ -390,7 +249,7 @@ def tokenization(tokenizer: str = "gpt2", max_bytes: int = 2_000_000, rounds: in
     fast tokenizer built on the same tokenizer.json, over the same documents."""
     from transformers import PreTrainedTokenizerFast
 
-    from .data.tokenizers import load_tokenizer
+    from pretune.data.tokenizers import load_tokenizer
 
     set_threads(threads)
     tok = load_tokenizer(tokenizer)
@@ -419,8 +278,8 @@ def loader(batch: int = 16, seq: int = 256, steps: int = 200, rounds: int = 3, w
     `get_batch` (np.memmap windows at random offsets; Karpathy, nanoGPT train.py) on one shard."""
     import numpy as np
 
-    from .data.loaders import LMBatches, Shard
-    from .data.prepare import prepare
+    from pretune.data.loaders import LMBatches, Shard
+    from pretune.data.prepare import prepare
 
     set_threads(threads)
     tmp = None
@@ -453,83 +312,3 @@ def loader(batch: int = 16, seq: int = 256, steps: int = 200, rounds: int = 3, w
             tmp.cleanup()
     return _result("loader", f"{batch}x{seq}", {"batch": batch, "seq": seq, "steps": steps}, times,
                    batch * seq * steps, "tokens_per_s", rounds, warmup)
-
-
-# ---------------------------------------------------------------------------
-# The suite, as `pretune bench` runs it
-# ---------------------------------------------------------------------------
-
-def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
-    """(label, function, kwargs) of the standard suite. GPT-2-small steps take tens of
-    seconds on two cores, so that shape runs few rounds; `quick` drops it."""
-    plan = [
-        ("gpt_train mini fp32", gpt_train, dict(shape="mini", precision="fp32", rounds=7)),
-        ("gpt_train mini bf16", gpt_train, dict(shape="mini", precision="bf16", rounds=7)),
-        ("bf16 gain mini", variant_gain, dict(shape="mini", variant="bf16", rounds=5)),
-        ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
-        ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
-        ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
-        ("tokenize gpt2", tokenization, dict(rounds=3)),
-        ("loader 16x256", loader, dict(rounds=3)),
-    ]
-    if not quick:
-        plan[2:2] = [
-            ("gpt_train gpt2 fp32", gpt_train, dict(shape="gpt2", precision="fp32", rounds=3)),
-            ("gpt_train gpt2 bf16", gpt_train, dict(shape="gpt2", precision="bf16", rounds=3)),
-            ("bf16 gain gpt2", variant_gain, dict(shape="gpt2", variant="bf16", rounds=3)),
-        ]
-        plan[-2:-2] = [
-            ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
-            ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
-        ]
-    return plan
-
-
-def run_suite(only: list[str] | None = None, quick: bool = False, rounds: int | None = None,
-              threads: int | None = None, progress: bool = True) -> list[dict]:
-    """Run the benchmarks whose label contains one of `only` (all by default)."""
-    from tqdm import tqdm
-
-    plan = [p for p in suite_plan(quick) if not only or any(o in p[0] for o in only)]
-    results = []
-    for label, fn, kw in tqdm(plan, desc="pretune bench", unit="bench", disable=not progress):
-        kw = {**kw, "threads": threads, "progress": progress}
-        if rounds:
-            kw["rounds"] = rounds
-        results.append(fn(**kw))
-    return results
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16 (x86), read from /proc/cpuinfo."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def describe(r: dict) -> str:
-    """One line of a result: medians, the ratio, the target."""
-    unit = r["unit"]
-    pt, ref = r["pretune"][unit], r["reference"][unit]
-    what = {"gpt_train": f"GPT train {r['shape']} {r.get('precision')}", "bert_mlm": f"BERT MLM {r['shape']}",
-            "generate": f"generate {r['shape']} b{r.get('batch')}",
-            "compile": f"compiled/eager {r['shape']}", "bf16": f"bf16/fp32 pretune {r['shape']}", "tokenize": f"tokenize {r['shape']}",
-            "loader": f"loader {r['shape']}"}[r["bench"]]
-    pretty = unit.replace("_per_s", "/s").replace("mb", "MB")
-    line = f"{what:<24} pretune {pt:>10,.1f} {pretty}  reference {ref:>10,.1f}  ratio {r['ratio']:5.2f}x"
-    if r.get("target"):
-        line += f"  (target {r['target']}x: {'met' if r['meets_target'] else 'NOT met'})"
-    if "gflops" in r["pretune"]:
-        line += f"  {r['pretune']['gflops']:.1f} GFLOP/s"
-    if r.get("fraction_of_peak") is not None:
-        line += f", {r['fraction_of_peak']:.0%} of the fp32 matmul peak ({r['fp32_matmul_peak_gflops']:.0f})"
-    if r.get("setup_s") is not None and r["bench"] == "compile":
-        line += f"  compile time {r['setup_s']:.0f} s"
-    line += f"  [{r['rounds']} rounds, {r['threads']} threads]"
-    return line
-
-
-def check_finite(results: list[dict]) -> bool:
-    return all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in results)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import PretuneError
+from ..errors import PretuneError
+
 
 POOLINGS = ("mean", "cls", "last")
 
@@ -92,9 +93,9 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
         out: write here (.npy, or .json) instead of printing JSON
         batch_size: texts per forward pass
     """
-    from .models.load import load_model
-    from .runs.checkpoint import read_run_config
-    from .fileio import atomic_write_bytes, atomic_write_json, check_creatable
+    from ..models.load import load_model
+    from ..runs.checkpoint import read_run_config
+    from ..fileio import atomic_write_bytes, atomic_write_json, check_creatable
 
     if out is not None:
         check_creatable(out, "the embeddings file", folder=False)  # before the model is loaded

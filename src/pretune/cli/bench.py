@@ -1,14 +1,15 @@
 """`pretune bench`: measurements of this machine. `--peak` times large matrix multiplies.
 
 The peak is what MFU on a CPU (or on a GPU the hardware table does not know)
-is measured against; it is cached (peak.py) so training runs reuse it.
+is measured against; it is cached (hardware/peak.py) so training runs reuse it. The
+side-by-side suite is the sibling package `pretune_bench` (the `[bench]` extra).
 """
 
 from __future__ import annotations
 
 import json as _json
 
-from .errors import PretuneError
+from ..errors import PretuneError
 
 
 def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None = None,
@@ -28,11 +29,16 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         threads: torch threads for both sides (default: torch's)
     """
     if not peak:
+        try:  # the suite is a sibling package; only this verb imports it, and only here
+            from pretune_bench.suite import _suite
+        except ImportError as e:
+            raise PretuneError(f"the benchmark suite is not installed (no module {e.name})", "pretune bench",
+                               "pip install 'pretune[bench]'") from e
         return _suite(json, only, quick, rounds, threads)
     if not (seconds > 0):
         raise PretuneError(f"--seconds must be positive, got {seconds!r}", None, "e.g. --seconds 3")
-    from .hardware.table import from_device_name
-    from .hardware.peak import TORCH_DTYPES, cache_file, machine_key, measure_peaks
+    from ..hardware.table import from_device_name
+    from ..hardware.peak import TORCH_DTYPES, cache_file, machine_key, measure_peaks
 
     dtypes = dtypes or ["fp32", "bf16"]
     for d in dtypes:
@@ -60,23 +66,4 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         print(line)
     print(f"cached in {cache_file()}: MFU on this {'CPU' if device == 'cpu' else 'device'} is measured "
           f"against these figures")
-    return out
-
-
-def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
-    """The side-by-side suite (speed.py): medians, ratios, targets; JSON with --json."""
-    from . import speed
-
-    if rounds is not None and rounds < 1:
-        raise PretuneError(f"--rounds must be at least 1, got {rounds}", None, "e.g. --rounds 5")
-    labels = [label for label, _, _ in speed.suite_plan(quick)]
-    if only and not any(o in label for o in only for label in labels):
-        raise PretuneError(f"no benchmark matches --only {','.join(only)}", None, f"labels: {', '.join(labels)}")
-    results = speed.run_suite(only=only, quick=quick, rounds=rounds, threads=threads, progress=not as_json)
-    out = {"results": results}
-    if as_json:
-        print(_json.dumps(out, indent=2))
-    else:
-        for r in results:
-            print(speed.describe(r))
     return out

