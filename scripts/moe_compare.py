@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from pretune.models.counting import count_params
 from pretune.config.presets import preset
 from pretune.fileio import atomic_write_text
+from pretune.models.counting import count_params
 from pretune.runs.plots import read_metrics, save_figure
 
 TASK = {True: ("l1",), False: ("mlm", "nsp")}  # the task-loss parts logged as val_<part>

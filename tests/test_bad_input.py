@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretune.cli.verbs import VERBS
 from pretune.cli import main
+from pretune.cli.verbs import VERBS
 
 TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were striking "
                    f"{i % 13}. Call me Ishmael. Some years ago, never mind how long." for i in range(80))

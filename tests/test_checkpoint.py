@@ -20,8 +20,8 @@ from pretune.models.load import load_model
 from pretune.objectives.losses import pretrain_loss
 from pretune.runs import checkpoint as ck
 from pretune.safety import check_safetensors, looks_like_pickle
-from pretune.training.loop import Trainer
 from pretune.training.config import TrainConfig
+from pretune.training.loop import Trainer
 
 
 class Tokens:

@@ -11,16 +11,15 @@ import tracemalloc
 import pytest
 
 from pretune.cli import main
-from pretune.training.hooks import MFUHook
+from pretune.config.presets import preset
+from pretune.hardware import peak as peak_mod
+from pretune.hardware.peak import device_peak, get_hardware, mfu
+from pretune.hardware.table import HARDWARE
+from pretune.models.counting import (count_params, flop_params, inference_flops_per_token, train_flops_per_token,
+                                     training_flops)
 from pretune.planning.cost import (PF_DAY, device_seconds, dollars, energy_cost, energy_kwh, flops_from_pf_days,
                                    implied_mfu, memory, mfu_flag, pf_days, plan, wall_clock_days)
-from pretune.models.counting import flop_params, inference_flops_per_token, train_flops_per_token, training_flops
-from pretune.hardware.peak import device_peak, mfu
-from pretune.models.counting import count_params
-from pretune.config.presets import preset
-from pretune.hardware.table import HARDWARE
-from pretune.hardware.peak import get_hardware
-from pretune.hardware import peak as peak_mod
+from pretune.training.hooks import MFUHook
 
 DAY = 86400
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pretune import PretuneError, Transformer, count_params, preset
-from pretune.config.presets import PRESETS, PUBLISHED_PARAMS
 from pretune.config.model import ModelConfig
+from pretune.config.presets import PRESETS, PUBLISHED_PARAMS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pretune.data import corpora as C, sources
-from pretune.data.curate_filters import DUP_NGRAM_MAX, CurateConfig, MinHash, candidate_probability, quality_failure
 from pretune.data.curate import Curator
+from pretune.data.curate_filters import DUP_NGRAM_MAX, CurateConfig, MinHash, candidate_probability, quality_failure
 from pretune.errors import PretuneError
 
 # -- text builders -------------------------------------------------------------------------

@@ -11,10 +11,10 @@ import torch
 from pretune.data import corpora as C, sources
 from pretune.data.loaders import LMBatches, PairBatches, Shard, eval_batches, unigram_entropy
 from pretune.data.prepare import prepare, split_sentences
+from pretune.data.tokenizers import load_tokenizer
 from pretune.errors import PretuneError
 from pretune.objectives.linear_cross_entropy import IGNORE
 from pretune.objectives.masking import mlm_mask
-from pretune.data.tokenizers import load_tokenizer
 from pretune.tokenizer.vocabularies import train_tokenizer
 
 # -- fixtures: a few hundred KB of the King James Bible, in two vocabularies ----------

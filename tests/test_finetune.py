@@ -15,21 +15,20 @@ from pretune.config.model import ModelConfig
 from pretune.data.encoding import ClassificationBatches, TextEncoder, collate
 from pretune.data.labelled import Example
 from pretune.errors import PretuneError
+from pretune.evaluation.classification import classification_metrics
 from pretune.fileio import atomic_write_json
 from pretune.models.heads import Classifier
-from pretune.training.hooks import EarlyStopping
-from pretune.tasks.build import build_classifier, freeze
-from pretune.evaluation.classification import classification_metrics
-from pretune.objectives.finetuning import finetune_loss
 from pretune.models.load import load_classifier, load_model
 from pretune.models.transformer import Transformer
+from pretune.objectives.finetuning import finetune_loss
 from pretune.objectives.linear_cross_entropy import IGNORE
 from pretune.objectives.losses import l1_loss, shift_targets
 from pretune.runs import checkpoint as ckpt
+from pretune.tasks.build import build_classifier, freeze
 from pretune.tokenizer.vocabularies import train_tokenizer
-from pretune.training.hooks import Hook
-from pretune.training.loop import Trainer
 from pretune.training.config import TrainConfig
+from pretune.training.hooks import EarlyStopping, Hook
+from pretune.training.loop import Trainer
 
 POS = "good great fine fun".split()
 NEG = "bad awful dull boring".split()

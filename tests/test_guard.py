@@ -15,11 +15,11 @@ import torch
 from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
-from pretune.training.guard import LossGuard
 from pretune.objectives.losses import pretrain_loss
+from pretune.training.config import TrainConfig
+from pretune.training.guard import LossGuard
 from pretune.training.hooks import Hook
 from pretune.training.loop import Trainer
-from pretune.training.config import TrainConfig
 
 V, T, B = 40, 16, 8
 

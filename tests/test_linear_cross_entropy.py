@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pretune import Transformer
-from pretune.objectives import linear_cross_entropy as lce
 from pretune.config.model import ModelConfig
+from pretune.objectives import linear_cross_entropy as lce
 from pretune.objectives.linear_cross_entropy import IGNORE
 from pretune.objectives.losses import next_token_loss
 

@@ -26,15 +26,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from pretune import Transformer
-from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.config.model import ModelConfig
-from pretune.training.guard import LossGuard
 from pretune.objectives.linear_cross_entropy import IGNORE
 from pretune.objectives.losses import mlm_loss, pretrain_loss
 from pretune.objectives.masking import mlm_mask, mlm_rows
+from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
+from pretune.training.config import TrainConfig
+from pretune.training.guard import LossGuard
 from pretune.training.hooks import Hook
 from pretune.training.loop import Preempted, Trainer
-from pretune.training.config import TrainConfig
 
 V, T, B = 50, 16, 4
 

@@ -14,12 +14,11 @@ from pretune.config.model import ModelConfig
 from pretune.models.counting import count_params
 from pretune.models.layers import MLP
 from pretune.models.moe import MoE
-from pretune.training.hooks import MoEStatsHook
-from pretune.objectives.masking import mlm_mask
 from pretune.objectives.losses import pretrain_loss
-from pretune.training.hooks import Hook
-from pretune.training.loop import Trainer
+from pretune.objectives.masking import mlm_mask
 from pretune.training.config import TrainConfig, param_groups
+from pretune.training.hooks import Hook, MoEStatsHook
+from pretune.training.loop import Trainer
 
 
 def moe_cfg(**kw):

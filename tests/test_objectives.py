@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from pretune import Transformer
-from pretune.runs import checkpoint as ckpt
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.data.loaders import PairBatches, eval_batches
@@ -21,6 +20,7 @@ from pretune.fileio import atomic_write_json
 from pretune.objectives.linear_cross_entropy import IGNORE
 from pretune.objectives.losses import mlm_loss
 from pretune.objectives.masking import mlm_mask
+from pretune.runs import checkpoint as ckpt
 from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.training.config import TrainConfig
 from pretune.training.pretrain import build_pretraining

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from pretune.training import pretrain as train_mod
 from pretune.cli import main
 from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
-from pretune.tasks.finetune import finetune
 from pretune.models.transformer import Transformer
+from pretune.tasks.finetune import finetune
 from pretune.tokenizer.vocabularies import train_tokenizer
+from pretune.training import pretrain as train_mod
 from pretune.training.config import lr_at, make_optimizer
 
 CPU = torch.device("cpu")

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from pretune.tokenizer import vocabularies as T
-from pretune.errors import PretuneError
-from pretune.tokenizer.core import Tokenizer
 from pretune.data.tokenizers import load_tokenizer
+from pretune.errors import PretuneError
 from pretune.packages import package_file
+from pretune.tokenizer import vocabularies as T
+from pretune.tokenizer.core import Tokenizer
 from pretune.tokenizer.vocabularies import train_tokenizer
 
 TEXT = ("Washington is the capital of the United States. Unaffable naïve café-goers "

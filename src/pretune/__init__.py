@@ -1,9 +1,9 @@
 """pretune: pre-train, then fine-tune, transformer language models."""
 
 from .config.model import ModelConfig
-from .models.counting import count_params
-from .config.presets import preset, PRESETS
+from .config.presets import PRESETS, preset
 from .errors import PretuneError
+from .models.counting import count_params
 from .models.transformer import Transformer
 
 __all__ = ["ModelConfig", "count_params", "preset", "PRESETS", "PretuneError", "Transformer"]
