@@ -173,9 +173,7 @@ class EarlyStopping(Hook):
         self.bad, self.stopped = d.get("bad", 0), d.get("stopped", False)
 
 
-# ---- the loss-spike and non-finite guard --------------------------------------------------------
-#
-# The loss-spike and non-finite guard: mid-flight corrections without a person watching.
+# ---- the loss-spike and non-finite guard: mid-flight corrections without a person watching ----
 #
 # Large runs do not always go down: the loss spikes, or a step turns the weights
 # to NaN. The published recipe is manual: PaLM (Chowdhery et al. 2022, sec. 5.1)
@@ -213,7 +211,7 @@ class EarlyStopping(Hook):
 # would not be the one this guard makes. `--train.guard false` removes the sync.
 
 class LossGuard(Hook):
-    """Roll back on a loss spike or a non-finite loss / gradient norm (see the module doc)."""
+    """Roll back on a loss spike or a non-finite loss / gradient norm (see the comment above)."""
 
     def __init__(self, factor: float = 3.0, window: int = 50, lr_scale: float = 0.1, cooldown: int = 50,
                  max_interventions: int = 5, min_history: int | None = None, verbose: bool = True,
