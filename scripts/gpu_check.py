@@ -5,8 +5,9 @@
     python scripts/gpu_check.py --json out.json # also write the figures as JSON
 
 MFU = achieved model FLOP/s / the device's dense bf16 peak (Chowdhery et al. 2022,
-PaLM app. B). Model FLOPs per token are 6·N + 12·L·T·d (N: every parameter but the
-position table, the tied W_e once; the second term is attention's QK^T and AV);
+PaLM app. B). Model FLOPs per token are 6·N + 12·L·T·d (N: `models.counting.flop_params`,
+the active non-embedding parameters plus the output projection, docs/compute.md; the
+second term is attention's QK^T and AV); the peak is the hardware table's row for the GPU;
 the 6·N-only figure, the one the CPU targets use, is printed too. The goal on an
 H100 is at least 45%.
 
@@ -28,39 +29,25 @@ import json
 import sys
 import time
 
-# Dense bf16 tensor-core peaks, FLOP/s per GPU (vendor datasheets, without sparsity).
-DENSE_BF16_PEAK = {
-    "H200": 989e12,  # same compute as the H100 SXM
-    "H100 SXM": 989e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-}
-
 
 def dense_bf16_peak(device_name: str) -> float | None:
-    """The datasheet's dense bf16 peak for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3'."""
-    n = device_name.upper()
-    if "H200" in n:
-        return DENSE_BF16_PEAK["H200"]
-    if "H100" in n:
-        if "PCIE" in n:
-            return DENSE_BF16_PEAK["H100 PCIe"]
-        if "NVL" in n:
-            return DENSE_BF16_PEAK["H100 NVL"]
-        return DENSE_BF16_PEAK["H100 SXM"]  # "H100 80GB HBM3" is the SXM part
-    for key in ("A100", "L40S", "A10G", "L4"):
-        if key in n:
-            return DENSE_BF16_PEAK[key]
-    try:  # the cost planner's table knows more devices
-        from pretune.hardware.table import from_device_name
-        hw = from_device_name(device_name)
-        return hw.peak.get("bf16") if hw else None
-    except ImportError:
-        return None
+    """The datasheet's dense bf16 peak for a CUDA device name, e.g. 'NVIDIA H100 80GB HBM3': the
+    hardware table's row for it (pretune.hardware.table, the one table), None for an unknown GPU."""
+    from pretune.hardware.table import from_device_name
+
+    hw = from_device_name(device_name)
+    return hw.peak.get("bf16") if hw else None
+
+
+def flop_counts(cfg, seq_len: int) -> tuple[int, float, float]:
+    """(N, training FLOPs per token, the 6·N part alone) for a model config. N is the one N of 6ND,
+    `pretune.models.counting.flop_params`: the weights a token multiplies through (a routed layer's
+    top-k experts only, not all of them; the output projection; no embedding lookup tables)."""
+    from pretune.models.counting import d_attn, flop_params
+
+    n = flop_params(cfg)
+    return (n, flops_per_token(n, cfg.n_layer, seq_len, d_attn(cfg)),
+            flops_per_token(n, cfg.n_layer, seq_len, d_attn(cfg), attention=False))
 
 
 def flops_per_token(n_params: int, n_layer: int, seq_len: int, d_attn: int, attention: bool = True) -> float:
@@ -111,7 +98,7 @@ def main(argv=None) -> dict:
     from pretune.config.presets import preset
     from pretune.models.transformer import Transformer
     from pretune.objectives.losses import l1_loss
-    from pretune_bench.harness import _Repeat, six_n
+    from pretune_bench.harness import _Repeat
     from pretune.training.config import TrainConfig
     from pretune.training.loop import Trainer
 
@@ -153,9 +140,7 @@ def main(argv=None) -> dict:
     tok_s = B * T * steps / dt
     sync_check = one_step_without_sync(trainer) if cuda else None
 
-    n = six_n(cfg)
-    fpt = flops_per_token(n, cfg.n_layer, T, cfg.n_head * cfg.head_dim)
-    fpt_6n = flops_per_token(n, cfg.n_layer, T, cfg.n_head * cfg.head_dim, attention=False)
+    n, fpt, fpt_6n = flop_counts(cfg, T)
     if cuda:
         name = torch.cuda.get_device_name()
         peak, peak_src = dense_bf16_peak(name), "datasheet dense bf16"

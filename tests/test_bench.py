@@ -40,12 +40,33 @@ def _well_formed(r: dict, unit: str):
 
 # ---- the GPU check's arithmetic ------------------------------------------------
 
-def test_six_n_of_gpt2_small_by_hand():
-    # GPT-2 small holds 124,439,808 parameters (the released checkpoint, W_e tied);
-    # minus the 1024 x 768 position table = N of 6·N. Vocabulary padding is not counted.
+def test_the_gpu_checks_n_is_flop_params_of_gpt2_small_by_hand():
+    # GPT-2 small holds 124,439,808 parameters (the released checkpoint, W_e tied, V = 50,257); minus the
+    # 1024 x 768 position table; plus the 47 padding rows of the output projection (V padded to 50,304,
+    # the rows the matmul multiplies through): 123,653,376 + 36,096 = 123,689,472 (docs/compute.md's N).
+    from pretune.config.presets import preset
+    from pretune.models.counting import flop_params
+
+    n = 124_439_808 - 1024 * 768 + 47 * 768
+    assert flop_params(preset("gpt2")) == n == 123_689_472
+    assert _gpu_check().flop_counts(preset("gpt2"), 1024)[0] == n
+    assert not hasattr(harness, "six_n")  # one definition of N: the benchmarks use flop_params too
+
+
+def test_the_gpu_checks_n_of_a_mixture_of_experts_counts_the_active_experts_only():
+    """gpt4-moe (L = 120, d = 10,752, 16 experts, top 2, GELU 4d experts, biases, LayerNorms, V = 100,277
+    padded to 100,288, tied): per block attention 4d² + 4d, two LayerNorms 4d, the router 16d, and the
+    two routed experts 2 (8d² + 5d): 20d² + 34d = 2,312,475,648; 120 blocks 277,497,077,760, + the final
+    LayerNorm 21,504 + the output projection 100,288 d = 1,078,296,576: N = 278,575,395,840.
+    Counting all 16 experts (the removed six_n did) would add 120 · 14 (8d² + 5d) = 1.55e12."""
     from pretune.config.presets import preset
 
-    assert harness.six_n(preset("gpt2")) == 124_439_808 - 1024 * 768
+    d = 10_752
+    active = 120 * (20 * d * d + 34 * d) + 2 * d + 100_288 * d
+    assert active == 278_575_395_840
+    n, fpt, fpt_6n = _gpu_check().flop_counts(preset("gpt4-moe"), 8192)
+    assert n == active
+    assert fpt_6n == 6 * active and fpt == 6 * active + 12 * 120 * 8192 * d
 
 
 def test_mfu_arithmetic_by_hand():
@@ -54,12 +75,18 @@ def test_mfu_arithmetic_by_hand():
     # 6·N + 12·L·T·d = 741,920,256 + 12·12·1024·768 = 741,920,256 + 113,246,208
     assert g.flops_per_token(n, 12, 1024, 768) == 855_166_464
     assert g.flops_per_token(n, 12, 1024, 768, attention=False) == 741_920_256
-    # 400,000 tokens/s on an H100 SXM: 3.4207e14 / 9.89e14 = 34.59%
-    assert g.mfu(400_000, 855_166_464, 989e12) == pytest.approx(0.345871, rel=1e-5)
-    assert g.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
-    assert g.dense_bf16_peak("NVIDIA H200") == 989e12
-    assert g.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
-    assert g.dense_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    # 400,000 tokens/s on an H100 SXM: 3.4207e14 / 9.894e14 = 34.57%
+    assert g.mfu(400_000, 855_166_464, 989.4e12) == pytest.approx(0.345731, rel=1e-5)
+    # the datasheets' dense bf16 figures (half the 2:4-sparsity headline), read from the hardware table
+    assert g.dense_bf16_peak("NVIDIA H100 80GB HBM3") == pytest.approx(989.4e12)  # 1,978.9 / 2
+    assert g.dense_bf16_peak("NVIDIA H200") == pytest.approx(989.4e12)
+    assert g.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == pytest.approx(312e12)
+    assert g.dense_bf16_peak("NVIDIA H100 PCIe") == pytest.approx(756e12)
+    assert g.dense_bf16_peak("NVIDIA H100 NVL") == pytest.approx(835.5e12)  # 1,671 / 2
+    assert g.dense_bf16_peak("NVIDIA L40S") == pytest.approx(362.05e12)
+    assert g.dense_bf16_peak("NVIDIA L4") == pytest.approx(121e12)  # 242 / 2
+    assert g.dense_bf16_peak("NVIDIA GeForce GTX 1080") is None
+    assert not hasattr(g, "DENSE_BF16_PEAK")  # no table of its own
 
 
 def test_gpu_check_runs_its_cpu_fallback(tmp_path, monkeypatch):

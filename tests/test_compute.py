@@ -329,3 +329,73 @@ def test_bench_peak_command(tmp_path, monkeypatch, capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["peaks"]["fp32"]["flops"] > 0
     assert (tmp_path / "peak.json").exists()
+
+
+# ---- hardware as data: one table, three readers ---------------------------------------------------
+
+@pytest.mark.parametrize("device_name,row", [
+    ("NVIDIA H100 80GB HBM3", "h100"),  # the SXM5 part's name
+    ("NVIDIA H100 NVL", "h100-nvl"),
+    ("NVIDIA H100 PCIe", "h100-pcie"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100-PCIE-40GB", "a100"),
+    ("NVIDIA L4", "l4"),
+    ("NVIDIA L40S", "l40s"),
+    ("NVIDIA A10G", "a10g"),
+    ("NVIDIA A10", "a10g"),
+    ("Tesla V100-SXM2-16GB", "v100"),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_from_device_name_finds_the_row_of_a_real_device_name(device_name, row):
+    from pretune.hardware.table import from_device_name
+
+    hw = from_device_name(device_name)
+    assert (hw.name if hw else None) == row
+
+
+def test_the_table_is_data_with_the_datasheets_dense_peaks():
+    # dense = the sparse headline / 2 (H100 datasheet: bf16 1,978.9 SXM, 1,671 NVL; L4: 242; L40S 733 -> 362.05)
+    for name, dense in (("h100", 989.4e12), ("h200", 989.4e12), ("h100-nvl", 835.5e12), ("l4", 121e12),
+                        ("l40s", 362.05e12), ("h100-pcie", 756e12), ("a100", 312e12)):
+        assert HARDWARE[name].peak["bf16"] == pytest.approx(dense)
+        # (the L40S datasheet itself prints 362.05 dense and 733 sparse: 1.2% apart)
+        assert HARDWARE[name].sparse["bf16"] == pytest.approx(2 * dense, rel=0.013)
+
+
+def test_the_planners_hardware_help_lists_every_row(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "500")  # argparse wraps at the terminal's width
+    with pytest.raises(SystemExit):
+        main(["cost", "--help"])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("--hardware HARDWARE"))
+    listed = [w.strip(",") for w in line.split("--hardware HARDWARE", 1)[1].split("(default")[0].split()]
+    assert [w for w in listed if w not in ("or", "(measured)")] == [*HARDWARE, "cpu"]
+
+
+def test_a_row_added_to_the_table_is_found_by_all_three_readers(monkeypatch, cached_cpu_peak):
+    """New hardware is one row: the planner, a running GPU's MFU peak and the GPU check all see it."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from pretune.hardware.table import Hardware, from_device_name
+    from pretune.planning import report
+
+    row = Hardware("x9", "Acme X9", {"fp32": 100e12, "bf16": 800e12}, {"bf16": 1600e12}, 500, 96,
+                   patterns=("acme x9",))
+    monkeypatch.setitem(HARDWARE, "x9", row)
+    # the planner: its --hardware choices and its lookup
+    assert "x9" in report.hardware_help().split(", ")
+    assert get_hardware("X9") is row
+    p = plan(preset("gpt2"), 1e9, "x9", 8, 0.5)
+    assert p["peak_flops_per_device"] == 800e12
+    # the device lookup (the MFU hook's peak on a CUDA device), by the name torch reports
+    assert from_device_name("Acme X9 96GB") is row
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Acme X9 96GB")
+    assert device_peak("cuda", "bf16")[0] == 800e12
+    # the GPU check
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parents[1] / "scripts" / "gpu_check.py")
+    g = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(g)
+    assert g.dense_bf16_peak("Acme X9 96GB") == 800e12

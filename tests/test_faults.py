@@ -74,7 +74,7 @@ def ctx():
     c = mp.get_context("forkserver")
     c.set_forkserver_preload(["torch", "torch._dynamo", "pretune.planning.cost", "pretune.cli",
                               "pretune.training.pretrain", "pretune.data.prepare", "pretune.data.loaders",
-                              "pretune.training.guard", "pretune.objectives.losses", "pretune.runs.plots", "pretune.tasks.finetune",
+                              "pretune.training.hooks", "pretune.objectives.losses", "pretune.runs.plots", "pretune.tasks.finetune",
                               "pretune.data.labelled", "pretune.data.encoding", "matplotlib.pyplot", "tqdm"])  # torch._dynamo: the optimizer imports it, 3 s
     return c
 

@@ -17,8 +17,7 @@ from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
 from pretune.objectives.losses import pretrain_loss
 from pretune.training.config import TrainConfig
-from pretune.training.guard import LossGuard
-from pretune.training.hooks import Hook
+from pretune.training.hooks import Hook, LossGuard
 from pretune.training.loop import Trainer
 
 V, T, B = 40, 16, 8

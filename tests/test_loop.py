@@ -32,8 +32,7 @@ from pretune.objectives.losses import mlm_loss, pretrain_loss
 from pretune.objectives.masking import mlm_mask, mlm_rows
 from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.training.config import TrainConfig
-from pretune.training.guard import LossGuard
-from pretune.training.hooks import Hook
+from pretune.training.hooks import Hook, LossGuard
 from pretune.training.loop import Preempted, Trainer
 
 V, T, B = 50, 16, 4

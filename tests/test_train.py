@@ -145,3 +145,82 @@ def test_training_lowers_the_loss_with_grad_accumulation(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.2 * rows[0]["loss"]
     assert rows[-1]["tokens"] == 60 * 2 * 4 * 16
+
+
+# ---- the hooks seam: default_hooks is the one place that wires a run's hooks ------------------------
+
+def _hook_types(hooks):
+    return [type(h).__name__ for h in hooks]
+
+
+def test_default_hooks_are_the_hand_wired_sets():
+    """The sets pretrain() and finetune() built by hand before the seam, in the same order: pre-training
+    MFU, the caller's hooks, MoE statistics (a routed model), the guard (--train.guard); fine-tuning
+    early stopping, keep-best (no checkpoints kept), MoE statistics, the guard with the floor ln K."""
+    from pretune.training.hooks import default_hooks
+
+    class Mine(Hook):
+        pass
+
+    dense, moe = cfg(True), cfg(True).replace(n_expert=4, top_k=2)
+    on, off = TrainConfig(), TrainConfig(guard=False)
+    assert _hook_types(default_hooks(moe, on, "pretrain", extra=[Mine()], seq_len=16)) == \
+        ["MFUHook", "Mine", "MoEStatsHook", "LossGuard"]
+    assert _hook_types(default_hooks(dense, off, "pretrain", seq_len=16)) == ["MFUHook"]
+    ft = default_hooks(moe, on, "finetune", patience=3, keep_best=True, n_labels=3)
+    assert _hook_types(ft) == ["EarlyStopping", "KeepBest", "MoEStatsHook", "LossGuard"]
+    assert ft[0].patience == 3 and ft[-1].floor == pytest.approx(1.0986122886681098)  # ln 3
+    assert (ft[-1].factor, ft[-1].window, ft[-1].cooldown) == (on.guard_factor, on.guard_window, on.guard_cooldown)
+    assert _hook_types(default_hooks(dense, off, "finetune", patience=None, n_labels=2)) == ["EarlyStopping"]
+    pre = default_hooks(dense, on, "pretrain", seq_len=16)
+    assert pre[-1].floor == 0.0  # pre-training has no class count: a spike is factor x the median
+
+
+def test_unknown_hook_or_purpose_is_one_line_with_the_near_name():
+    from pretune.errors import PretuneError
+    from pretune.training.hooks import default_hooks, get_hook
+
+    with pytest.raises(PretuneError, match="unknown training purpose 'pretrian'.*did you mean pretrain"):
+        default_hooks(cfg(True), TrainConfig(), "pretrian")
+    with pytest.raises(PretuneError, match="unknown hook 'gaurd'.*did you mean guard"):
+        get_hook("gaurd")
+
+
+def test_a_hook_registered_through_the_seam_runs_in_pretraining_end_to_end(tmp_path, monkeypatch):
+    """One `register` call is all a new hook needs: pretrain() (which builds no list of its own) then
+    runs it, at its place (before the guard), at every event, and it may add fields to metrics.jsonl."""
+    from pretune.data.prepare import prepare
+    from pretune.tokenizer.vocabularies import train_tokenizer
+    from pretune.training import hooks as H
+    from pretune.training.pretrain import pretrain
+
+    monkeypatch.setattr(H, "HOOKS", dict(H.HOOKS))
+    monkeypatch.setattr(H, "PURPOSES", {k: list(v) for k, v in H.PURPOSES.items()})
+    seen = []
+
+    class Toy(Hook):
+        def on_start(self, trainer):
+            seen.append(("start", _hook_types(trainer.hooks)))
+
+        def after_step(self, trainer, loss, parts):
+            seen.append(("step", trainer.step))
+
+        def on_log(self, trainer, record):
+            record["toy"] = trainer.step
+
+    H.register("toy", lambda ctx: Toy() if ctx.model_cfg.n_layer == 1 else None, purposes=("pretrain",),
+               before="guard")
+    text = "\n\n".join(f"the cat {i} sat on the mat and the dog {i % 7} ran off" for i in range(200))
+    (tmp_path / "c.txt").write_text(text)
+    tok = train_tokenizer("bpe", 300, text.split("\n\n"))
+    prepare([str(tmp_path / "c.txt")], tok, tmp_path / "data", val_fraction=0.2, progress=False)
+    mc = ModelConfig(name="t", vocab_size=tok.vocab_size, vocab_multiple=8, max_seq_len=16, n_layer=1,
+                     n_head=2, d_model=16, dropout=0.0)
+    tc = TrainConfig(steps=4, batch_size=2, log_every=2, eval_every=0, ckpt_every=100, seed=0, device="cpu")
+    pretrain(mc, tc, tmp_path / "data", tmp_path / "run", progress=False)
+    assert seen[0] == ("start", ["MFUHook", "Toy", "LossGuard"])
+    assert [s for k, s in seen if k == "step"] == [1, 2, 3, 4]  # the step count after each step
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["toy"] for r in rows if "toy" in r] == [2, 4]
+    # the factory decides per run: a 2-layer model does not get it
+    assert "Toy" not in _hook_types(H.default_hooks(mc.replace(n_layer=2), tc, "pretrain"))

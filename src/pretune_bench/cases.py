@@ -9,8 +9,10 @@ import time
 
 import torch
 
+from pretune.models.counting import flop_params
+
 from .harness import (BERT_SHAPES, GPT_SHAPES, PEAK_FRACTION_TARGET, _config, _hf_step, _result, _trainer, alternate,
-                      cpu_has_native_bf16, set_threads, six_n)
+                      cpu_has_native_bf16, set_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     tr.train_step()  # the first step (compiles, when asked); timed apart
     first_step_s = time.perf_counter() - t0
     times = alternate(fns, rounds, warmup, progress, f"gpt_train {shape} {precision}")
-    n = six_n(cfg)
+    n = flop_params(cfg)  # the one N of 6ND (models/counting.py)
     res = _result("gpt_train", shape, {"precision": precision, "batch": B, "seq": T, "compile": compile,
                                        "six_n_params": n}, times, B * T, "tokens_per_s", rounds, warmup,
                   flops_per_unit=6 * n, target_key=("gpt_train", shape, precision) if not compile else None,

@@ -151,16 +151,6 @@ def _trainer(model, batch: dict, loss_fn, precision: str, compile: bool = False)
     return tr
 
 
-def six_n(c: ModelConfig) -> int:
-    """N of 6·N FLOPs per token: every parameter but the position table, the tied W_e
-    once (the output projection uses it), vocabulary padding not counted."""
-    from pretune.models.counting import count_params
-
-    p = count_params(c.replace(vocab_multiple=1))
-    pos = c.max_seq_len * c.d_model if c.position == "learned" else 0
-    return p["total"] - pos
-
-
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 (x86), read from /proc/cpuinfo."""
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import PretuneError
 from ..hardware.peak import get_hardware
+from ..hardware.table import HARDWARE
 from .cost import _check_mfu, _check_positive, load_model, pf_days, plan
 
 
@@ -121,7 +122,7 @@ def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", g
     Args:
         models: presets (gpt1 gpt2-xl gpt3-175b gpt4-moe ...) or model/run config files
         tokens: training tokens D (e.g. 300e9)
-        hardware: a100, h100, h100-pcie, h200, v100, a10g, tpu-v2, tpu-v3, tpu-v4, or cpu (measured)
+        hardware: {hardware}
         gpus: number of devices (GPUs or TPU chips)
         mfu: model FLOPs utilisation, in (0, 1]: the fraction of the dense peak the run sustains
         days: instead of --mfu: the run's length; reports the MFU it implies and flags implausible ones
@@ -182,3 +183,11 @@ def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", g
     if plot:
         print(f"chart: {plot}")
     return plans
+
+
+def hardware_help() -> str:
+    """The `--hardware` choices, read from the hardware table (a new row is listed with no edit here)."""
+    return ", ".join(HARDWARE) + ", or cpu (measured)"
+
+
+cost_cmd.__doc__ = cost_cmd.__doc__.replace("{hardware}", hardware_help())

@@ -53,7 +53,7 @@ from ..models.heads import POOLS
 from ..objectives.finetuning import OBJECTIVES, finetune_loss
 from ..runs import checkpoint as ckpt
 from ..training.config import TrainConfig
-from ..training.hooks import EarlyStopping, Hook, KeepBest
+from ..training.hooks import KeepBest, default_hooks
 from ..training.loop import Trainer
 from ..training.resume import check_resume
 from .build import build_classifier, freeze, load_init
@@ -172,17 +172,9 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
               f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}"
               f"{aux_note}, "
               f"{steps} steps, frozen: {frozen}")
-    keep = KeepBest()
-    hooks: list[Hook] = [EarlyStopping(patience)] + ([] if keep_checkpoints else [keep])
-    if cfg.n_expert:  # the routers' loads, drops and entropy, as in pre-training
-        from ..training.hooks import MoEStatsHook
-        hooks.append(MoEStatsHook())
-    if tc.guard:  # as in pre-training: roll back on a non-finite loss or a spike, skip the data, lower the lr
-        from ..training.guard import LossGuard
-        # A classifier's loss heads for 0, where 3x the median is one misread batch: a spike must also
-        # be above factor x ln K (a uniform guess). L3's L1 term keeps its median above that anyway.
-        hooks.append(LossGuard(tc.guard_factor, tc.guard_window, tc.guard_lr_scale, tc.guard_cooldown, tc.guard_max,
-                               floor=math.log(len(t.labels))))
+    hooks = default_hooks(cfg, tc, "finetune", patience=patience, keep_best=not keep_checkpoints,
+                          n_labels=len(t.labels))
+    keep = next((h for h in hooks if isinstance(h, KeepBest)), KeepBest())  # an unused one holds nothing
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
     trainer.fit()

@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (opt-in)
-    guard: bool = True  # roll back on a loss spike or a non-finite loss/gradient (training/guard.py)
+    guard: bool = True  # roll back on a loss spike or a non-finite loss/gradient (training/hooks.py: LossGuard)
     guard_factor: float = 3.0  # a loss above this many times the recent median is a spike
     guard_window: int = 50  # steps in the recent median
     guard_lr_scale: float = 0.1  # after a rollback the lr is multiplied by this ...

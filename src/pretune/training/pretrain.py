@@ -12,7 +12,7 @@ from ..config.model import ModelConfig
 from ..errors import PretuneError
 from ..fileio import atomic_write_json, check_creatable, make_dir
 from .config import TrainConfig, resolve_device
-from .hooks import Hook
+from .hooks import Hook, default_hooks
 from .loop import Trainer
 from .resume import check_resume, data_fingerprint
 
@@ -86,18 +86,7 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     atomic_write_json(out / "config.json", run_config)
     if not (out / "tokenizer.json").exists():
         tok.save(out)
-    all_hooks = list(hooks or [])
-    try:
-        from .hooks import MFUHook  # the cost planner's live MFU, where it is available
-        all_hooks.insert(0, MFUHook(model_cfg, seq_len, tc.precision))
-    except ImportError:
-        pass
-    if model_cfg.n_expert:  # routers' expert loads, drops and entropy -> metrics.jsonl, moe.png
-        from .hooks import MoEStatsHook
-        all_hooks.append(MoEStatsHook())
-    if tc.guard:  # loss spikes and non-finite losses -> roll back, skip the data, lower the lr
-        from .guard import LossGuard
-        all_hooks.append(LossGuard.from_config(tc))
+    all_hooks = default_hooks(model_cfg, tc, "pretrain", extra=hooks or (), seq_len=seq_len)
     trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
                       run_config=run_config, progress=progress,
                       tokens_per_batch=tc.batch_size * seq_len)
