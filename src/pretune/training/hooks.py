@@ -90,8 +90,9 @@ class MFUHook:
 
     def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32",
                  predicted: float | None = None):
-        if predicted is None:  # masked-LM pre-training predicts 15% of the positions (BERT)
-            predicted = 1.0 if model_cfg.causal else 0.15
+        if predicted is None:  # the share the model's objective predicts (masked-LM: 15%, BERT)
+            from ..objectives.registry import pretraining_objective
+            predicted = pretraining_objective(model_cfg).predicted
         self.flops_per_token = train_flops_per_token(model_cfg, seq_len, predicted)
         self.precision = precision
         self.peak: float | None = None
