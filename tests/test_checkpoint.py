@@ -17,7 +17,7 @@ from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
 from pretune.models.load import load_model
-from pretune.objectives.losses import pretrain_loss
+from pretune.objectives.registry import pretrain_loss
 from pretune.runs import checkpoint as ck
 from pretune.safety import check_safetensors, looks_like_pickle
 from pretune.training.config import TrainConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretune.data import corpora as C, sources
-from pretune.data.loaders import LMBatches, PairBatches, Shard, eval_batches, unigram_entropy
+from pretune.data.loaders import LMBatches, PairBatches, Shard, unigram_entropy, validation_batches
 from pretune.data.prepare import prepare, split_sentences
 from pretune.data.tokenizers import load_tokenizer
 from pretune.errors import PretuneError
@@ -459,10 +459,10 @@ def test_loader_refuses_other_data(lm_data, tmp_path, gpt2):
         LMBatches(lm_data, "val", 2, 10**7, 0)
 
 
-def test_eval_batches_are_fixed(lm_data, pair_data):
-    for causal, d, T in ((True, lm_data, 32), (False, pair_data, 64)):
-        a = list(eval_batches(d, "val", 4, T, n_batches=3, causal=causal))
-        b = list(eval_batches(d, "val", 4, T, n_batches=3, causal=causal))
+def test_validation_batches_are_fixed(lm_data, pair_data):
+    for loader, d, T in (("windows", lm_data, 32), ("pairs", pair_data, 64)):
+        a = list(validation_batches(loader, d, "val", 4, T, n_batches=3))
+        b = list(validation_batches(loader, d, "val", 4, T, n_batches=3))
         assert len(a) == 3 and all(_same(x, y) for x, y in zip(a, b))
 
 
@@ -584,3 +584,12 @@ def test_not_next_comes_from_another_document(tmp_path, bert, weight):
             else:
                 assert a_docs != b_docs, row  # NotNext: another document, not another copy of this one
     assert min(seen.values()) > 800
+
+
+def test_normalise_has_one_definition():
+    """Curation's duplicate key and the labelled tasks' split key are the same function, data/text.py's:
+    NFKC (full-width letters, the no-break space), lowercase, whitespace collapsed."""
+    from pretune.data import curate_filters, labelled, text
+
+    assert curate_filters.normalise is text.normalise and labelled.normalise is text.normalise
+    assert text.normalise("  \uff26ull\u00a0Width \n\t TEXT ") == "full width text"

@@ -463,8 +463,8 @@ def inject(monkeypatch, fault):
     if fault == "nan":
         real, calls = ftm.finetune_loss, [0]
 
-        def poisoned(objective="L2", lam=0.5):
-            fn = real(objective, lam)
+        def poisoned(objective="L2", lam=0.5, *body_objective):
+            fn = real(objective, lam, *body_objective)
 
             def loss_fn(model, batch):
                 loss, parts = fn(model, batch)

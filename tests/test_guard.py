@@ -15,7 +15,7 @@ import torch
 from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.errors import PretuneError
-from pretune.objectives.losses import pretrain_loss
+from pretune.objectives.registry import pretrain_loss
 from pretune.training.config import TrainConfig
 from pretune.training.hooks import Hook, LossGuard
 from pretune.training.loop import Trainer

@@ -28,8 +28,9 @@ from torch.overrides import TorchFunctionMode
 from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.objectives.linear_cross_entropy import IGNORE
-from pretune.objectives.losses import mlm_loss, pretrain_loss
+from pretune.objectives.losses import mlm_loss
 from pretune.objectives.masking import mlm_mask, mlm_rows
+from pretune.objectives.registry import pretrain_loss
 from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.training.config import TrainConfig
 from pretune.training.hooks import Hook, LossGuard

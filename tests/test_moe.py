@@ -14,7 +14,7 @@ from pretune.config.model import ModelConfig
 from pretune.models.counting import count_params
 from pretune.models.layers import MLP
 from pretune.models.moe import MoE
-from pretune.objectives.losses import pretrain_loss
+from pretune.objectives.registry import pretrain_loss
 from pretune.objectives.masking import mlm_mask
 from pretune.training.config import TrainConfig, param_groups
 from pretune.training.hooks import Hook, MoEStatsHook

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pretune import Transformer
 from pretune.cli import main
 from pretune.config.model import ModelConfig
-from pretune.data.loaders import PairBatches, eval_batches
+from pretune.data.loaders import PairBatches, validation_batches
 from pretune.data.prepare import prepare
 from pretune.fileio import atomic_write_json
 from pretune.objectives.linear_cross_entropy import IGNORE
@@ -156,7 +156,7 @@ def test_moe_val_loss_is_the_task_loss_by_hand(data, causal):
     with torch.no_grad():
         m = eval_fn_for(model)()
         task, aux = [], []
-        for b in eval_batches(folder, "val", 3, 16, n_batches=2, causal=causal):
+        for b in validation_batches("windows" if causal else "pairs", folder, "val", 3, 16, n_batches=2):
             h = model(b["input_ids"], segment_ids=b.get("segment_ids"), attention_mask=b.get("attention_mask"))
             logits = model.logits(h)[..., :tok.vocab_size]
             if causal:  # L1: every position predicts the next token
@@ -181,7 +181,99 @@ def test_evaluate_reports_the_perplexity_of_l1_alone(data, tmp_path, capsys):
     m = json.loads(capsys.readouterr().out.splitlines()[-1])
     with torch.no_grad():
         l1 = [ce_by_hand(model.logits(model(b["input_ids"]))[..., :tok.vocab_size], b["targets"])
-              for b in eval_batches(folder, "val", 3, 16, n_batches=2, causal=True)]
+              for b in validation_batches("windows", folder, "val", 3, 16, n_batches=2)]
     assert m["val_loss"] == pytest.approx(sum(l1) / 2, rel=1e-5)
     assert m["perplexity"] == pytest.approx(math.exp(sum(l1) / 2), rel=1e-5)
     assert m["val_moe_aux"] > 0.1
+
+
+# ---- the objectives seam: objectives/registry.py ------------------------------------------
+
+def test_a_registered_toy_objective_runs_end_to_end_and_its_share_reaches_the_mfu(data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """A toy pre-training objective, L1 at the even positions only (half the LM head's rows), is
+    registered and run by the ordinary pre-training loop with no other edit: the run records it,
+    the loop minimises it, validation and `pretune evaluate` report its loss (no perplexity: it
+    says it has none), and the MFU hook counts the head at half: 6 x 0.5 x V_pad x d fewer FLOPs
+    per token than L1, V_pad = 283 tokens padded to 320, d = 16."""
+    from pretune.models.counting import train_flops_per_token
+    from pretune.objectives import registry
+    from pretune.objectives.losses import next_token_loss
+    from pretune.training.pretrain import pretrain
+
+    folder, tok = data["bpe"]
+    calls = []
+
+    def even_l1(model, batch):
+        calls.append(1)
+        targets = batch["targets"].clone()
+        targets[:, 1::2] = IGNORE
+        loss = next_token_loss(model, model(batch["input_ids"]), targets)
+        return loss, {"l1_even": loss}
+
+    monkeypatch.setitem(registry.OBJECTIVES, "toy-even-L1", registry.Objective(
+        "toy-even-L1", "pretrain", task_loss=even_l1, batches="windows", predicted=0.5, template="decoder"))
+    cfg = ModelConfig(name="toy", vocab_size=tok.vocab_size, max_seq_len=16, n_layer=1, n_head=2, d_model=16,
+                      dropout=0.0)
+    assert tok.vocab_size == 283 and cfg.padded_vocab_size == 320  # 283 rounded up to a multiple of 64
+    tc = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup=0, eval_every=4, eval_batches=2, log_every=1,
+                     ckpt_every=4, device="cpu", guard=False)
+    run = tmp_path / "toy"
+    final = pretrain(cfg, tc, folder, run, progress=False, objective="toy-even-L1")
+    assert json.loads((run / "config.json").read_text())["objective"] == "toy-even-L1"
+    assert len(calls) == 4 + 2  # 4 training steps, 2 validation batches: the toy's loss, nothing else
+    assert "val_l1_even" in final and "val_l1" not in final
+    rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = [r for r in rec if "tok_per_s" in r and "model_flops_per_s" in r]
+    assert rec
+    full = train_flops_per_token(cfg, 16)  # L1's count (tests/test_compute.py checks it by hand)
+    for r in rec:
+        assert r["model_flops_per_s"] / r["tok_per_s"] == pytest.approx(full - 6 * 0.5 * 320 * 16, rel=1e-12)
+    calls.clear()
+    assert main(["evaluate", "--run", str(run), "--data", str(folder), "--json-out"]) == 0
+    m = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert calls and "perplexity" not in m  # read from the run's field, not from causal=True
+
+
+def test_the_mlm_share_that_flops_count_is_maskings_constant():
+    """One 15%: the masking's default probability, the MLM+NSP entry's predicted share, and the
+    share the MFU hook counts the head at for an encoder (BERT-base: V_pad = 30,528, d = 768)."""
+    import inspect
+
+    from pretune.config.presets import preset
+    from pretune.models.counting import train_flops_per_token
+    from pretune.objectives import masking, registry
+    from pretune.training.hooks import MFUHook
+
+    assert masking.MLM_P == 0.15
+    assert inspect.signature(mlm_mask).parameters["p"].default == masking.MLM_P
+    assert registry.get("MLM+NSP").predicted == masking.MLM_P and registry.get("L1").predicted == 1.0
+    cfg = preset("bert-base")
+    full = train_flops_per_token(cfg, 512)
+    assert MFUHook(cfg, 512).flops_per_token == pytest.approx(full - 6 * 0.85 * (30_528 * 768 + 768 * 768))
+
+
+def test_objective_lookup_names_the_near_ones_and_old_runs_derive_theirs():
+    from pretune.errors import PretuneError
+    from pretune.objectives import registry
+
+    with pytest.raises(PretuneError, match=r"unknown objective 'MLM\+nsp'.*did you mean MLM\+NSP"):
+        registry.get("MLM+nsp")
+    with pytest.raises(PretuneError, match="unknown objective 'L1': use L2 or L3"):
+        registry.get("L1", "finetune")  # a pre-training objective is no fine-tuning one
+    gpt, bert = ModelConfig(name="g", n_layer=1, d_model=16, n_head=2), bert_cfg()
+    assert registry.derived_objective(gpt) == "L1" and registry.derived_objective(bert) == "MLM+NSP"
+    # a run's recorded field wins; a fine-tuned run's body keeps its own
+    assert registry.body_objective(gpt, {"objective": "MLM+NSP"}).name == "MLM+NSP"
+    assert registry.body_objective(bert, {"objective": "L2", "finetune": {"body_objective": "L1"}}).name == "L1"
+    assert registry.body_objective(bert, {"objective": "L2"}).name == "MLM+NSP"  # from before the field
+    assert (registry.get("L1").template, registry.get("MLM+NSP").template) == ("decoder", "encoder")
+    assert registry.get("L1").perplexity and not registry.get("MLM+NSP").perplexity
+
+
+def test_an_unknown_loader_name_fails_in_one_line(tmp_path):
+    from pretune.data.loaders import training_batches
+    from pretune.errors import PretuneError
+
+    with pytest.raises(PretuneError, match="unknown batch loader 'window'.*did you mean windows"):
+        training_batches("window", tmp_path, 2, 8, 0)

@@ -167,7 +167,7 @@ def test_jsonl_string_and_integer_labels_are_kept(tmp_path):
 # ---- encoding and batches ------------------------------------------------------------
 
 def test_decoder_encoding_start_text_extract(bpe):
-    te = TextEncoder(bpe, causal=True, max_len=64)
+    te = TextEncoder(bpe, template="decoder", max_len=64)
     enc = te.encode([Example("good film", 1), Example("bad", 0, "awful plot")])
     eos = bpe.eos_id
     assert enc.ids[0] == [eos, *bpe.encode("good film", add_special_tokens=False), eos]
@@ -177,14 +177,14 @@ def test_decoder_encoding_start_text_extract(bpe):
 
 
 def test_encoder_encoding_matches_tokenizer_pairs(wordpiece):
-    te = TextEncoder(wordpiece, causal=False, max_len=64)
+    te = TextEncoder(wordpiece, template="encoder", max_len=64)
     enc = te.encode([Example("good film", 1), Example("bad", 0, "awful plot")])
     assert (enc.ids[0], enc.segments[0]) == wordpiece.encode_pair("good film")
     assert (enc.ids[1], enc.segments[1]) == wordpiece.encode_pair("bad", "awful plot")
 
 
 def test_truncation_keeps_special_tokens_and_counts(wordpiece, capsys):
-    te = TextEncoder(wordpiece, causal=False, max_len=10)
+    te = TextEncoder(wordpiece, template="encoder", max_len=10)
     long = " ".join(["good"] * 30)
     enc = te.encode([Example(long, 0), Example("fine", 1), Example(long, 1, "dull " * 20)], "texts")
     assert enc.truncated == 2
@@ -196,7 +196,7 @@ def test_truncation_keeps_special_tokens_and_counts(wordpiece, capsys):
 
 
 def test_collate_right_pads_with_mask(bpe):
-    te = TextEncoder(bpe, causal=True, max_len=64)
+    te = TextEncoder(bpe, template="decoder", max_len=64)
     enc = te.encode([Example("good", 0), Example("good film great plot", 1)])
     b = collate(enc, [0, 1], pad_id=te.pad_id)
     n0, n1 = len(enc.ids[0]), len(enc.ids[1])
@@ -207,7 +207,7 @@ def test_collate_right_pads_with_mask(bpe):
 
 
 def test_batches_pure_function_of_seed_and_k_and_epochs_are_permutations(bpe):
-    te = TextEncoder(bpe, causal=True, max_len=64)
+    te = TextEncoder(bpe, template="decoder", max_len=64)
     ex = [Example(t, i % 2) for i, t in enumerate(corpus(53, seed=3))]
     enc = te.encode(ex)
     src = ClassificationBatches(enc, 8, seed=5, pad_id=te.pad_id, bucket=2)
@@ -236,7 +236,7 @@ def test_batches_pure_function_of_seed_and_k_and_epochs_are_permutations(bpe):
 
 
 def test_resume_refuses_a_changed_training_set(bpe):
-    te = TextEncoder(bpe, causal=True, max_len=64)
+    te = TextEncoder(bpe, template="decoder", max_len=64)
     enc = te.encode([Example(t, i % 2) for i, t in enumerate(corpus(20))])
     src = ClassificationBatches(enc, 4, 0, te.pad_id)
     with pytest.raises(PretuneError, match="training set changed"):
@@ -244,7 +244,7 @@ def test_resume_refuses_a_changed_training_set(bpe):
 
 
 def test_mlm_copy_masks_text_not_specials(wordpiece):
-    te = TextEncoder(wordpiece, causal=False, max_len=64)
+    te = TextEncoder(wordpiece, template="encoder", max_len=64)
     enc = te.encode([Example(t, i % 2) for i, t in enumerate(corpus(40))])
     mlm = {"mask_id": wordpiece.mask_id, "vocab_size": wordpiece.vocab_size, "special_ids": wordpiece.special_ids}
     b = next(ClassificationBatches(enc, 16, 0, te.pad_id, mlm=mlm))

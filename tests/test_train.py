@@ -7,7 +7,7 @@ import torch
 from pretune import Transformer
 from pretune.config.model import ModelConfig
 from pretune.objectives.linear_cross_entropy import IGNORE
-from pretune.objectives.losses import pretrain_loss
+from pretune.objectives.registry import pretrain_loss
 from pretune.objectives.masking import mlm_mask
 from pretune.runs.checkpoint import latest_checkpoint, list_checkpoints
 from pretune.training.config import TrainConfig, lr_at, param_groups

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
 from ..errors import PretuneError
+from .text import normalise  # noqa: F401  (curate's exact-duplicate key; the one definition is data/text.py)
 
 
 STEPS = ("quality", "exact", "near", "decontaminate")
@@ -78,17 +78,9 @@ QUALITY_FILTERS = ("word_count", "mean_word_length", "symbol_ratio", "bullet_lin
 _NONWORD = re.compile(r"[^\w\s]|_")
 
 
-_WS = re.compile(r"\s+")
-
-
 def words(text: str) -> list[str]:
     """GPT-3's grams: lowercase, whitespace-delimited words with no punctuation."""
     return _NONWORD.sub("", text.lower()).split()
-
-
-def normalise(text: str) -> str:
-    """The form exact duplicates are compared in: NFKC, lowercase, whitespace collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
 
 
 _WORD_HASH: dict[str, int] = {}

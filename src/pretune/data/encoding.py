@@ -1,4 +1,4 @@
-"""Labelled examples as model inputs: the input template of each family, padding, and the batches
+"""Labelled examples as model inputs: the input template of each pre-training objective, padding, and the batches
 of fine-tuning and evaluation."""
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ class Encoded:
 
 
 class TextEncoder:
-    """How a text (or pair) becomes the model's input, per family:
+    """How a text (or pair) becomes the model's input: the template of the body's pre-training
+    objective (`Objective.template` in objectives/registry.py), "decoder" or "encoder":
 
     encoder  [CLS] A [SEP] (B [SEP]), segment ids 0 .. 0 (1 .. 1), as BERT (Devlin et al. 2019, fig. 2);
              the classifier reads the pooled [CLS].
@@ -44,10 +45,14 @@ class TextEncoder:
     end first, as BERT's _truncate_seq_pair); the special tokens are always kept.
     """
 
-    def __init__(self, tok, causal: bool, max_len: int):
-        self.tok, self.causal, self.max_len = tok, causal, max_len
+    def __init__(self, tok, template: str, max_len: int):
+        if isinstance(template, bool):  # the old signature's `causal`: that family's template
+            template = "decoder" if template else "encoder"
+        if template not in ("decoder", "encoder"):
+            raise PretuneError(f"unknown input template '{template}'", None, "use decoder or encoder")
+        self.tok, self.template, self.max_len = tok, template, max_len
         self.pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id if tok.eos_id is not None else 0)
-        if causal:
+        if template == "decoder":
             self.sep = tok.eos_id if tok.eos_id is not None else tok.sep_id
             self.start = tok.bos_id if tok.bos_id is not None else self.sep
             if self.sep is None:
@@ -69,7 +74,7 @@ class TextEncoder:
         for i, y in zip(has_b, tok.encode_batch([examples[i].text_b for i in has_b], add_special_tokens=False,
                                                  parse_special=False) if has_b else []):
             b[i] = y
-        ids, segs, cut = [], ([] if not self.causal else None), 0
+        ids, segs, cut = [], ([] if self.template == "encoder" else None), 0
         for i, (x, y) in enumerate(zip(a, b)):
             if not x or (y is not None and not y):
                 raise PretuneError(f"{what}: example {i + 1} has no tokens (an empty text)", None,
@@ -187,7 +192,7 @@ class ClassificationBatches:
         self.batch = int(d["batch"])
 
 
-def eval_batches(enc: Encoded, batch_size: int, pad_id: int):
+def ordered_batches(enc: Encoded, batch_size: int, pad_id: int):
     """(indices, batch) over a whole set, sorted by length so batches pad little."""
     order = np.argsort([len(x) for x in enc.ids], kind="stable")
     for s in range(0, len(order), batch_size):

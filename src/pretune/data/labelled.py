@@ -34,8 +34,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +41,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import PretuneError
+from .text import normalise
 
 
 SPLITS = ("train", "val", "test")
@@ -96,14 +95,6 @@ class Task:
 
 
 # ---- normalisation, hashing, splitting -----------------------------------------
-
-_WS = re.compile(r"\s+")
-
-
-def normalise(text: str) -> str:
-    """The form two texts are compared in: NFKC, lowercase, whitespace collapsed."""
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip().lower()
-
 
 def _key(text: str, text_b: str | None) -> str:
     return normalise(text) if text_b is None else normalise(text) + "\t" + normalise(text_b)

@@ -1,5 +1,9 @@
 """Reading prepared shards: memory-mapped token files and the resumable batch loaders of pre-training
-(token windows for a decoder, sentence pairs with MLM masking for an encoder)."""
+(token windows for a decoder, sentence pairs with MLM masking for an encoder).
+
+`LOADERS` maps the loader name an objective declares (`objectives.registry.Objective.batches`) to
+its class; each class makes its training batches (`for_training`) and its fixed validation
+batches (`validation`), so `training_batches` and `validation_batches` serve every objective."""
 
 from __future__ import annotations
 
@@ -116,6 +120,19 @@ class LMBatches(_Resumable):
         starts = torch.randint(len(self.shard) - self.seq_len, (self.batch_size,), generator=g)
         return self._windows(starts.numpy())
 
+    @classmethod
+    def for_training(cls, data_dir, split, batch_size, seq_len, seed, tokenizer=None) -> "LMBatches":
+        return cls(data_dir, split, batch_size, seq_len, seed)
+
+    @classmethod
+    def validation(cls, data_dir, split, batch_size, seq_len, n_batches, seed=0) -> Iterator[dict]:
+        """n_batches * batch_size windows at evenly spaced offsets over the whole split."""
+        lm = cls(data_dir, split, batch_size, seq_len, seed)
+        n = len(lm.shard) - seq_len - 1
+        starts = np.linspace(0, n, n_batches * batch_size).astype(np.int64)
+        for b in range(n_batches):
+            yield lm._windows(starts[b * batch_size:(b + 1) * batch_size])
+
 
 class PairBatches(_Resumable):
     """Sentence-pair batches for MLM + NSP, following BERT's create_pretraining_data.py:
@@ -155,6 +172,20 @@ class PairBatches(_Resumable):
             raise PretuneError(f"the {split} split has fewer than 2 documents; NotNext pairs need another one",
                                str(data_dir), "give more documents")
         self.n_sents = len(self.shard.sents)
+
+    @classmethod
+    def for_training(cls, data_dir, split, batch_size, seq_len, seed, tokenizer=None) -> "PairBatches":
+        if tokenizer is None:
+            return cls(data_dir, split, batch_size, seq_len, seed)
+        return cls(data_dir, split, batch_size, seq_len, seed, tokenizer_special=tokenizer.special_dict(),
+                   vocab_size=tokenizer.vocab_size)
+
+    @classmethod
+    def validation(cls, data_dir, split, batch_size, seq_len, n_batches, seed=0) -> Iterator[dict]:
+        """The first n_batches pair batches of a PairBatches seeded with `seed`."""
+        pb = cls(data_dir, split, batch_size, seq_len, seed)
+        for _ in range(n_batches):
+            yield next(pb)
 
     def _doc_of(self, s: int) -> tuple[int, int]:
         """[first, end) sentence indices of the document holding sentence s."""
@@ -263,19 +294,27 @@ class PairBatches(_Resumable):
                 "mlm_rows": mlm_rows(labels)}  # found here, on the CPU: no host sync in the loss
 
 
-def eval_batches(data_dir, split: str, batch_size: int, seq_len: int, n_batches: int = 10,
-                 causal: bool = True, seed: int = 0) -> Iterator[dict]:
-    """A fixed set of validation batches, identical on every call (the loss estimate
-    then compares like with like across steps). Decoder: n_batches * batch_size windows
-    at evenly spaced offsets over the whole split; encoder: the first n_batches pair
-    batches of a PairBatches seeded with `seed`."""
-    if causal:
-        lm = LMBatches(data_dir, split, batch_size, seq_len, seed)
-        n = len(lm.shard) - seq_len - 1
-        starts = np.linspace(0, n, n_batches * batch_size).astype(np.int64)
-        for b in range(n_batches):
-            yield lm._windows(starts[b * batch_size:(b + 1) * batch_size])
-    else:
-        pb = PairBatches(data_dir, split, batch_size, seq_len, seed)
-        for _ in range(n_batches):
-            yield next(pb)
+LOADERS: dict[str, type] = {"windows": LMBatches, "pairs": PairBatches}
+
+
+def loader(name: str) -> type:
+    """The loader class registered under `name`; an unknown name fails in one line naming the near ones."""
+    if name not in LOADERS:
+        import difflib
+        near = difflib.get_close_matches(str(name), LOADERS, n=2)
+        raise PretuneError(f"unknown batch loader '{name}'", None,
+                           (f"did you mean {' or '.join(near)}? " if near else "")
+                           + f"use one of {', '.join(LOADERS)} (data/loaders.py LOADERS)")
+    return LOADERS[name]
+
+
+def training_batches(name: str, data_dir, batch_size: int, seq_len: int, seed: int, tokenizer=None):
+    """The resumable training batches of the loader `name` (`tokenizer`: the run's, for the special ids)."""
+    return loader(name).for_training(data_dir, "train", batch_size, seq_len, seed, tokenizer)
+
+
+def validation_batches(name: str, data_dir, split: str, batch_size: int, seq_len: int, n_batches: int = 10,
+                       seed: int = 0) -> Iterator[dict]:
+    """A fixed set of validation batches of the loader `name`, identical on every call (the loss
+    estimate then compares like with like across steps)."""
+    return loader(name).validation(data_dir, split, batch_size, seq_len, n_batches, seed)

@@ -29,7 +29,9 @@ from both. The loader's state is the batch counter alone, so resuming is exact.
                 draws them; targets are the inputs shifted by one.
   PairBatches   BERT (MLM + NSP): [CLS] A [SEP] B [SEP] as create_pretraining_data.py
                 builds them (Devlin et al. 2019, sec. 3.1 and A.2).
-  eval_batches  a fixed set of validation batches, the same on every call.
+  validation_batches  a fixed set of validation batches, the same on every call.
+
+An objective names its loader ("windows", "pairs": data/loaders.py LOADERS).
 """
 
 from __future__ import annotations

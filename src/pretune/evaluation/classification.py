@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..data.encoding import Encoded, TextEncoder, eval_batches
+from ..data.encoding import Encoded, TextEncoder, ordered_batches
 from ..data.labelled import Example, load_task, read_labelled_file
 from ..errors import PretuneError
 from ..models.heads import Classifier
 from ..models.load import load_classifier
+from ..objectives.registry import body_objective
 from ..runs import checkpoint as ckpt
 from .lm import _evaluate_lm
 
@@ -26,7 +27,7 @@ def predict(model: Classifier, enc: Encoded, pad_id: int, batch_size: int = 64) 
     model.eval()
     dev = next(model.parameters()).device
     out = torch.empty(len(enc), model.head.out.out_features)
-    for idx, b in eval_batches(enc, batch_size, pad_id):
+    for idx, b in ordered_batches(enc, batch_size, pad_id):
         logits, _ = model(b["input_ids"].to(dev), b["attention_mask"].to(dev), b["lengths"].to(dev),
                           b["segment_ids"].to(dev) if "segment_ids" in b else None, padded=b.get("padded"))
         out[torch.as_tensor(idx)] = logits.float().softmax(-1).cpu()
@@ -134,7 +135,7 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
             examples = t.split(split)
         where = f"{t.name} {split}"
     max_len = d.get("finetune", {}).get("max_len") or model.body.max_positions
-    te = TextEncoder(tok, cfg.causal, min(max_len, model.body.max_positions))
+    te = TextEncoder(tok, body_objective(cfg, d).template, min(max_len, model.body.max_positions))
     enc = te.encode(examples, "texts")
     probs = predict(model, enc, te.pad_id)
     m = classification_metrics(enc.labels, probs.argmax(-1).tolist(), len(labels))

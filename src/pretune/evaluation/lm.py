@@ -14,10 +14,11 @@ from ..models.load import load_model
 
 def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
-    from ..data.loaders import eval_batches as lm_eval_batches
-    from ..objectives.losses import pretrain_task_loss
+    from ..data.loaders import validation_batches
+    from ..objectives.registry import body_objective
 
     model, cfg, tok = load_model(run)
+    obj = body_objective(cfg, d)  # the run's recorded objective (derived for a run from before the field)
     data = Path(data or d.get("data") or "")
     if not (data / "meta.json").exists():
         raise PretuneError("no prepared data to evaluate on", str(data), "pass --data FOLDER made by `pretune prepare`")
@@ -29,9 +30,9 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     seq_len = min(tc.get("seq_len") or cfg.max_seq_len, cfg.max_seq_len)
     losses, aux_sum, n = 0.0, 0.0, 0
     with torch.no_grad():
-        for batch in lm_eval_batches(data, "val", tc.get("batch_size", 16), seq_len,
-                                     n_batches=tc.get("eval_batches", 10), causal=cfg.causal):
-            loss, _ = pretrain_task_loss(model, batch)  # the perplexity is of L1 alone, not the routers' aux
+        for batch in validation_batches(obj.batches, data, "val", tc.get("batch_size", 16), seq_len,
+                                        n_batches=tc.get("eval_batches", 10)):
+            loss, _ = obj.task_loss(model, batch)  # the perplexity is of L1 alone, not the routers' aux
             losses += loss.item()
             aux_sum += float(model.moe_losses())
             n += 1
@@ -39,9 +40,9 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     m = {"val_loss": val, "batches": n, "data": str(data)}
     if cfg.n_expert:
         m["val_moe_aux"] = aux_sum / max(n, 1)
-    if cfg.causal:
+    if obj.perplexity:
         m["perplexity"] = math.exp(val)
     print(json.dumps(m) if json_out else
-          f"{run}: validation loss {val:.4f}" + (f", perplexity {m['perplexity']:.1f}" if cfg.causal else "")
+          f"{run}: validation loss {val:.4f}" + (f", perplexity {m['perplexity']:.1f}" if obj.perplexity else "")
           + f" on {data} ({n} batches)")
     return m

@@ -7,7 +7,8 @@ L2   log-likelihood of the label (Radford et al. 2018, eq. 4)
 L3   L2 + lambda * L1 (Radford et al. 2018, eq. 5; lambda = 0.5 there)
 
 Losses are means over the predicted positions; IGNORE marks positions that
-predict nothing (padding, unmasked tokens).
+predict nothing (padding, unmasked tokens). Which of them a run minimises is its
+objective's entry in objectives/registry.py.
 """
 
 from __future__ import annotations
@@ -86,23 +87,3 @@ def l2_loss(class_logits, labels) -> torch.Tensor:
 def l3_loss(l2: torch.Tensor, l1: torch.Tensor | float, lam: float) -> torch.Tensor:
     """L3 = L2 + lambda * L1."""
     return l2 + lam * l1
-
-
-def pretrain_task_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """The pre-training objective the model's family uses: L1 for a decoder, MLM (+ NSP) for an
-    encoder, without any router's auxiliary loss: what validation loss and perplexity report."""
-    if model.config.causal:
-        loss = l1_loss(model, batch["input_ids"], batch["targets"], batch.get("attention_mask"))
-        return loss, {"l1": loss}
-    return mlm_nsp_loss(model, batch)
-
-
-def pretrain_loss(model, batch) -> tuple[torch.Tensor, dict]:
-    """What pre-training minimises: the task loss, plus a mixture-of-experts model's routers'
-    auxiliary losses (in parts as `moe_aux`)."""
-    loss, parts = pretrain_task_loss(model, batch)
-    aux = model.moe_losses()
-    if torch.is_tensor(aux):
-        parts["moe_aux"] = aux
-        loss = loss + aux
-    return loss, parts

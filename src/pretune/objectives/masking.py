@@ -7,8 +7,12 @@ import torch
 from .linear_cross_entropy import IGNORE
 
 
+MLM_P = 0.15  # the share of tokens masked-LM predicts (Devlin et al. 2019, sec. 3.1); FLOPs and MFU read it
+              # through objectives.registry ("MLM+NSP".predicted)
+
+
 def mlm_mask(input_ids, special_mask, mask_id: int, vocab_size: int, generator: torch.Generator,
-             p: float = 0.15, p_mask: float = 0.8, p_random: float = 0.1):
+             p: float = MLM_P, p_mask: float = 0.8, p_random: float = 0.1):
     """BERT's masking. Each non-special token is chosen independently with
     probability p (Bernoulli, as Hugging Face's collator does; BERT's own script
     draws exactly round(15% of n) per sequence); a chosen token becomes [MASK]

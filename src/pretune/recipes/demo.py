@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config.presets import preset
 from ..errors import PretuneError
 from ..fileio import check_creatable
+from ..objectives.registry import pretraining_objective
 from ..training.config import TrainConfig
 from ..training.pretrain import default_data_dir, pretrain
 
@@ -75,7 +76,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         final = pretrain(cfg, tc, data, out / name)
         runs[name] = out / name
         report[name] = {"val_loss": final.get("val_loss"), "steps": steps}
-        if cfg.causal:
+        if pretraining_objective(cfg).perplexity:  # a loss over every token: against the unigram entropy
             h = unigram_entropy(data, "val")
             report[name].update(unigram_entropy=h, lm_loss=final["val_loss"])
             gap = h - final["val_loss"]

@@ -50,7 +50,8 @@ from ..errors import PretuneError
 from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
 from ..fileio import atomic_write_json, make_dir
 from ..models.heads import POOLS
-from ..objectives.finetuning import OBJECTIVES, finetune_loss
+from ..objectives.finetuning import finetune_loss
+from ..objectives.registry import body_objective, get
 from ..runs import checkpoint as ckpt
 from ..training.config import TrainConfig
 from ..training.hooks import KeepBest, default_hooks
@@ -79,8 +80,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     checkpoints/step-BEST, so `classify` and `evaluate` can use the run."""
     t0 = time.time()
     out = Path(out)
-    if objective not in OBJECTIVES:
-        raise PretuneError(f"unknown objective '{objective}'", None, "use L2 or L3")
+    get(objective, "finetune")  # an unknown one fails here, before anything is read
     if (lr is not None and not (lr > 0 and math.isfinite(lr))) or (epochs is not None and epochs <= 0) \
             or (batch_size is not None and batch_size <= 0) or (warmup is not None and warmup < 0):
         raise PretuneError("lr, epochs and batch size must be positive, warmup >= 0", None, "fix the options")
@@ -90,6 +90,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         raise PretuneError(f"--train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
     t = task if isinstance(task, Task) else load_task(task, text_column, label_column)
     body, cfg, tok, pooler, origin = load_init(init, scratch, tokenizer, seed)
+    pre = body_objective(cfg, ckpt.read_run_config(Path(init)) if (Path(init) / "config.json").exists() else None)
     from ..config.training_recipes import recipe_for
     recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
     lr, epochs, warmup, batch_size, weight_decay = (recipe[k] if v is None else v for k, v in (
@@ -102,7 +103,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     if objective == "L3" and not cfg.lm_head:
         raise PretuneError("L3 needs the model's LM head (L1 for a decoder, MLM for an encoder); this "
                            "checkpoint has none", str(init), "use --objective L2")
-    if objective == "L3" and not cfg.causal and tok.mask_id is None:
+    if objective == "L3" and pre.aux_masks and tok.mask_id is None:
         raise PretuneError(f"L3 on an encoder uses MLM, and the tokenizer '{tok.name}' has no [MASK]", str(init),
                            "use --objective L2")
     window = body.max_positions
@@ -118,7 +119,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
         raise PretuneError("the task is too small to hold validation and test examples", t.name,
                            "give at least 10 examples per class")
 
-    te = TextEncoder(tok, cfg.causal, max_len)
+    te = TextEncoder(tok, pre.template, max_len)
     enc_train = te.encode(train_set, "training texts", warn=False)
     enc_val = te.encode(val_set, "validation texts", warn=False)
     enc_test = te.encode(t.test, "test texts", warn=False)
@@ -141,13 +142,14 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
                                keep_last=1, seed=seed, seq_len=max_len,
                                guard_cooldown=min(50, max(1, steps // 10)))
     mlm = None
-    if objective == "L3" and not cfg.causal:
+    if objective == "L3" and pre.aux_masks:
         mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": sorted(tok.special_ids)}
     batches = ClassificationBatches(enc_train, tc.batch_size, tc.seed, te.pad_id, mlm=mlm)
 
     ft = {"init": str(init), "origin": origin, "scratch": scratch, "objective": objective, "lam": lam,
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
-          "epochs": epochs, "aux_lm": ("L1" if cfg.causal else "MLM") if objective == "L3" else None,
+          "epochs": epochs, "aux_lm": pre.aux_name if objective == "L3" else None,
+          "body_objective": pre.name,
           "examples_sha256": examples_fingerprint(enc_train)}
     run_config = {"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
                   "finetune": ft, "task": t.info()}
@@ -158,7 +160,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     atomic_write_json(out / "config.json", run_config)
     tok.save(out)
 
-    loss_fn = finetune_loss(objective, lam)
+    loss_fn = finetune_loss(objective, lam, pre)
 
     def eval_fn():
         probs = predict(model, enc_val, te.pad_id)

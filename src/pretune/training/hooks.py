@@ -98,8 +98,9 @@ class MFUHook(Hook):
 
     def __init__(self, model_cfg: ModelConfig, seq_len: int | None, precision: str = "fp32",
                  predicted: float | None = None):
-        if predicted is None:  # masked-LM pre-training predicts 15% of the positions (BERT)
-            predicted = 1.0 if model_cfg.causal else 0.15
+        if predicted is None:  # the share the model's objective predicts (masked-LM: 15%, BERT)
+            from ..objectives.registry import pretraining_objective
+            predicted = pretraining_objective(model_cfg).predicted
         self.flops_per_token = train_flops_per_token(model_cfg, seq_len, predicted)
         self.precision = precision
         self.peak: float | None = None
@@ -349,6 +350,7 @@ class HookContext:
     patience: int | None = None  # fine-tuning: evaluations without improvement before stopping
     keep_best: bool = False  # fine-tuning without checkpoints: hold the best weights in memory
     n_labels: int | None = None  # a classifier's classes K: the guard's floor is ln K
+    predicted: float | None = None  # the share of positions the objective predicts (None: the model's own)
 
 
 HookFactory = Callable[[HookContext], "Hook | None"]  # None: the hook does not apply to this run
@@ -363,7 +365,7 @@ def _guard(ctx: HookContext) -> "LossGuard | None":
 
 
 HOOKS: dict[str, HookFactory] = {
-    "mfu": lambda ctx: MFUHook(ctx.model_cfg, ctx.seq_len, ctx.tc.precision),  # the cost planner's live MFU
+    "mfu": lambda ctx: MFUHook(ctx.model_cfg, ctx.seq_len, ctx.tc.precision, ctx.predicted),  # the cost planner's live MFU
     "early_stopping": lambda ctx: EarlyStopping(ctx.patience),
     "keep_best": lambda ctx: KeepBest() if ctx.keep_best else None,
     # the routers' expert loads, drops and entropy -> metrics.jsonl, moe.png
@@ -405,12 +407,13 @@ def get_hook(name: str) -> HookFactory:
 
 
 def default_hooks(model_cfg: ModelConfig, tc, purpose: str = "pretrain", *, extra=(), seq_len: int | None = None,
-                  patience: int | None = None, keep_best: bool = False, n_labels: int | None = None) -> list[Hook]:
+                  patience: int | None = None, keep_best: bool = False, n_labels: int | None = None,
+                  predicted: float | None = None) -> list[Hook]:
     """The hooks of a `purpose` run ("pretrain" or "finetune"), in PURPOSES' order, with the caller's
     own `extra` hooks at their place: what training/pretrain.py and tasks/finetune.py both call."""
     if purpose not in PURPOSES:
         raise PretuneError(f"unknown training purpose '{purpose}'", None, _near(purpose, PURPOSES))
-    ctx = HookContext(model_cfg, tc, purpose, seq_len, patience, keep_best, n_labels)
+    ctx = HookContext(model_cfg, tc, purpose, seq_len, patience, keep_best, n_labels, predicted)
     out: list[Hook] = []
     for name in PURPOSES[purpose]:
         if name == EXTRA:

@@ -1,4 +1,5 @@
-"""Pre-training: a fresh GPT (L1) or BERT (MLM + NSP) on prepared shards, through the one loop."""
+"""Pre-training: a fresh GPT (L1) or BERT (MLM + NSP), or any registered pre-training objective, on
+prepared shards, through the one loop."""
 
 from __future__ import annotations
 
@@ -17,50 +18,59 @@ from .loop import Trainer
 from .resume import check_resume, data_fingerprint
 
 
-def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int):
-    """(train batches, eval function) for the model's family."""
-    from ..data.loaders import LMBatches, PairBatches, eval_batches
-    from ..objectives.losses import pretrain_loss, pretrain_task_loss
+def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int, objective=None, tok=None):
+    """(train batches, eval function, loss function) of the objective (an `Objective`; default: the
+    model's own, `pretraining_objective`): its loader's batches, its task loss on a fixed validation set.
+    `tok`: the data's tokenizer (loaded from data_dir if not given), for the loaders' special ids."""
+    from ..data.loaders import training_batches
+    from ..objectives.registry import pretraining_objective
+    from ..tokenizer.core import Tokenizer
 
-    kind = "lm" if model_cfg.causal else "pairs"
-    if kind == "lm":
-        train = LMBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed)
-    else:
-        from ..tokenizer.core import Tokenizer
-        tok = Tokenizer.load(data_dir)
-        train = PairBatches(data_dir, "train", tc.batch_size, seq_len, tc.seed,
-                            tokenizer_special=tok.special_dict(), vocab_size=tok.vocab_size)
+    obj = objective or pretraining_objective(model_cfg)
+    train = training_batches(obj.batches, data_dir, tc.batch_size, seq_len, tc.seed, tok or Tokenizer.load(data_dir))
 
     def eval_fn_for(model):
         def eval_fn():
-            losses, parts_sum, n = 0.0, {}, 0
-            for batch in eval_batches(data_dir, "val", tc.batch_size, seq_len, n_batches=tc.eval_batches,
-                                      causal=model_cfg.causal):
-                batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
-                         for k, v in batch.items()}
-                # val_loss is the task loss alone (L1, MLM + NSP): a router's auxiliary losses are
-                # no part of the model's likelihood; they are logged apart, as val_moe_aux
-                loss, parts = pretrain_task_loss(model, batch)
-                aux = model.moe_losses()
-                if torch.is_tensor(aux):
-                    parts["moe_aux"] = aux
-                losses += loss.item()
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-                n += 1
-            out = {"val_loss": losses / max(n, 1)}
-            out.update({f"val_{k}": v / max(n, 1) for k, v in parts_sum.items()})
-            return out
+            return validation_loss(model, obj, data_dir, tc.batch_size, seq_len, tc.eval_batches)
         return eval_fn
 
-    return train, eval_fn_for, pretrain_loss
+    return train, eval_fn_for, obj.loss
+
+
+def validation_loss(model, objective, data_dir: Path, batch_size: int, seq_len: int, n_batches: int) -> dict:
+    """{"val_loss", "val_<part>" ...} of `objective` on its fixed validation batches. val_loss is the
+    task loss alone (L1, MLM + NSP): a router's auxiliary losses are no part of the model's
+    likelihood; they are logged apart, as val_moe_aux."""
+    from ..data.loaders import validation_batches
+
+    losses, parts_sum, n = 0.0, {}, 0
+    for batch in validation_batches(objective.batches, data_dir, "val", batch_size, seq_len, n_batches=n_batches):
+        batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        loss, parts = objective.task_loss(model, batch)
+        aux = model.moe_losses()
+        if torch.is_tensor(aux):
+            parts["moe_aux"] = aux
+        losses += loss.item()
+        for k, v in parts.items():
+            parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
+        n += 1
+    out = {"val_loss": losses / max(n, 1)}
+    out.update({f"val_{k}": v / max(n, 1) for k, v in parts_sum.items()})
+    return out
 
 
 def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bool = True,
-             hooks: list[Hook] | None = None, extra_config: dict | None = None) -> dict:
-    """Pre-train a fresh model (or resume `out`), returning the final metrics."""
+             hooks: list[Hook] | None = None, extra_config: dict | None = None,
+             objective: str | None = None) -> dict:
+    """Pre-train a fresh model (or resume `out`), returning the final metrics. `objective`: a
+    pre-training objective's name in objectives/registry.py (default: the model's own, L1 for a
+    decoder, MLM+NSP for an encoder); the run records it and resumes only with the same one."""
     from ..models.transformer import Transformer
+    from ..objectives.registry import get, pretraining_objective
     from ..tokenizer.core import Tokenizer
+
+    obj = get(objective, "pretrain") if objective is not None else pretraining_objective(model_cfg)
 
     out = Path(out)
     seq_len = tc.seq_len or model_cfg.max_seq_len
@@ -74,19 +84,20 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
                            f"set --arch.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
     run_config = {"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
                   "data_sha256": data_fingerprint(data_dir),
-                  "objective": "L1" if model_cfg.causal else "MLM+NSP", **(extra_config or {})}
+                  "objective": obj.name, **(extra_config or {})}
     changes = check_resume(out, run_config)  # before anything is built or written
     resolve_device(tc.device)  # a bad --train.device fails before the run directory is made
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg)
-    train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len)
+    train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len, obj, tok)
     if changes:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     make_dir(out, "the run directory")
     atomic_write_json(out / "config.json", run_config)
     if not (out / "tokenizer.json").exists():
         tok.save(out)
-    all_hooks = default_hooks(model_cfg, tc, "pretrain", extra=hooks or (), seq_len=seq_len)
+    all_hooks = default_hooks(model_cfg, tc, "pretrain", extra=hooks or (), seq_len=seq_len,
+                              predicted=obj.predicted)
     trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
                       run_config=run_config, progress=progress,
                       tokens_per_batch=tc.batch_size * seq_len)
