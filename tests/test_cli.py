@@ -14,7 +14,7 @@ TEXT = "\n\n".join(
     f"and the clocks were striking {i % 13}. Call me Ishmael. Some years ago, never mind how long."
     for i in range(300))
 
-TINY_GPT = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32"]
+TINY_GPT = ["--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2", "--model.max-seq-len", "32"]
 TRAIN = ["--train.batch-size", "4", "--train.seq-len", "32", "--train.log-every", "2", "--train.eval-every", "0",
          "--train.eval-batches", "2", "--train.warmup", "2"]
 
@@ -37,7 +37,7 @@ def gpt_data(corpus):
 def test_pretrain_resume_and_generate(gpt_data, corpus, capsys):
     run = corpus / "run"
     args = ["pretrain", "--model", "gpt-mini", "--data", str(gpt_data), "--out", str(run),
-            "--arch.vocab-size", "50257", "--arch.tokenizer", "gpt2", *TINY_GPT, *TRAIN]
+            "--model.vocab-size", "50257", "--model.tokenizer", "gpt2", *TINY_GPT, *TRAIN]
     assert main(args + ["--train.steps", "4"]) == 0
     assert (run / "checkpoints" / "step-000004" / "manifest.json").exists()
     assert main(args + ["--train.steps", "6"]) == 0  # the same run, continued
@@ -50,7 +50,7 @@ def test_pretrain_resume_and_generate(gpt_data, corpus, capsys):
     assert cfg["model"]["n_layer"] == 1 and cfg["train"]["steps"] == 6
     # a changed model config is refused, the run left as it was
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert main(args[:-len(TINY_GPT) - len(TRAIN)] + ["--arch.n-layer", "2"] + TINY_GPT[2:] + TRAIN) == 2
+    assert main(args[:-len(TINY_GPT) - len(TRAIN)] + ["--model.n-layer", "2"] + TINY_GPT[2:] + TRAIN) == 2
     assert "n_layer" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
     assert main(["generate", "The quick brown", "--run", str(run), "--max-new-tokens", "5"]) == 0
@@ -63,12 +63,12 @@ def test_pretrain_resume_and_generate(gpt_data, corpus, capsys):
 
 def test_yaml_config_equals_command_line(gpt_data, corpus, tmp_path):
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("model: gpt-mini\narch:\n  n_layer: 1\n  d_model: 32\n  n_head: 2\n  max_seq_len: 32\n"
+    yaml_file.write_text("model:\n  from: gpt-mini\n  n_layer: 1\n  d_model: 32\n  n_head: 2\n  max_seq_len: 32\n"
                          "  vocab_size: 50257\ntrain:\n  steps: 2\n  batch_size: 4\n  seq_len: 32\n  eval_every: 0\n"
                          "  eval_batches: 1\n")
     assert main(["pretrain", "--config", str(yaml_file), "--data", str(gpt_data), "--out", str(tmp_path / "a")]) == 0
-    assert main(["pretrain", "--model", "gpt-mini", "--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head",
-                 "2", "--arch.max-seq-len", "32", "--arch.vocab-size", "50257", "--train.steps", "2",
+    assert main(["pretrain", "--model", "gpt-mini", "--model.n-layer", "1", "--model.d-model", "32", "--model.n-head",
+                 "2", "--model.max-seq-len", "32", "--model.vocab-size", "50257", "--train.steps", "2",
                  "--train.batch-size", "4", "--train.seq-len", "32", "--train.eval-every", "0",
                  "--train.eval-batches", "1", "--data", str(gpt_data), "--out", str(tmp_path / "b")]) == 0
     a = (tmp_path / "a" / "checkpoints" / "step-000002" / "model.safetensors").read_bytes()
@@ -81,8 +81,8 @@ def test_bert_pretrain_and_fill_mask(corpus, capsys):
     assert main(["prepare", "--corpus", str(corpus / "corpus.txt"), "--tokenizer", "bert-uncased", "--out", str(data),
                  "--val-fraction", "0.1"]) == 0
     run = corpus / "bert"
-    assert main(["pretrain", "--model", "bert-mini", "--data", str(data), "--out", str(run), "--arch.n-layer", "1",
-                 "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32", "--train.steps", "3",
+    assert main(["pretrain", "--model", "bert-mini", "--data", str(data), "--out", str(run), "--model.n-layer", "1",
+                 "--model.d-model", "32", "--model.n-head", "2", "--model.max-seq-len", "32", "--train.steps", "3",
                  *TRAIN]) == 0
     capsys.readouterr()
     text = "the quick brown [MASK] jumps."
@@ -112,7 +112,7 @@ def test_bert_pretrain_and_fill_mask(corpus, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["pretrain", "--model", "gpt-mni"], "did you mean gpt-mini"),
-    (["pretrain", "--arch.d-model", "100", "--arch.n-head", "3"], "not divisible"),
+    (["pretrain", "--model.d-model", "100", "--model.n-head", "3"], "not divisible"),
     (["pretrain", "--train.precision", "fp8"], "precision"),
     (["pretrain", "--train.steps", "many"], "expects int"),
     (["pretrian"], "did you mean pretrain"),
