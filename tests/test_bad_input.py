@@ -277,7 +277,7 @@ CASES = [
     ("finetune-lam", lambda w, t: _ft(w, t, "--finetune.lam", "-1"), "negative"),
     ("finetune-freeze", lambda w, t: _ft(w, t, "--finetune.freeze", "everything"), "--finetune.freeze"),
     ("classify-pretrained-run", lambda w, t: ["classify", "nice", "--run", str(w / "gpt")], "not a fine-tuned run"),
-    ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "no such file"),
+    ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "cannot read the texts file"),
     ("evaluate-split", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--split", "dev"], "unknown split 'dev'"),
     ("evaluate-unseen-label", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--task",
                                             str(_file(t, "e.csv", "text,label\ngood,pos\nso so,meh\n"))],

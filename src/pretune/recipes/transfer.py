@@ -34,6 +34,7 @@ from ..data.encoding import TextEncoder
 from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..fileio import atomic_write_json, atomic_write_text, make_dir
+from ..packages import pip_install
 from ..tasks.config import FinetuneConfig
 from ..training.hooks import KeepBest
 
@@ -424,7 +425,7 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
     for model, pkg, rel, scheme, objective, n, freeze, lr, epochs in REAL_RUNS:
         spec = find_spec(pkg)
         if spec is None or not spec.origin or (scheme == "gguf" and find_spec("gguf") is None):
-            print(f"   (skipping {model} {objective}: install {pkg}{' and gguf' if scheme == 'gguf' else ''})")
+            print(f"   (skipping {model} {objective}: {pip_install(pkg)}{' and gguf' if scheme == 'gguf' else ''})")
             continue
         run = out_dir / model
         if not (run / "config.json").exists():
