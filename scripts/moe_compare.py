@@ -43,7 +43,7 @@ def grid(models, n_expert, top_k, d_expert_ff):
 
 
 def arch_flags(arch: dict) -> list[str]:
-    return [x for k, v in arch.items() for x in (f"--arch.{k.replace('_', '-')}", str(v))]
+    return [x for k, v in arch.items() for x in (f"--model.{k.replace('_', '-')}", str(v))]
 
 
 def main(argv=None) -> int:

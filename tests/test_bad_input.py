@@ -21,8 +21,8 @@ from pretune.cli.verbs import VERBS
 TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were striking "
                    f"{i % 13}. Call me Ishmael. Some years ago, never mind how long." for i in range(80))
 AUSTEN_STATES = ("austen-present", "austen-hidden")  # the `austen_state` fixture's states (conftest.py)
-TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
-        "--arch.vocab-size", "320"]
+TINY = ["--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2", "--model.max-seq-len", "32",
+        "--model.vocab-size", "320"]
 TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
          "--train.log-every", "1", "--train.device", "cpu"]
 
@@ -51,8 +51,8 @@ def w(tmp_path_factory):
                  *TINY, *TRAIN]) == 0
     rows = [f"the film was {'good' if i % 2 else 'bad'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(60)]
     (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
-    assert main(["finetune", "--init", str(d / "gpt"), "--task", str(d / "task.csv"), "--epochs", "1",
-                 "--batch-size", "16", "--out", str(d / "ft")]) == 0
+    assert main(["finetune", "--init", str(d / "gpt"), "--task", str(d / "task.csv"), "--finetune.epochs", "1",
+                 "--train.batch-size", "16", "--out", str(d / "ft")]) == 0
     assert main(["export", str(d / "gpt"), "--out", str(d / "hf")]) == 0
     return d
 
@@ -95,7 +95,7 @@ def _bad_meta(w, tmp):
 def _changed_model(w, tmp):
     run = _copy(w / "gpt", tmp / "run")
     return ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", str(run), *TINY[:-6],
-            "--arch.max-seq-len", "32", "--arch.vocab-size", "320", "--arch.d-model", "64", *TRAIN]
+            "--model.max-seq-len", "32", "--model.vocab-size", "320", "--model.d-model", "64", *TRAIN]
 
 
 def _pickle_in_checkpoint(w, tmp):
@@ -132,7 +132,7 @@ def _bad_run_config(w, tmp):
 
 
 def _ft(w, tmp, *extra, task=None):
-    return ["finetune", "--init", str(w / "gpt"), "--task", str(task or w / "task.csv"), "--epochs", "1",
+    return ["finetune", "--init", str(w / "gpt"), "--task", str(task or w / "task.csv"), "--finetune.epochs", "1",
             "--out", str(tmp / "ft"), *extra]
 
 
@@ -152,7 +152,7 @@ def _under_a_file(w, tmp, verb):
         "prepare": ["prepare", "--corpus", str(w / "corpus.txt"), "--tokenizer", str(w / "bpe.json"), "--out", bad],
         "curate": ["curate", str(w / "corpus.txt"), "--out", bad + ".jsonl"],
         "pretrain": ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", bad, *TINY, *TRAIN],
-        "finetune": ["finetune", "--init", str(w / "gpt"), "--task", str(w / "task.csv"), "--epochs", "1", "--out", bad],
+        "finetune": ["finetune", "--init", str(w / "gpt"), "--task", str(w / "task.csv"), "--finetune.epochs", "1", "--out", bad],
         "import": ["import", f"hf:{w / 'hf'}", "--out", bad],
         "export": ["export", str(w / "gpt"), "--out", bad],
         "demo": ["demo", "--gpt-steps", "1", "--bert-steps", "1", "--out", bad],
@@ -215,12 +215,12 @@ CASES = [
     ("model-unknown", lambda w, t: ["pretrain", "--model", "gpt-mni"], "did you mean gpt-mini"),
     ("model-json", lambda w, t: ["pretrain", "--model", str(_file(t, "m.json", "{bad")), "--out", str(t / "run")],
      "m.json"),
-    ("heads-divide", lambda w, t: _gpt(w, t, "--arch.n-head", "3"), "divisible"),
+    ("heads-divide", lambda w, t: _gpt(w, t, "--model.n-head", "3"), "divisible"),
     ("lr-negative", lambda w, t: _gpt(w, t, "--train.lr", "-1"), "lr=-1"),
     ("precision", lambda w, t: _gpt(w, t, "--train.precision", "fp8"), "precision"),
     ("guard-factor", lambda w, t: _gpt(w, t, "--train.guard-factor", "0.5"), "guard_factor"),
     ("seq-len-window", lambda w, t: _gpt(w, t, "--train.seq-len", "64"), "exceeds the model's window"),
-    ("vocab-too-small", lambda w, t: _gpt(w, t, "--arch.vocab-size", "100"), "tokenizer has 320 tokens"),
+    ("vocab-too-small", lambda w, t: _gpt(w, t, "--model.vocab-size", "100"), "tokenizer has 320 tokens"),
     ("device-cuda", lambda w, t: _gpt(w, t, "--train.device", "cuda"), "no CUDA device"),
     ("resume-changed-model", _changed_model, "the run was started with d_model=32"),
     # -- checkpoints and run directories
@@ -272,12 +272,12 @@ CASES = [
     ("task-jsonl-label-object", lambda w, t: _ft(w, t, task=_file(t, "t.jsonl", '{"text": "a", "label": 1}\n\n'
                                                                                '{"text": "b", "label": {"y": 1}}\n')),
      "line 3 has an object as its label in column 'label'"),
-    ("finetune-objective", lambda w, t: _ft(w, t, "--objective", "L4"), "unknown objective 'L4'"),
+    ("finetune-objective", lambda w, t: _ft(w, t, "--finetune.objective", "L4"), "unknown objective 'L4'"),
     ("finetune-init", lambda w, t: _ft(w, t, "--init", str(t / "nope")), "neither a run directory nor a preset"),
-    ("finetune-lam", lambda w, t: _ft(w, t, "--lam", "-1"), "negative"),
-    ("finetune-freeze", lambda w, t: _ft(w, t, "--freeze", "everything"), "--freeze"),
+    ("finetune-lam", lambda w, t: _ft(w, t, "--finetune.lam", "-1"), "negative"),
+    ("finetune-freeze", lambda w, t: _ft(w, t, "--finetune.freeze", "everything"), "--finetune.freeze"),
     ("classify-pretrained-run", lambda w, t: ["classify", "nice", "--run", str(w / "gpt")], "not a fine-tuned run"),
-    ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "no such file"),
+    ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "cannot read the texts file"),
     ("evaluate-split", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--split", "dev"], "unknown split 'dev'"),
     ("evaluate-unseen-label", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--task",
                                             str(_file(t, "e.csv", "text,label\ngood,pos\nso so,meh\n"))],
@@ -296,7 +296,7 @@ CASES = [
     ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "--gpt-steps -5 must be a positive"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
-    ("recipe-unknown", lambda w, t: _gpt(w, t, "--arch.recipe", "gpt5"), "recipe='gpt5' is unknown"),
+    ("recipe-unknown", lambda w, t: _gpt(w, t, "--model.recipe", "gpt5"), "recipe='gpt5' is unknown"),
     ("no-decay-kind", lambda w, t: _gpt(w, t, "--train.no-decay", "bias,layernorm"), "'layernorm' is not a kind"),
     ("export-out-is-file", lambda w, t: ["export", str(w / "gpt"), "--out", str(_file(t, "x", "a file"))],
      "x is a file, not a folder"),

@@ -35,8 +35,8 @@ TEXT = "\n\n".join(
     f"and the clocks were striking {i % 13}. Call me Ishmael. Some years ago, never mind how long."
     for i in range(120))
 
-TINY = ["--arch.vocab-size", "320", "--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2",
-        "--arch.max-seq-len", "32", "--arch.dropout", "0.1"]
+TINY = ["--model.vocab-size", "320", "--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2",
+        "--model.max-seq-len", "32", "--model.dropout", "0.1"]
 TRAIN = ["--train.steps", "20", "--train.batch-size", "4", "--train.seq-len", "32", "--train.log-every", "1",
          "--train.eval-every", "10", "--train.eval-batches", "2", "--train.warmup", "2", "--train.ckpt-every", "5",
          "--train.keep-last", "2", "--train.lr", "3e-3", "--train.device", "cpu"]  # bit-identical: on the CPU
@@ -230,8 +230,8 @@ def ft(tmp_path_factory, ctx, baseline):
     (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
 
     def cmd(run):
-        return ["finetune", "--init", str(baseline["gpt"]), "--task", str(d / "task.csv"), "--objective", "L3",
-                "--epochs", "2", "--batch-size", "8", "--lr", "1e-3", "--out", str(run), "--train.ckpt-every", "3",
+        return ["finetune", "--init", str(baseline["gpt"]), "--task", str(d / "task.csv"), "--finetune.objective", "L3",
+                "--finetune.epochs", "2", "--train.batch-size", "8", "--train.lr", "1e-3", "--out", str(run), "--train.ckpt-every", "3",
                 "--train.log-every", "1", "--train.eval-every", "4", "--train.device", "cpu"]
     assert cli(ctx, cmd(d / "base"), log=d / "log") == 0, (d / "log").read_text()
     assert json.loads((d / "base" / "results.json").read_text())["steps"] == 10

@@ -357,8 +357,8 @@ def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, cap
     """A keyword task a tiny decoder learns in a few epochs; the run then serves classify and evaluate."""
     init = make_run(tmp_path / "gpt", True, toks[True])
     out = tmp_path / "ft"
-    rc = main(["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
-               "--batch-size", "16", "--patience", "3", "--out", str(out), "--train.device", "cpu"])
+    rc = main(["finetune", "--init", str(init), "--task", str(toy_csv), "--train.lr", "3e-3", "--finetune.epochs", "6",
+               "--train.batch-size", "16", "--finetune.patience", "3", "--out", str(out), "--train.device", "cpu"])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["accuracy"] >= 0.9, res["test"]
@@ -383,17 +383,17 @@ def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, cap
     assert isinstance(body, Transformer) and c.causal
     # rerunning the finished command resumes, changes nothing
     before = (out / "results.json").read_text()
-    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
-                 "--batch-size", "16", "--patience", "3", "--out", str(out)]) == 0
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--train.lr", "3e-3", "--finetune.epochs", "6",
+                 "--train.batch-size", "16", "--finetune.patience", "3", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["test"] == json.loads(before)["test"]
 
 
 def test_finetune_encoder_l3_from_preset_free_run(toks, tmp_path, toy_csv):
     init = make_run(tmp_path / "bert", False, toks[False])
     out = tmp_path / "ft"
-    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--objective", "L3", "--lam", "0.5",
-                 "--lr", "3e-3", "--epochs", "1", "--batch-size", "32", "--freeze", "embeddings",
-                 "--train-examples", "64", "--out", str(out)]) == 0
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.objective", "L3", "--finetune.lam", "0.5",
+                 "--train.lr", "3e-3", "--finetune.epochs", "1", "--train.batch-size", "32", "--finetune.freeze", "embeddings",
+                 "--finetune.train-examples", "64", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["finetune"]["aux_lm"] == "MLM" and cfg["finetune"]["train_examples"] == 64
     assert cfg["finetune"]["freeze"] == "the embeddings"
@@ -407,8 +407,8 @@ def test_a_mean_pooled_run_is_served_mean_pooled(toks, tmp_path, toy_csv, capsys
     probabilities the fine-tuned model gives."""
     init = make_run(tmp_path / "bert", False, toks[False])
     out = tmp_path / "ft"
-    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--pool", "mean", "--lr", "3e-3",
-                 "--epochs", "1", "--batch-size", "32", "--train-examples", "64", "--out", str(out)]) == 0
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.pool", "mean", "--train.lr", "3e-3",
+                 "--finetune.epochs", "1", "--train.batch-size", "32", "--finetune.train-examples", "64", "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["finetune"]["head"] == "mean"
     model, cfg, tok, _ = load_classifier(out)
     assert model.head.pool == "mean" and model.head.pooler is None
@@ -429,8 +429,8 @@ def test_finetuning_a_moe_model_logs_its_routers(toks, tmp_path, toy_csv):
     """The routers' loads, drops and entropy reach metrics.jsonl while fine-tuning, as in pre-training."""
     init = make_run(tmp_path / "moe", True, toks[True], n_expert=4, top_k=2)
     out = tmp_path / "ft"
-    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--objective", "L3", "--lr", "3e-3",
-                 "--epochs", "1", "--batch-size", "16", "--train-examples", "64", "--train.log-every", "1",
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.objective", "L3", "--train.lr", "3e-3",
+                 "--finetune.epochs", "1", "--train.batch-size", "16", "--finetune.train-examples", "64", "--train.log-every", "1",
                  "--out", str(out)]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "moe_expert_frac" in r]
@@ -490,8 +490,8 @@ def test_finetuning_guard_rolls_back_a_fault_and_finishes_finite(toks, tmp_path,
     per epoch); the fault at step 40 is rolled back to step 36 and the run ends where a clean run
     ends (validation loss 0.018). With --train.guard false the same fault ruins the weights."""
     init = make_run(tmp_path / "gpt", True, toks[True])
-    argv = ["finetune", "--init", str(init), "--task", str(toy_csv), "--lr", "3e-3", "--epochs", "6",
-            "--batch-size", "16", "--train.device", "cpu"]
+    argv = ["finetune", "--init", str(init), "--task", str(toy_csv), "--train.lr", "3e-3", "--finetune.epochs", "6",
+            "--train.batch-size", "16", "--train.device", "cpu"]
     with monkeypatch.context() as m:
         inject(m, fault)
         assert main(argv + ["--out", str(tmp_path / "guarded")]) == 0
@@ -552,23 +552,23 @@ def bad(argv, capsys, match, out=None):
 def test_bad_input(toks, tmp_path, toy_csv, capsys):
     init = make_run(tmp_path / "gpt", True, toks[True])
     out = tmp_path / "never"
-    ft = ["finetune", "--init", str(init), "--out", str(out), "--epochs", "1"]
-    bad(ft + ["--task", str(toy_csv), "--label-column", "gold"], capsys, "no label column 'gold'", out)
+    ft = ["finetune", "--init", str(init), "--out", str(out), "--finetune.epochs", "1"]
+    bad(ft + ["--task", str(toy_csv), "--finetune.label-column", "gold"], capsys, "no label column 'gold'", out)
     one = write_csv(tmp_path / "one.csv", [(f"text {i}", "x") for i in range(20)])
     bad(ft + ["--task", str(one)], capsys, "1 class", out)
     empty = write_csv(tmp_path / "empty.csv", [("good film", "pos"), ("  ", "neg")])
     bad(ft + ["--task", str(empty)], capsys, "row 2 has an empty text", out)
     other = train_tokenizer("bpe", 320, ["completely different words here"] * 50)
     other.save(tmp_path / "other")
-    bad(ft + ["--task", str(toy_csv), "--tokenizer", str(tmp_path / "other")], capsys,
+    bad(ft + ["--task", str(toy_csv), "--finetune.tokenizer", str(tmp_path / "other")], capsys,
         "does not match the checkpoint's vocabulary", out)
-    bad(ft + ["--task", str(toy_csv), "--objective", "L4"], capsys, "unknown objective", out)
-    bad(ft + ["--task", str(toy_csv), "--freeze", "7"], capsys, "the model has 2 blocks", out)
-    bad(ft + ["--task", str(toy_csv), "--pool", "max"], capsys, "unknown pooling 'max'", out)
-    bad(ft + ["--task", str(toy_csv), "--pool", "cls"], capsys, "a decoder has no [CLS]", out)
+    bad(ft + ["--task", str(toy_csv), "--finetune.objective", "L4"], capsys, "unknown objective", out)
+    bad(ft + ["--task", str(toy_csv), "--finetune.freeze", "7"], capsys, "the model has 2 blocks", out)
+    bad(ft + ["--task", str(toy_csv), "--finetune.pool", "max"], capsys, "unknown pooling 'max'", out)
+    bad(ft + ["--task", str(toy_csv), "--finetune.pool", "cls"], capsys, "a decoder has no [CLS]", out)
     # a fine-tuned run: unseen labels and empty texts at use time
     run = tmp_path / "ft"
-    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--epochs", "1", "--batch-size", "64",
+    assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.epochs", "1", "--train.batch-size", "64",
                  "--out", str(run)]) == 0
     unseen = write_csv(tmp_path / "unseen.csv", [("good film", "pos"), ("meh", "neutral")])
     bad(["evaluate", "--run", str(run), "--task", str(unseen)], capsys, "label 'neutral' was not seen in training")
@@ -582,7 +582,7 @@ def test_long_texts_are_truncated_with_one_warning(toks, tmp_path, capsys):
              "pos" if i % 2 else "neg") for i in range(60)]  # every third text is over the 32-token window
     f = write_csv(tmp_path / "long.csv", rows)
     capsys.readouterr()
-    assert main(["finetune", "--init", str(init), "--task", str(f), "--epochs", "1", "--out",
+    assert main(["finetune", "--init", str(init), "--task", str(f), "--finetune.epochs", "1", "--out",
                  str(tmp_path / "ft")]) == 0
     err = capsys.readouterr().err
     assert err.count("were truncated") == 1

@@ -340,8 +340,8 @@ def test_the_cli_exits_0_for_a_signal_after_the_last_step(tmp_path, monkeypatch)
     assert cli.main(["prepare", "--corpus", str(corpus), "--tokenizer", str(tmp_path / "bpe.json"),
                      "--out", str(tmp_path / "data"), "--val-fraction", "0.2"]) == 0
     assert cli.main(["pretrain", "--model", "gpt-mini", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
-                     "--arch.vocab-size", "320", "--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2",
-                     "--arch.max-seq-len", "16", "--train.steps", "3", "--train.batch-size", "2",
+                     "--model.vocab-size", "320", "--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2",
+                     "--model.max-seq-len", "16", "--train.steps", "3", "--train.batch-size", "2",
                      "--train.eval-batches", "1", "--train.device", "cpu"]) == 0
 
 

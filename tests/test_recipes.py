@@ -13,13 +13,14 @@ from pretune.config.model import ModelConfig
 from pretune.config.presets import preset
 from pretune.models.transformer import Transformer
 from pretune.tasks.finetune import finetune
+from pretune.tasks.config import FinetuneConfig
 from pretune.tokenizer.vocabularies import train_tokenizer
 from pretune.training import pretrain as train_mod
 from pretune.training.config import lr_at, make_optimizer
 
 CPU = torch.device("cpu")
-TINY = ["--arch.n-layer", "1", "--arch.d-model", "8", "--arch.n-head", "2", "--arch.vocab-size", "16",
-        "--arch.vocab-multiple", "1", "--arch.max-seq-len", "8"]
+TINY = ["--model.n-layer", "1", "--model.d-model", "8", "--model.n-head", "2", "--model.vocab-size", "16",
+        "--model.vocab-multiple", "1", "--model.max-seq-len", "8"]
 
 
 def pretrain_run(monkeypatch, tmp_path, *argv):
@@ -187,7 +188,7 @@ def test_finetuning_uses_the_familys_recipe(tmp_path, causal, lr, eps, warmup):
     """GPT-1 (Radford et al. 2018, sec. 4.1): lr 6.25e-5, batch 32, 3 epochs, warmup 0.2%;
     BERT (Devlin et al. 2019, sec. 4.1, run_classifier.py): lr 5e-5, batch 32, 3 epochs, warmup 10%."""
     run, task = _toy_run(tmp_path, causal)
-    finetune(run, str(task), tmp_path / "ft", progress=False, verbose=False, keep_checkpoints=False)
+    finetune(FinetuneConfig(task=str(task)), None, run, tmp_path / "ft", progress=False, report=None)
     conf = json.loads((tmp_path / "ft" / "config.json").read_text())
     tc, ft = conf["train"], conf["finetune"]
     steps = 3 * -(-ft["train_examples"] // 32)  # 3 epochs of ceil(n / 32) steps
@@ -196,7 +197,7 @@ def test_finetuning_uses_the_familys_recipe(tmp_path, causal, lr, eps, warmup):
         (eps, 0.999, 0.01, "linear", 0.0)
     assert tc["warmup"] == int(warmup * steps)
     # an explicit option still wins
-    finetune(run, str(task), tmp_path / "ft2", lr=3e-3, train={"eps": 1e-7}, progress=False, verbose=False,
-             keep_checkpoints=False)
+    finetune(FinetuneConfig(task=str(task)), {"lr": 3e-3, "eps": 1e-7}, run, tmp_path / "ft2", progress=False,
+             report=None)
     tc = json.loads((tmp_path / "ft2" / "config.json").read_text())["train"]
     assert (tc["lr"], tc["eps"]) == (3e-3, 1e-7)

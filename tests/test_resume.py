@@ -19,8 +19,8 @@ from pretune.cli import main
 
 TEXT = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were striking "
                    f"{i % 13}. Call me Ishmael. Some years ago, never mind how long." for i in range(80))
-TINY = ["--arch.n-layer", "1", "--arch.d-model", "32", "--arch.n-head", "2", "--arch.max-seq-len", "32",
-        "--arch.vocab-size", "320"]
+TINY = ["--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2", "--model.max-seq-len", "32",
+        "--model.vocab-size", "320"]
 TRAIN = ["--train.steps", "2", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
          "--train.log-every", "1", "--train.device", "cpu",
          "--train.warmup", "100"]  # the old default, explicit: within warmup the lr does not depend on the total
@@ -58,8 +58,8 @@ def _gpt(w, out, *extra, data=None):
 
 
 def _ft(w, out, *extra, task=None):
-    return ["finetune", "--init", str(w / "gpt"), "--task", str(task or w / "task.csv"), "--epochs", "1",
-            "--batch-size", "16", "--seed", "0", "--out", str(out), *extra]
+    return ["finetune", "--init", str(w / "gpt"), "--task", str(task or w / "task.csv"), "--finetune.epochs", "1",
+            "--train.batch-size", "16", "--train.seed", "0", "--out", str(out), *extra]
 
 
 def listing(root: Path) -> dict:
@@ -92,7 +92,7 @@ PRETRAIN_REFUSED = [
     (["--train.precision", "bf16"], "precision='fp32', now precision='bf16'", False),
     (["--train.weight-decay", "0.0"], "weight_decay=0.1, now weight_decay=0.0", False),
     (["--train.beta2", "0.99"], "beta2=0.95, now beta2=0.99", False),
-    (["--arch.dropout", "0.2"], "dropout=0.0, now dropout=0.2", False),
+    (["--model.dropout", "0.2"], "dropout=0.0, now dropout=0.2", False),
     (["--train.lr", "0.001"], "lr=0.0006, now lr=0.001", True),
     (["--train.warmup", "5"], "warmup=100, now warmup=5", True),
     (["--train.decay", "linear"], "decay='cosine', now decay='linear'", True),
@@ -200,16 +200,16 @@ def test_allow_change_only_takes_schedule_options(w, tmp_path, capsys):
 # ---- fine-tuning ---------------------------------------------------------------------
 
 FINETUNE_REFUSED = [
-    (["--seed", "1"], "seed=0, now seed=1"),
-    (["--batch-size", "8"], "batch_size=16, now batch_size=8"),
-    (["--lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (config/training_recipes.py)
-    (["--freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
-    (["--pool", "mean"], "pool='last', now pool='mean'"),
-    (["--objective", "L3"], "objective='L2', now objective='L3'"),
-    (["--lam", "0.1"], "lam=0.5, now lam=0.1"),
-    (["--max-len", "31"], "max_len=32, now max_len=31"),
-    (["--train-examples", "20"], "train_examples="),
-    (["--dropout", "0.3"], "dropout=0.0, now dropout=0.3"),
+    (["--train.seed", "1"], "seed=0, now seed=1"),
+    (["--train.batch-size", "8"], "batch_size=16, now batch_size=8"),
+    (["--train.lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (config/training_recipes.py)
+    (["--finetune.freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
+    (["--finetune.pool", "mean"], "pool='last', now pool='mean'"),
+    (["--finetune.objective", "L3"], "objective='L2', now objective='L3'"),
+    (["--finetune.lam", "0.1"], "lam=0.5, now lam=0.1"),
+    (["--finetune.max-len", "31"], "max_len=32, now max_len=31"),
+    (["--finetune.train-examples", "20"], "train_examples="),
+    (["--finetune.dropout", "0.3"], "dropout=0.0, now dropout=0.3"),
 ]
 
 
@@ -236,6 +236,6 @@ def test_finetune_more_epochs_resume(w, tmp_path, capsys):
     run = shutil.copytree(w / "ft", tmp_path / "ft")
     done = json.loads((run / "results.json").read_text())["steps"]
     capsys.readouterr()
-    assert main(_ft(w, run, "--epochs", "2")) == 0
+    assert main(_ft(w, run, "--finetune.epochs", "2")) == 0
     assert f"resuming {run} from step {done}" in capsys.readouterr().out
     assert json.loads((run / "results.json").read_text())["steps"] == 2 * done

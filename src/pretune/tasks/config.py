@@ -1,0 +1,52 @@
+"""What fine-tuning is asked to do (`--finetune.*`): the task, the objective, the head, how much of
+the task and of the model it uses. How it trains (lr, batch size, seed, warmup, weight decay,
+evaluations) is `TrainConfig`'s (`--train.*`), one knob per setting; fine-tuning's defaults for
+those are `finetune_train_defaults` below."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..errors import PretuneError
+
+
+# The seed fine-tuning uses when --train.seed is not given (TrainConfig's own default, 1337, is
+# pre-training's): it seeds W_y's initialisation, the order of batches and the subsample.
+FINETUNE_SEED = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run besides its training options. `task` is the `--task` option itself."""
+
+    task: str = "movie-sentiment"  # movie-sentiment, tweet-sentiment, sms-spam, trec, or a .csv/.tsv/.jsonl file (or a Task)
+    objective: str = "L2"  # L2 (the label's log-likelihood) or L3 = L2 + lam * L1 (an encoder's L1 is MLM)
+    lam: float = 0.5  # the weight of the auxiliary LM loss in L3 (0.5 in the GPT paper)
+    epochs: float | None = None  # passes over the training examples (default: the recipe's, 3 in both papers)
+    freeze: str | None = None  # 'embeddings', or N to freeze the embeddings and the lowest N blocks
+    patience: int | None = None  # stop after this many evaluations without a better validation loss
+    train_examples: int | None = None  # use only N labelled training examples (stratified, fixed by the seed)
+    eval_examples: int | None = None  # validate on a fixed stratified subset of this many examples (default: all)
+    max_len: int | None = None  # cut texts to this many tokens (default: the model's window)
+    scratch: bool = False  # keep the init run's architecture and tokenizer but start from random weights
+    tokenizer: str | None = None  # a tokenizer name or path (default: the init run's own; must match its vocabulary)
+    dropout: float | None = None  # dropout in the body while fine-tuning (default: the checkpoint's)
+    pool: str | None = None  # what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
+    text_column: str = "text"  # a user file's text column, or two comma-separated for text pairs
+    label_column: str = "label"  # a user file's label column
+
+    @classmethod
+    def from_overrides(cls, d: dict | None, **given) -> "FinetuneConfig":
+        """The defaults under `given` (the verb's own options, e.g. task) under the user's `d`."""
+        known = {f.name for f in fields(cls)}
+        for k in d or {}:
+            if k not in known:
+                raise PretuneError(f"unknown fine-tuning option '{k}'", None, f"known: {', '.join(sorted(known))}")
+        return cls(**{**given, **(d or {})})
+
+
+def finetune_train_defaults(recipe: dict) -> dict:
+    """Fine-tuning's defaults for the `--train.*` options it reads before training: the family's
+    fine-tuning recipe (config/training_recipes.py) for lr, batch size, warmup (a fraction of the
+    steps if < 1) and weight decay, and FINETUNE_SEED."""
+    return {**{k: recipe[k] for k in ("lr", "batch_size", "warmup", "weight_decay")}, "seed": FINETUNE_SEED}
