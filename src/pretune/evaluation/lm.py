@@ -10,6 +10,7 @@ import torch
 
 from ..errors import PretuneError
 from ..models.load import load_model
+from ..runs.layout import RunDir
 
 
 def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
@@ -18,7 +19,7 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
     from ..objectives.losses import pretrain_task_loss
 
     model, cfg, tok = load_model(run)
-    data = Path(data or d.get("data") or "")
+    data = Path(data or RunDir(run).path(d.get("data")) or "")  # the run records it relative to itself
     if not (data / "meta.json").exists():
         raise PretuneError("no prepared data to evaluate on", str(data), "pass --data FOLDER made by `pretune prepare`")
     meta = json.loads((data / "meta.json").read_text())

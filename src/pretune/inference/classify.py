@@ -11,6 +11,7 @@ from ..data.labelled import Example, read_labelled_file
 from ..errors import PretuneError
 from ..evaluation.classification import predict
 from ..models.load import load_classifier
+from ..runs.layout import RunDir
 
 
 # ---- using a fine-tuned run -----------------------------------------------------------
@@ -58,7 +59,7 @@ def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentime
     """
     model, cfg, tok, info = load_classifier(run)
     pairs = _read_texts(texts, info.get("pair", False), info.get("text_columns"))
-    max_len = json.loads((Path(run) / "config.json").read_text()).get("finetune", {}).get("max_len") \
+    max_len = RunDir(run).read_config().get("finetune", {}).get("max_len") \
         or model.body.max_positions
     te = TextEncoder(tok, cfg.causal, min(max_len, model.body.max_positions))
     enc = te.encode([Example(a, 0, b) for a, b in pairs], "texts")

@@ -48,10 +48,11 @@ from ..data.encoding import ClassificationBatches, Encoded, TextEncoder
 from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
-from ..fileio import atomic_write_json, make_dir
+from ..fileio import make_dir
 from ..models.heads import POOLS
 from ..objectives.finetuning import OBJECTIVES, finetune_loss
 from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
 from ..training.config import TrainConfig
 from ..training.hooks import EarlyStopping, Hook, KeepBest
 from ..training.loop import Trainer
@@ -148,14 +149,16 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     ft = {"init": str(init), "origin": origin, "scratch": scratch, "objective": objective, "lam": lam,
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
           "epochs": epochs, "aux_lm": ("L1" if cfg.causal else "MLM") if objective == "L3" else None,
-          "examples_sha256": examples_fingerprint(enc_train)}
-    run_config = {"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
-                  "finetune": ft, "task": t.info()}
+          "examples_sha256": examples_fingerprint(enc_train),
+          "init_sha256": RunDir(init).weights_sha256() if RunDir(init).exists() else None}
+    rd = RunDir(out)  # paths (the init, a task file) stored relative to the run directory
+    run_config = rd.portable({"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
+                              "finetune": ft, "task": t.info()})
     changes = check_resume(out, run_config, finetune_options)
     if changes and verbose:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     make_dir(out, "the run directory")
-    atomic_write_json(out / "config.json", run_config)
+    rd.write_config(run_config)
     tok.save(out)
 
     loss_fn = finetune_loss(objective, lam)
@@ -187,7 +190,7 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step
-    ck = out / "checkpoints" / f"step-{best:06d}" if best is not None else None
+    ck = rd.checkpoint(best) if best is not None else None
     if keep.state is not None and keep.step == best:
         model.load_state_dict(keep.state)
     elif ck is not None and ck.is_dir():
@@ -202,14 +205,14 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
            "majority_baseline": {"label": maj_label, "accuracy": maj_acc},
            "train_examples": len(enc_train), "truncated": cut,
            "objective": objective, "lam": lam, "origin": origin, "seconds": time.time() - t0}
-    atomic_write_json(out / "results.json", res)
+    rd.write_results(res)
     try:
         plot_confusion(test["confusion"], t.labels, out / "confusion.png",
                        f"{t.name}: test accuracy {test['accuracy']:.1%}, macro-F1 {test['macro_f1']:.3f}")
     except Exception as e:  # a plot must never lose a run
         print(f"note: could not draw the confusion matrix: {e}", file=sys.stderr)
     if not keep_checkpoints:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(rd.checkpoints_dir, ignore_errors=True)
         if keep_weights:  # the weights just tested, under the step results.json names (weights only)
             ckpt.save_checkpoint(out, best, model, keep_last=1)
     if verbose:
@@ -226,10 +229,11 @@ def examples_fingerprint(enc: Encoded) -> str:
     return hashlib.sha256(json.dumps([enc.ids, enc.segments, enc.labels]).encode()).hexdigest()
 
 
-# config.json section, key -> the name a resume's refusal uses
+# run.json section, key -> the name a resume's refusal uses
 _FT_OPTIONS = {("task", "name"): "task", ("task", "labels"): "labels", ("task", "pair"): "pair",
                ("task", "text_columns"): "text_column", ("task", "label_column"): "label_column",
-               ("finetune", "lam"): "lam", ("finetune", "init"): "init", ("finetune", "scratch"): "scratch",
+               ("finetune", "lam"): "lam", ("finetune", "init"): "init", ("finetune", "init_sha256"): "init",
+               ("finetune", "scratch"): "scratch",
                ("finetune", "train_examples"): "train_examples", ("finetune", "max_len"): "max_len",
                ("finetune", "freeze"): "freeze", ("finetune", "head"): "pool",
                ("finetune", "examples_sha256"): "examples_sha256"}
@@ -239,10 +243,19 @@ def finetune_options(run_config: dict) -> dict:
     """What a fine-tuning resume compares besides the model and training options (`check_resume`):
     the task, the encoded training examples, the objective's lambda, the init, freezing, the head."""
     out = {}
+    ft = run_config.get("finetune") if isinstance(run_config.get("finetune"), dict) else {}
     for (section, key), name in _FT_OPTIONS.items():
         d = run_config.get(section)
+        if section == "finetune" and key in ("init", "init_sha256"):
+            continue
         if isinstance(d, dict) and key in d:
             out[name] = d[key]
+    # the init: a run by its weights' SHA-256 (the same wherever the runs lie), a preset by its name;
+    # a run from before init_sha256 recorded its path, relative to another folder: not compared
+    if "init_sha256" in ft:
+        out["init"] = ft["init_sha256"] if ft["init_sha256"] is not None else ft.get("init")
+    elif "init" in ft:
+        out["init_path"] = ft["init"]
     return out
 
 
