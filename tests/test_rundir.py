@@ -237,17 +237,24 @@ def test_no_file_under_a_run_holds_an_absolute_path(w):
 
 
 def test_a_moved_run_still_resumes_and_loads(w, tmp_path, capsys):
+    """A run made next to its data, then the two moved together (renamed: the old place is gone):
+    it loads, resumes, and `evaluate` finds its data from where it now lies."""
     from pretune.models.load import load_model
-    moved = tmp_path / "elsewhere"
-    shutil.copytree(w, moved, ignore=shutil.ignore_patterns("ft"))  # the run and its data, moved together
+    a = tmp_path / "a"
+    a.mkdir()
+    shutil.copytree(w / "data", a / "data")
+    assert main(["pretrain", "--model", "gpt-mini", "--data", str(a / "data"), "--out", str(a / "gpt"),
+                 "--train.steps", "2", *TINY, *TRAIN]) == 0
+    moved = tmp_path / "b"
+    os.rename(a, moved)
     _, cfg, _ = load_model(moved / "gpt")
     assert cfg.n_layer == 1
     capsys.readouterr()
+    assert main(["evaluate", "--run", str(moved / "gpt"), "--json-out"]) == 0  # its data found from the run
+    assert str(moved / "data") in capsys.readouterr().out
     assert main(["pretrain", "--model", "gpt-mini", "--data", str(moved / "data"), "--out", str(moved / "gpt"),
                  "--train.steps", "3", *TINY, *TRAIN]) == 0
     assert "resuming" in capsys.readouterr().out
-    assert main(["evaluate", "--run", str(moved / "gpt"), "--json-out"]) == 0  # its data found from the run
-    assert str(moved / "data") in capsys.readouterr().out
 
 
 def test_a_moved_finetuned_run_resumes_and_another_init_is_refused(w, tmp_path, capsys):
