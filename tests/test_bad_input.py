@@ -121,13 +121,13 @@ def _absurd_header(w, tmp):
 def _no_checkpoint(w, tmp):
     run = tmp / "run"
     run.mkdir()
-    (run / "config.json").write_text((w / "gpt" / "config.json").read_text())
+    (run / "run.json").write_text((w / "gpt" / "run.json").read_text())
     return ["generate", "hello", "--run", str(run)]
 
 
 def _bad_run_config(w, tmp):
     run = _copy(w / "gpt", tmp / "run")
-    (run / "config.json").write_text("{oops")
+    (run / "run.json").write_text("{oops")
     return ["generate", "hello", "--run", str(run)]
 
 
@@ -227,7 +227,7 @@ CASES = [
     ("checkpoint-pickle", _pickle_in_checkpoint, "model.pt is a pickle"),
     ("checkpoint-header", _absurd_header, "header length 9,223,372,036,854,775,807"),
     ("run-no-checkpoint", _no_checkpoint, "no usable checkpoint"),
-    ("run-config-json", _bad_run_config, "config.json is not valid JSON"),
+    ("run-config-json", _bad_run_config, "run.json is not valid JSON"),
     ("run-missing", lambda w, t: ["generate", "hi", "--run", str(t / "nope")], "not a run directory"),
     # -- using a model
     ("generate-encoder", lambda w, t: ["generate", "hi", "--run", str(w / "bert")], "encoder"),

@@ -47,7 +47,7 @@ def test_pretrain_resume_and_generate(gpt_data, corpus, capsys):
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6]
     assert (run / "loss.png").exists()
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = json.loads((run / "run.json").read_text())
     assert cfg["model"]["n_layer"] == 1 and cfg["train"]["steps"] == 6
     # a changed model config is refused, the run left as it was
     before = sorted(p.name for p in (run / "checkpoints").iterdir())

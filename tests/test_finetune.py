@@ -364,7 +364,7 @@ def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, cap
     assert res["test"]["accuracy"] >= 0.9, res["test"]
     assert res["majority_baseline"]["accuracy"] == pytest.approx(0.5)
     assert (out / "confusion.png").stat().st_size > 0
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())
     assert cfg["task"]["labels"] == ["neg", "pos"] and cfg["objective"] == "L2"
     capsys.readouterr()
     assert main(["classify", "--run", str(out), "a great film", "the plot was awful", "--json-out"]) == 0
@@ -394,7 +394,7 @@ def test_finetune_encoder_l3_from_preset_free_run(toks, tmp_path, toy_csv):
     assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.objective", "L3", "--finetune.lam", "0.5",
                  "--train.lr", "3e-3", "--finetune.epochs", "1", "--train.batch-size", "32", "--finetune.freeze", "embeddings",
                  "--finetune.train-examples", "64", "--out", str(out)]) == 0
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((out / "run.json").read_text())
     assert cfg["finetune"]["aux_lm"] == "MLM" and cfg["finetune"]["train_examples"] == 64
     assert cfg["finetune"]["freeze"] == "the embeddings"
     model, _, _, info = load_classifier(out)
@@ -409,7 +409,7 @@ def test_a_mean_pooled_run_is_served_mean_pooled(toks, tmp_path, toy_csv, capsys
     out = tmp_path / "ft"
     assert main(["finetune", "--init", str(init), "--task", str(toy_csv), "--finetune.pool", "mean", "--train.lr", "3e-3",
                  "--finetune.epochs", "1", "--train.batch-size", "32", "--finetune.train-examples", "64", "--out", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["finetune"]["head"] == "mean"
+    assert json.loads((out / "run.json").read_text())["finetune"]["head"] == "mean"
     model, cfg, tok, _ = load_classifier(out)
     assert model.head.pool == "mean" and model.head.pooler is None
     te = TextEncoder(tok, cfg.causal, 32)
@@ -613,9 +613,9 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     # the decoder reads its last token, the encoder the mean of its tokens; a cell an earlier
     # recipe left with another head is fine-tuned again, the others are reused
     heads = {p.parent.relative_to(tmp_path / "transfer").parts[0]: json.loads(p.read_text())["finetune"]["head"]
-             for p in (tmp_path / "transfer").rglob("config.json")}
+             for p in (tmp_path / "transfer").rglob("run.json")}
     assert heads == {"tiny-gpt": "last", "tiny-bert": "mean"}
-    old = tmp_path / "transfer" / "tiny-bert" / "pretrained" / "n16-s0" / "config.json"
+    old = tmp_path / "transfer" / "tiny-bert" / "pretrained" / "n16-s0" / "run.json"
     cfg = json.loads(old.read_text())
     cfg["finetune"]["head"] = "cls"
     old.write_text(json.dumps(cfg))
@@ -627,11 +627,11 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
 def _by_hand(run, text):
     """P(y | text) from the run's saved weights, read by hand: the safetensors tensors, a fresh
     Transformer for h_n, then the summary (h at the last token for a decoder, the mean over the
-    tokens for an encoder, as config.json's head says) and softmax(summary W_y^T + b)."""
+    tokens for an encoder, as run.json's head says) and softmax(summary W_y^T + b)."""
     from safetensors.torch import load_file
     from pretune.tokenizer.core import Tokenizer
 
-    d = json.loads((run / "config.json").read_text())
+    d = json.loads((run / "run.json").read_text())
     cfg = ModelConfig.from_dict(d["model"])
     ck = run / "checkpoints" / f"step-{json.loads((run / 'results.json').read_text())['best_step']:06d}"
     w = load_file(str(ck / "model.safetensors"))

@@ -298,7 +298,7 @@ def test_import_command_makes_a_run_every_verb_accepts(tmp_path, capsys, minilm)
     run = tmp_path / "minilm"
     assert main(["import", f"hf:{MINILM}", "--out", str(run)]) == 0
     assert "ignored" in capsys.readouterr().out
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = json.loads((run / "run.json").read_text())
     assert cfg["source"]["format"] == "hf" and cfg["model"]["d_model"] == 384
     assert (run / "tokenizer.json").is_file()
     ck = latest_checkpoint(run)

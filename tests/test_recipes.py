@@ -189,7 +189,7 @@ def test_finetuning_uses_the_familys_recipe(tmp_path, causal, lr, eps, warmup):
     BERT (Devlin et al. 2019, sec. 4.1, run_classifier.py): lr 5e-5, batch 32, 3 epochs, warmup 10%."""
     run, task = _toy_run(tmp_path, causal)
     finetune(FinetuneConfig(task=str(task)), None, run, tmp_path / "ft", progress=False, report=None)
-    conf = json.loads((tmp_path / "ft" / "config.json").read_text())
+    conf = json.loads((tmp_path / "ft" / "run.json").read_text())
     tc, ft = conf["train"], conf["finetune"]
     steps = 3 * -(-ft["train_examples"] // 32)  # 3 epochs of ceil(n / 32) steps
     assert (tc["lr"], tc["batch_size"], tc["steps"], ft["epochs"]) == (lr, 32, steps, 3.0)
@@ -199,5 +199,5 @@ def test_finetuning_uses_the_familys_recipe(tmp_path, causal, lr, eps, warmup):
     # an explicit option still wins
     finetune(FinetuneConfig(task=str(task)), {"lr": 3e-3, "eps": 1e-7}, run, tmp_path / "ft2", progress=False,
              report=None)
-    tc = json.loads((tmp_path / "ft2" / "config.json").read_text())["train"]
+    tc = json.loads((tmp_path / "ft2" / "run.json").read_text())["train"]
     assert (tc["lr"], tc["eps"]) == (3e-3, 1e-7)

@@ -1,7 +1,7 @@
 """Rerunning a run resumes it only on the same trajectory: every option that decides the weights
 (the model, seed, batch size, grad_accum, seq_len, the data, the schedule, precision, the
 objective, for fine-tuning the task and its encoded examples, the head, freezing) is compared
-with the run's config.json, and a change is refused in one line naming it, with config.json
+with the run's run.json, and a change is refused in one line naming it, with run.json
 and everything else in the run left as it was. What may change, and what it does, is in
 docs/training.md ("Resuming: what a rerun may change"); those changes resume."""
 
@@ -63,13 +63,13 @@ def _ft(w, out, *extra, task=None):
 
 
 def listing(root: Path) -> dict:
-    """Every file under root with its size, modification time and (for config.json) bytes."""
+    """Every file under root with its size, modification time and (for run.json) bytes."""
     out = {}
     for dirpath, _dirs, files in os.walk(root):
         for n in files:
             p = Path(dirpath) / n
             st = p.stat()
-            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, p.read_bytes() if n == "config.json" else 0)
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns, p.read_bytes() if n == "run.json" else 0)
     return out
 
 
@@ -79,7 +79,7 @@ def refused(capsys, argv, run) -> str:
     assert main(argv) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("pretune: error: "), err
-    assert listing(run) == before  # config.json (bytes), checkpoints, metrics: untouched
+    assert listing(run) == before  # run.json (bytes), checkpoints, metrics: untouched
     return err[0]
 
 
@@ -113,7 +113,8 @@ def test_pretrain_rerun_with_a_changed_option_is_refused(w, tmp_path, capsys, ex
 def test_pretrain_rerun_on_other_data_is_refused(w, tmp_path, capsys):
     run = shutil.copytree(w / "gpt", tmp_path / "run")
     err = refused(capsys, _gpt(w, run, data=w / "data-other"), run)
-    assert f"the run was started on the data {w / 'data'} (meta.json sha256 " in err, err
+    # the run records its data relative to itself (w/data next to w/gpt: ../data); moved, it is not there
+    assert "the run was started on the data ../data (meta.json sha256 " in err, err
     assert f"now on the data {w / 'data-other'} (meta.json sha256 " in err, err
 
 
@@ -143,8 +144,8 @@ def test_free_changes_resume_on_the_same_trajectory(w, tmp_path, capsys):
     assert f"resuming {run} from step 2" in out and "steps: 2 -> 4" in out, out
     a, b = _weights(straight, 4), _weights(run, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    cfg = json.loads((run / "config.json").read_text())
-    assert cfg["train"]["steps"] == 4 and cfg["data"] == str(moved)  # the command now in force
+    cfg = json.loads((run / "run.json").read_text())
+    assert cfg["train"]["steps"] == 4 and cfg["data"] == "../moved-data"  # the command now in force, relative to the run
 
 
 def test_more_steps_stretch_the_schedule_from_the_resume_step(w, tmp_path):
@@ -182,7 +183,7 @@ def test_allow_change_lets_a_schedule_change_through_and_records_it(w, tmp_path,
     assert "lr: 0.0006 -> 0.001" in capsys.readouterr().out
     last = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l][-1]
     assert last["step"] == 3 and last["lr"] == pytest.approx(0.001 * 3 / 100)  # warmup: peak * (2 + 1) / 100
-    assert json.loads((run / "config.json").read_text())["train"]["lr"] == 0.001
+    assert json.loads((run / "run.json").read_text())["train"]["lr"] == 0.001
     # the new lr is now the run's own: a rerun with it needs no allow-change, the old one does
     assert main(_gpt(w, run, "--train.steps", "3", "--train.lr", "0.001")) == 0
     err = refused(capsys, _gpt(w, run, "--train.steps", "3"), run)

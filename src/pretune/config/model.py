@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import PretuneError
@@ -181,15 +179,6 @@ class ModelConfig:
             hint = f"did you mean '{near[0]}'?" if near else f"known fields: {', '.join(sorted(known))}"
             raise PretuneError(f"unknown model config field '{unknown[0]}'", where, hint)
         return cls(**d)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ModelConfig":
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            raise PretuneError(f"cannot read model config: {e}", str(p), "pass a JSON file written by pretune")
-        return cls.from_dict(d.get("model", d), str(p))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

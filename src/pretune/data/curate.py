@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -288,7 +286,7 @@ def curate_cmd(corpus: list[str], out: Path | None = None, steps: list[str] | No
     """
     from tqdm.auto import tqdm
 
-    from ..fileio import check_creatable, make_dir
+    from ..fileio import atomic_file, check_creatable, make_dir
     from .corpora import resolve_corpus
 
     if out is None:
@@ -300,28 +298,15 @@ def curate_cmd(corpus: list[str], out: Path | None = None, steps: list[str] | No
     cur = Curator(steps or DEFAULT_STEPS, curation or None, decontaminate or ())
     parts = resolve_corpus(list(corpus or ["builtin"]))
     make_dir(out.parent, "the curated file")
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            bar = tqdm(total=sum(q.approx_bytes for q in parts), unit="B", unit_scale=True,
-                       disable=not progress, desc="curating", dynamic_ncols=True)
-            for q in parts:
-                for doc in q.documents():
-                    for piece in cur(doc, q.name):
-                        f.write(json.dumps({"text": piece, "source": q.name}, ensure_ascii=False) + "\n")
-                    bar.update(len(doc.encode("utf-8", "surrogatepass")))
-            bar.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as e:
-        raise PretuneError(f"cannot write {out.name}: {e.strerror}", str(out), "check free space and permissions")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(out, "w") as f:
+        bar = tqdm(total=sum(q.approx_bytes for q in parts), unit="B", unit_scale=True,
+                   disable=not progress, desc="curating", dynamic_ncols=True)
+        for q in parts:
+            for doc in q.documents():
+                for piece in cur(doc, q.name):
+                    f.write(json.dumps({"text": piece, "source": q.name}, ensure_ascii=False) + "\n")
+                bar.update(len(doc.encode("utf-8", "surrogatepass")))
+        bar.close()
     rep = cur.report()
     from ..fileio import atomic_write_json
     atomic_write_json(out.with_suffix(".report.json"), rep)

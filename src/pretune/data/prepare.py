@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from itertools import chain
 from pathlib import Path
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PretuneError
-from ..fileio import atomic_write_json, check_creatable, fsync_dir, make_dir
+from ..fileio import atomic_dir, atomic_write_json, check_creatable
 from .corpora import TextDigest, _unit_hash, corpus_documents, resolve_corpus
 
 
@@ -179,14 +178,12 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
     sep = tok.doc_separator_id
     salt = f"val{seed}"
 
-    make_dir(out.parent, "the data folder")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dir(tmp, "the data folder", where=out)
     t0 = time.time()
     per_source: dict[str, dict] = {}
     digest = TextDigest()
-    try:
+    # Built in a temporary sibling and swapped into place: the old folder (if any) goes only afterwards.
+    with atomic_dir(out, tmp_name=f".{out.name}.tmp-{os.getpid()}", old_name=f".{out.name}.old-{os.getpid()}",
+                    what="the data folder") as tmp:
         writers = {s: _SplitWriter(tmp, s, dtype) for s in SPLITS}
         est = int(sum(q.approx_bytes * q.weight for q in parts))
         bar = tqdm(total=min(est, max_bytes or est), unit="B", unit_scale=True, disable=not progress,
@@ -264,17 +261,6 @@ def prepare(sources: list[str], tokenizer="bpe-8192", out_dir: str | Path = "run
             meta["curation"] = curator.report()
         tok.save(tmp)
         atomic_write_json(tmp / "meta.json", meta)
-        # Swap the finished folder into place: the old one (if any) is removed only afterwards.
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

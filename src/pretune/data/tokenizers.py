@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 from ..errors import PretuneError
+from ..fileio import cache_root
 from ..tokenizer.core import Tokenizer
 from ..tokenizer.vocabularies import bert_uncased_tokenizer, gpt2_tokenizer, train_tokenizer
 
@@ -36,7 +37,7 @@ KNOWN = ("gpt2", "bert-uncased", "bpe-N (e.g. bpe-8192)", "wordpiece-N (e.g. wor
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PRETUNE_CACHE") or Path.home() / ".cache" / "pretune")
+    return cache_root()
 
 
 def _train_on_builtin(kind: str, n: int) -> Tokenizer:

@@ -15,6 +15,7 @@ from ..models.heads import Classifier
 from ..models.load import load_classifier
 from ..objectives.registry import body_objective
 from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
 from .lm import _evaluate_lm
 
 
@@ -119,9 +120,9 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
         examples = [Example(a, index[y], b) for a, b, y in rows]
         where = str(p)
     else:
-        if name == info["name"] and info.get("source") and Path(info["source"]).suffix and \
-                Path(info["source"]).exists():  # the run's own user file: its split
-            t = load_task(info["source"], tcols, lcol)
+        own = RunDir(run).path(info.get("source")) if info.get("source") and Path(info["source"]).suffix else None
+        if name == info["name"] and own is not None and own.exists():  # the run's own user file: its split
+            t = load_task(str(own), tcols, lcol)
         else:
             t = load_task(name, tcols, lcol)
         if t.labels != labels:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import PretuneError
 from ..models.load import load_model
+from ..runs.layout import RunDir
 
 
 def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
@@ -19,7 +20,7 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
 
     model, cfg, tok = load_model(run)
     obj = body_objective(cfg, d)  # the run's recorded objective (derived for a run from before the field)
-    data = Path(data or d.get("data") or "")
+    data = Path(data or RunDir(run).path(d.get("data")) or "")  # the run records it relative to itself
     if not (data / "meta.json").exists():
         raise PretuneError("no prepared data to evaluate on", str(data), "pass --data FOLDER made by `pretune prepare`")
     meta = json.loads((data / "meta.json").read_text())

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import platform
 import time
 from pathlib import Path
 
 from ..errors import PretuneError
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, cache_root
 from .table import ALIASES, HARDWARE, Hardware, from_device_name, known
 
 
@@ -31,8 +30,7 @@ TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "tf32"
 
 
 def cache_file() -> Path:
-    root = os.environ.get("PRETUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pretune")
-    return Path(root) / "peak.json"
+    return cache_root() / "peak.json"
 
 
 def _cpu_name() -> str:

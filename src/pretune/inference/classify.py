@@ -12,6 +12,7 @@ from ..evaluation.classification import predict
 from ..models.load import load_classifier
 from ..objectives.registry import body_objective
 from .texts import read_texts
+from ..runs.layout import RunDir
 
 
 # ---- using a fine-tuned run -----------------------------------------------------------
@@ -44,7 +45,7 @@ def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentime
     """
     model, cfg, tok, info = load_classifier(run)
     pairs = _pairs(texts, info.get("pair", False), info.get("text_columns"))
-    rc = json.loads((Path(run) / "config.json").read_text())
+    rc = RunDir(run).read_config()
     max_len = rc.get("finetune", {}).get("max_len") or model.body.max_positions
     te = TextEncoder(tok, body_objective(cfg, rc).template, min(max_len, model.body.max_positions))
     enc = te.encode([Example(a, 0, b) for a, b in pairs], "texts")

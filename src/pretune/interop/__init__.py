@@ -4,7 +4,7 @@
     pretune import gguf:FILE --out RUN    a llama.cpp GGUF file (needs the `gguf` extra)
     pretune export RUN --format hf --out DIR
 
-An import makes an ordinary run directory (config.json, tokenizer.json,
+An import makes an ordinary run directory (run.json, tokenizer.json,
 checkpoints/step-000000/ with model.safetensors and a manifest), so every verb
 that takes a run takes it. The mapping of each architecture is in `hf_config.py`, `hf_weights.py` and
 docs/interop.md.
@@ -12,9 +12,6 @@ docs/interop.md.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import PretuneError
@@ -43,7 +40,8 @@ def load_source(source: str):
 def write_run(out: str | Path, model, tok, source: dict) -> Path:
     """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place."""
     from ..runs.checkpoint import save_checkpoint
-    from ..fileio import atomic_write_json, fsync_dir, make_dir
+    from ..fileio import atomic_dir, make_dir
+    from ..runs.layout import RunDir
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -53,21 +51,13 @@ def write_run(out: str | Path, model, tok, source: dict) -> Path:
     cfg = model.config
     if tok is not None and cfg.tokenizer in ("run",):
         # the run's own tokenizer.json; load_tokenizer() accepts a path
-        cfg = cfg.replace(tokenizer=str((out / "tokenizer.json").resolve()))
+        cfg = cfg.replace(tokenizer=RunDir.TOKENIZER)  # relative to the run: the run's own file
         model.config = cfg
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        atomic_write_json(tmp / "config.json", {"model": cfg.to_dict(), "source": source})
+    with atomic_dir(out, replace=False, what="the run directory") as tmp:
+        RunDir(tmp).write_config({"model": cfg.to_dict(), "source": source})
         if tok is not None:
             tok.save(tmp)
         save_checkpoint(tmp, 0, model)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -120,7 +110,5 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
 
 
 def read_config(run: str | Path):
-    from ..runs.checkpoint import read_run_config
-    from ..config.model import ModelConfig
-
-    return ModelConfig.from_dict(read_run_config(run)["model"], str(Path(run) / "config.json"))
+    from ..runs.resolve import resolve_model_config
+    return resolve_model_config(Path(run), where=str(run))

@@ -442,13 +442,10 @@ def tensors_for_hf(model) -> tuple[dict[str, torch.Tensor], str]:
 def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically:
     everything goes to a temporary sibling folder, renamed into place at the end."""
-    import os
-    import shutil
-    import tempfile
-
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from ..fileio import atomic_write_json, fsync_dir, make_dir
+    from ..fileio import atomic_dir, atomic_write_json
 
     c = model.config
     tensors, fam = tensors_for_hf(model)
@@ -458,25 +455,15 @@ def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Pa
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PretuneError("the output folder exists and is not empty", str(out_dir),
                            "choose a new --out, or delete the folder")
-    make_dir(out_dir.parent, "the export folder", where=out_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", cfg)
-        if tok is not None:
-            tok.save(tmp / "tokenizer.json")
-            atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, fam))
-        if source:
-            atomic_write_json(tmp / "pretune.json", source)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PretuneError(f"cannot write the export: {e.strerror or e}", str(out_dir),
-                           "check free space and permissions") from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out_dir, replace=False, what="the export folder") as tmp:
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            atomic_write_json(tmp / "config.json", cfg)
+            if tok is not None:
+                tok.save(tmp / "tokenizer.json")
+                atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, fam))
+            if source:
+                atomic_write_json(tmp / "pretune.json", source)
+    except SafetensorError as e:
+        raise PretuneError(f"cannot write the export: {e}", str(out_dir), "check free space and permissions") from e
     return out_dir

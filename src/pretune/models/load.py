@@ -3,32 +3,42 @@ Classifier at its best checkpoint, with its tokenizer checked against the weight
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config.model import ModelConfig
 from ..errors import PretuneError
 from ..runs import checkpoint as ckpt
-from ..runs.checkpoint import load_weights, read_run_config, require_checkpoint
+from ..runs.checkpoint import load_weights, require_checkpoint
+from ..runs.layout import RunDir
+from ..runs.resolve import resolve_model_config
 from .heads import Classifier
 
 
-def load_model(run_dir: str | Path, device: str = "cpu"):
-    """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint."""
-    from ..config.model import ModelConfig
-    from .transformer import Transformer
-    from ..tokenizer.core import Tokenizer
+def _weights_of(rd: RunDir, fix: str) -> Path:
+    """A checkpoint folder itself (verified), else the run's latest good checkpoint."""
+    if rd.is_checkpoint():
+        ckpt.refuse_pickles(rd.root)
+        problem = ckpt.verify(rd.root)
+        if problem is not None:
+            raise PretuneError(f"the checkpoint is unusable ({problem})", str(rd.root), "use another checkpoint")
+        return rd.root
+    return require_checkpoint(rd.root, fix)
 
-    cfg_d = read_run_config(run_dir)
+
+def load_model(run_dir: str | Path, device: str = "cpu"):
+    """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint, or from one
+    checkpoint folder (self-contained: its model.json and tokenizer.json, else its run's)."""
+    from .transformer import Transformer
+
+    rd = RunDir(run_dir)
+    cfg_d = rd.read_config()
     if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (tasks/finetune.py)
         clf, cfg, tok, _ = load_classifier(run_dir, device)
         return clf.body, cfg, tok
-    cfg = ModelConfig.from_dict(cfg_d["model"], str(Path(run_dir) / "config.json"))
+    cfg = resolve_model_config(rd.root)
     model = Transformer(cfg)
-    ck = require_checkpoint(run_dir, "train the run first, or import weights into it")
-    load_weights(model, ck)
-    tok = Tokenizer.load(run_dir) if (Path(run_dir) / "tokenizer.json").exists() else None
-    return model.to(device).eval(), cfg, tok
+    load_weights(model, _weights_of(rd, "train the run first, or import weights into it"))
+    return model.to(device).eval(), cfg, rd.tokenizer()
 
 
 # ---- building and loading ----------------------------------------------------------
@@ -46,38 +56,36 @@ def _check_tokenizer(tok, cfg: ModelConfig, where: str, reference=None) -> None:
                            "leave out --tokenizer to use the run's own")
 
 
-def _best_checkpoint(run_dir: Path) -> Path | None:
-    res = run_dir / "results.json"
-    if res.exists():
-        try:
-            best = json.loads(res.read_text()).get("best_step")
-        except ValueError:
-            best = None
-        if best is not None:
-            p = run_dir / "checkpoints" / f"step-{best:06d}"
-            if p.is_dir() and ckpt.verify(p) is None:
-                return p
-    return ckpt.latest_checkpoint(run_dir)
+def _best_checkpoint(rd: RunDir | str | Path) -> Path | None:
+    rd = rd if isinstance(rd, RunDir) else RunDir(rd)
+    if rd.is_checkpoint():
+        return _weights_of(rd, "")
+    best = (rd.results() or {}).get("best_step")
+    if best is not None:
+        p = rd.checkpoint(best)
+        if p.is_dir() and ckpt.verify(p) is None:
+            return p
+    return ckpt.latest_checkpoint(rd.root)
 
 
 def load_classifier(run_dir: str | Path, device: str = "cpu"):
-    """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint."""
+    """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint
+    (or of one checkpoint folder of it)."""
     from .transformer import Transformer
-    from ..tokenizer.core import Tokenizer
 
-    run_dir = Path(run_dir)
-    d = ckpt.read_run_config(run_dir)
+    rd = RunDir(run_dir)
+    d = rd.read_config()
     if "task" not in d:
-        raise PretuneError("not a fine-tuned run (its config.json has no task)", str(run_dir),
+        raise PretuneError(f"not a fine-tuned run (its {rd.config_file.name} has no task)", str(rd.root),
                            "fine-tune it first with `pretune finetune --init RUN`")
-    cfg = ModelConfig.from_dict(d["model"], str(run_dir / "config.json"))
+    cfg = resolve_model_config(rd.root)
     model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
-    ck = _best_checkpoint(run_dir)
+    ck = _best_checkpoint(rd)
     if ck is None:
-        raise ckpt.no_checkpoint_error(run_dir, "run the fine-tuning (again) to write one")
+        raise ckpt.no_checkpoint_error(rd.root, "run the fine-tuning (again) to write one")
     ckpt.load_weights(model, ck)
-    if not (run_dir / "tokenizer.json").exists():
-        raise PretuneError("the run has no tokenizer.json", str(run_dir), "copy the pre-trained run's tokenizer.json")
-    tok = Tokenizer.load(run_dir)
-    _check_tokenizer(tok, cfg, str(run_dir))
+    tok = rd.tokenizer()
+    if tok is None:
+        raise PretuneError("the run has no tokenizer.json", str(rd.root), "copy the pre-trained run's tokenizer.json")
+    _check_tokenizer(tok, cfg, str(rd.root))
     return model.to(device).eval(), cfg, tok, d["task"]

@@ -164,40 +164,9 @@ def energy_cost(kwh: float, usd_per_kwh: float) -> float:
 # --------------------------------------------------------------------------
 
 def load_model(spec: str | Path | ModelConfig) -> ModelConfig:
-    """A preset name, a model/run config file (JSON or YAML), or a run directory holding config.json."""
-    if isinstance(spec, ModelConfig):
-        return spec
-    s = str(spec)
-    if s in PRESETS:
-        return preset(s)
-    p = Path(s)
-    if p.is_dir():
-        p = p / "config.json"
-    if p.suffix.lower() in (".json", ".yaml", ".yml") or p.exists():
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise PretuneError(f"cannot read model config: {e.strerror}", str(p), "check the path")
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                import yaml
-                d = yaml.safe_load(text)
-            else:
-                d = _json.loads(text)
-        except Exception as e:  # JSON or YAML syntax
-            raise PretuneError(f"model config is not valid {p.suffix[1:].upper()}: {str(e).splitlines()[0]}",
-                               str(p), "fix its syntax")
-        if isinstance(d, dict) and isinstance(d.get("model"), dict):
-            d = d["model"]
-        if not isinstance(d, dict):
-            raise PretuneError("model config must be a mapping of field: value", str(p),
-                               "write it as {\"n_layer\": 12, ...}")
-        d = {"name": p.stem if p.name != "config.json" else p.parent.name, **d}
-        try:
-            return ModelConfig.from_dict(d, str(p))
-        except (TypeError, ValueError) as e:
-            raise PretuneError(f"cannot count this model config: {e}", str(p), "fix the field's value")
-    return preset(s)  # unknown name: the error lists the near presets
+    """A run directory, a preset name, or a model/run config file (JSON or YAML): runs/resolve.py."""
+    from ..runs.resolve import resolve_model_config
+    return resolve_model_config(spec, where="pretune cost")
 
 
 def plan(cfg: ModelConfig, tokens: float, hardware: str | Hardware = "a100", devices: int = 1,

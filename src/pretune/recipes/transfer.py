@@ -37,6 +37,8 @@ from ..fileio import atomic_write_json, atomic_write_text, make_dir
 from ..packages import pip_install
 from ..tasks.config import FinetuneConfig
 from ..training.hooks import KeepBest
+from ..runs.layout import RunDir
+from ..runs.resolve import resolve_model_config
 
 
 VARIANTS = {
@@ -109,17 +111,14 @@ def _cells(variants_of: dict, sizes, seeds):
 
 
 def _causal(run) -> bool:
-    from ..runs import checkpoint as ckpt
-    from ..config.model import ModelConfig
-
-    return ModelConfig.from_dict(ckpt.read_run_config(Path(run))["model"]).causal
+    return resolve_model_config(Path(run)).causal
 
 
 def _cell_head(d: Path) -> str | None:
     """The head a cell was (or is being) fine-tuned with; None for no cell yet."""
     try:
-        return json.loads((d / "config.json").read_text())["finetune"]["head"]
-    except (OSError, ValueError, KeyError):
+        return RunDir(d).read_config()["finetune"]["head"]
+    except (PretuneError, KeyError, TypeError):
         return None
 
 
@@ -128,7 +127,7 @@ def _cell_done(d: Path, pool: str, weights: bool = False) -> bool:
     a cell that keeps its weights is finished only with them (an older demo deleted them)."""
     from ..models.load import _best_checkpoint
 
-    return (d / "results.json").exists() and _cell_head(d) == pool and \
+    return RunDir(d).results_file.exists() and _cell_head(d) == pool and \
         (not weights or _best_checkpoint(d) is not None)
 
 
@@ -136,7 +135,7 @@ def _clear_stale(d: Path, pool: str) -> None:
     """Remove a cell that is to be run again: one an earlier recipe left with another head (its config
     would refuse this one), or a finished one without the weights it should keep (its metrics would
     be appended to)."""
-    if _cell_head(d) not in (None, pool) or (d / "results.json").exists():
+    if _cell_head(d) not in (None, pool) or RunDir(d).results_file.exists():
         shutil.rmtree(d)
 
 
@@ -153,7 +152,7 @@ def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
     best: dict[str, tuple] = {}
     for m, v, n, s in sorted(kept, key=lambda c: (models.index(c[0]), c[3])):
         d = _cell_dir(out_dir, m, v, n, s)
-        val = json.loads((d / "results.json").read_text()).get("best_val_loss")
+        val = RunDir(d).results().get("best_val_loss")
         val = math.inf if val is None else val
         if m not in best or val < best[m][0]:
             best[m] = (val, str(d))
@@ -162,12 +161,9 @@ def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
 
 def _variants_of(pretrained_runs: dict, variants) -> dict:
     """The variants each model can run: L3 needs an LM head (an imported sentence encoder has none)."""
-    from ..runs import checkpoint as ckpt
-    from ..config.model import ModelConfig
-
     out = {}
     for m, p in pretrained_runs.items():
-        cfg = ModelConfig.from_dict(ckpt.read_run_config(Path(p))["model"])
+        cfg = resolve_model_config(Path(p))
         out[m] = [v for v in variants if VARIANTS[v]["objective"] != "L3" or cfg.lm_head]
         for v in sorted(set(variants) - set(out[m])):
             print(f"   {m}: no LM head, so no {v}")
@@ -243,7 +239,7 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     if full:
         sizes, seeds = (100, 1000, None), (0, 1, 2)
     for m, p in pretrained_runs.items():
-        if not (Path(p) / "config.json").exists():
+        if not RunDir(p).exists():
             raise PretuneError(f"the pre-trained run of {m} is missing", str(p), "pre-train it first (pretune demo)")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -268,9 +264,8 @@ def run_transfer_experiment(pretrained_runs: dict, out_dir: str | Path, sizes=(1
     rows = []
     for m, v, n, s in cells:
         d = _cell_dir(out_dir, m, v, n, s)
-        res_file = d / "results.json"
         if (m, v, n, s) not in todo:
-            res = json.loads(res_file.read_text())
+            res = RunDir(d).results()
         else:
             _clear_stale(d, pool[m])
             kw = VARIANTS[v]
@@ -428,12 +423,12 @@ def run_real_weights(out_dir: str | Path, task: str = "movie-sentiment", progres
             print(f"   (skipping {model} {objective}: {pip_install(pkg)}{' and gguf' if scheme == 'gguf' else ''})")
             continue
         run = out_dir / model
-        if not (run / "config.json").exists():
+        if not RunDir(run).exists():
             import_cmd(f"{scheme}:{Path(spec.origin).parent / rel}", run)
         d = out_dir / f"{model}-{objective}"
         pool = POOL[_causal(run)]  # all-MiniLM is a mean-pooled sentence encoder: 86.7% vs 85.9% at [CLS]
         if _cell_done(d, pool):
-            res = json.loads((d / "results.json").read_text())
+            res = RunDir(d).results()
         else:
             _clear_stale(d, pool)
             steps = _steps_at(n or len(t.train), epochs, REAL_RECIPE["batch_size"])

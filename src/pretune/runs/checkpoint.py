@@ -1,6 +1,7 @@
 """Checkpoints that cannot be half-written, and the run directory around them.
 
-    RUN/config.json                     the full resolved config ({"model": ..., "train": ..., ...})
+    RUN/run.json                        the full resolved config ({"format": "pretune-run", "version": 2,
+                                        "model": ..., "train": ..., ...}; runs/layout.py)
     RUN/tokenizer.json                  the tokenizer (Hugging Face `tokenizers` format)
     RUN/metrics.jsonl                   one JSON object per logged step
     RUN/checkpoints/step-NNNNNN/
@@ -8,6 +9,7 @@
         optimizer.safetensors           optimizer moments, as tensors
         rng.safetensors                 torch CPU (and CUDA) RNG states, as uint8 tensors
         state.json                      step, scheduler, loss scaler, data position, optimizer hyper-params
+        model.json, tokenizer.json      the model config and the tokenizer: the folder alone loads
         manifest.json                   SHA-256 of every file above; written last
 
 A checkpoint is assembled in `checkpoints/.tmp-step-NNNNNN/`, every file
@@ -43,7 +45,7 @@ from safetensors.torch import save_file, save_model
 from safetensors.torch import load_model as load_safetensors_into
 
 from ..errors import PretuneError
-from ..fileio import atomic_write_json, fsync_dir
+from ..fileio import atomic_dir, atomic_write_json
 from ..safety import check_safetensors, contained, load_safetensors, refuse_pickles
 
 
@@ -146,39 +148,46 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
         clean_partial(run_dir)
-        tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        fault_point("after_weights")
-        if optimizer is not None:
-            tensors, meta = optimizer_to_tensors(optimizer)
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            state = {**(state or {}), "optimizer": meta}
-        save_file(rng_tensors(), str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            _fsync(tmp / name)
-        fault_point("before_manifest")
-        atomic_write_json(tmp / MANIFEST, {"step": step, "files": {n: _sha256(tmp / n) for n in files}})
-        fault_point("before_rename")
-        if final.exists():  # a re-save of the same step: the old copy stays until the new one is in place
-            os.replace(final, old)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if old.exists() and not final.exists():
-                os.replace(old, final)
-            raise
-        fsync_dir(ckdir)
+        # a re-save of the same step: the old copy (moved aside as .old-step-N) stays until the new one is in place
+        with atomic_dir(final, tmp_name=tmp.name, old_name=old.name, what="the checkpoint") as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            fault_point("after_weights")
+            if optimizer is not None:
+                tensors, meta = optimizer_to_tensors(optimizer)
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                state = {**(state or {}), "optimizer": meta}
+            save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": step, **(state or {})}, indent=1))
+            _self_contained(Path(run_dir), tmp, model)
+            files = sorted(p.name for p in tmp.iterdir())
+            for name in files:
+                _fsync(tmp / name)
+            fault_point("before_manifest")
+            atomic_write_json(tmp / MANIFEST, {"step": step, "files": {n: _sha256(tmp / n) for n in files}})
+            fault_point("before_rename")
     except (OSError, SafetensorError, PretuneError) as e:  # PretuneError: fileio's atomic write failed
-        shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or str(e).split(" (")[0] or type(e).__name__
+        why = why.removeprefix("cannot write the checkpoint: ").removeprefix(f"cannot write {final.name}: ")
         raise PretuneError(f"cannot write checkpoint step {step}: {why}", str(ckdir),
                            "free disk space or fix permissions, then rerun the same command; "
                            "the previous checkpoint is intact") from e
-    shutil.rmtree(old, ignore_errors=True)
     prune(run_dir, keep_last, keep or set())
     return final
+
+
+def _self_contained(run_dir: Path, folder: Path, model: torch.nn.Module) -> None:
+    """model.json (what is needed to rebuild the model: the run config's model section, and a
+    fine-tuned run's task and head) and tokenizer.json into the checkpoint folder, so the folder
+    alone loads (`models.load.load_model(folder)`) once copied away from its run."""
+    from .layout import RunDir
+    rd = RunDir(run_dir)
+    d = rd.read_config(missing_ok=True)
+    if d is not None and "model" in d:
+        rd.write_checkpoint_config(folder, d)
+    elif getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        rd.write_checkpoint_config(folder, {"model": model.config.to_dict()})
+    if rd.tokenizer_file.is_file():
+        shutil.copyfile(rd.tokenizer_file, folder / rd.TOKENIZER)
 
 
 def clean_partial(run_dir: str | Path) -> list[str]:
@@ -344,11 +353,6 @@ def load_training_state(ckpt: str | Path, optimizer=None) -> dict:
 
 
 def read_run_config(run_dir: str | Path) -> dict:
-    p = Path(run_dir) / "config.json"
-    if not p.is_file():
-        raise PretuneError("not a run directory (no config.json)", str(run_dir),
-                           "pass a folder made by `pretune pretrain`, `finetune` or `import`")
-    try:
-        return json.loads(p.read_text())
-    except ValueError as e:
-        raise PretuneError(f"config.json is not valid JSON: {e}", str(p), "restore it or start a new run")
+    """The run's config (run.json, or an old run's config.json): `RunDir.read_config`."""
+    from .layout import RunDir
+    return RunDir(run_dir).read_config()

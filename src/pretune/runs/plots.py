@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 from ..fileio import atomic_write_bytes
@@ -17,16 +16,8 @@ def save_figure(fig, path: str | Path) -> None:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by a crash
-    return out
+    from .layout import RunDir
+    return RunDir(run_dir).metrics()  # up to the last complete line (a crash can cut one short)
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | None:

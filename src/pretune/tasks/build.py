@@ -12,7 +12,8 @@ from ..config.model import ModelConfig
 from ..errors import PretuneError
 from ..models.heads import Classifier
 from ..models.load import _check_tokenizer, load_classifier, load_model
-from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
+from ..runs.resolve import resolve_model_config
 
 
 def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = None, seed: int = 0):
@@ -20,26 +21,19 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
 
     init: a run directory (pretrain, import, or finetune: its body) or a preset name (random init).
     scratch: the run's architecture and tokenizer, randomly initialised (the experiment's baseline)."""
-    from ..config.presets import PRESETS, preset
     from ..models.transformer import Transformer
-    from ..tokenizer.core import Tokenizer
     from ..data.tokenizers import load_tokenizer
 
     p = Path(init)
-    if str(init) in PRESETS and not (p / "config.json").exists():
-        cfg = preset(str(init))
+    rd = RunDir(p)
+    if not rd.exists() and not (p / RunDir.LEGACY_CONFIG).is_file():  # a preset: the one resolver
+        cfg = resolve_model_config(str(init), where="--init")
         tok = load_tokenizer(tokenizer or cfg.tokenizer)
         _check_tokenizer(tok, cfg, f"preset {init}")
         torch.manual_seed(seed)
         return Transformer(cfg), cfg, tok, None, f"{init} (random init)"
-    if not (p / "config.json").exists():
-        import difflib
-        near = difflib.get_close_matches(str(init), PRESETS, n=2)
-        raise PretuneError(f"--init '{init}' is neither a run directory nor a preset", None,
-                           (f"did you mean {' or '.join(near)}? " if near else "")
-                           + "give a folder made by `pretune pretrain` or `pretune import`, or a preset name")
-    run_cfg = ckpt.read_run_config(p)
-    own = Tokenizer.load(p) if (p / "tokenizer.json").exists() else None
+    run_cfg = rd.read_config()  # a Hugging Face folder: one line saying to import it
+    own = rd.tokenizer()
     if "task" in run_cfg:  # a fine-tuned run: continue from its body (intermediate-task transfer)
         clf, cfg, _, _ = load_classifier(p)
         body = clf.body

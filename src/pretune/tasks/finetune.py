@@ -48,11 +48,12 @@ from ..data.encoding import ClassificationBatches, Encoded, TextEncoder
 from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
-from ..fileio import atomic_write_json, make_dir
+from ..fileio import make_dir
 from ..models.heads import POOLS
 from ..objectives.finetuning import finetune_loss
 from ..objectives.registry import body_objective, get
 from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
 from ..training.config import TrainConfig
 from ..training.hooks import Hook, KeepBest, default_hooks
 from ..training.loop import Trainer
@@ -90,7 +91,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     seed = train.get("seed", FINETUNE_SEED)
     t = task if isinstance(task, Task) else load_task(task, spec.text_column, spec.label_column)
     body, cfg, tok, pooler, origin = load_init(init, spec.scratch, spec.tokenizer, seed)
-    pre = body_objective(cfg, ckpt.read_run_config(Path(init)) if (Path(init) / "config.json").exists() else None)
+    pre = body_objective(cfg, RunDir(init).read_config() if RunDir(init).exists() else None)
     from ..config.training_recipes import recipe_for
     recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
     epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
@@ -146,15 +147,17 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
           "epochs": epochs, "aux_lm": pre.aux_name if objective == "L3" else None,
           "body_objective": pre.name,
-          "examples_sha256": examples_fingerprint(enc_train)}
-    run_config = {"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
-                  "finetune": ft, "task": t.info()}
+          "examples_sha256": examples_fingerprint(enc_train),
+          "init_sha256": RunDir(init).weights_sha256() if RunDir(init).exists() else None}
+    rd = RunDir(out)  # paths (the init, a task file) stored relative to the run directory
+    run_config = rd.portable({"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
+                              "finetune": ft, "task": t.info()})
     changes = check_resume(out, run_config, finetune_options)
     say = report or (lambda line: None)
     if changes:
         say(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     make_dir(out, "the run directory")
-    atomic_write_json(out / "config.json", run_config)
+    rd.write_config(run_config)
     tok.save(out)
 
     loss_fn = finetune_loss(objective, lam, pre)
@@ -175,7 +178,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
                       run_config=run_config, progress=progress)
     trainer.fit()
     best = trainer.best_step
-    ck = out / "checkpoints" / f"step-{best:06d}" if best is not None else None
+    ck = rd.checkpoint(best) if best is not None else None
     if keep is not None and keep.state is not None and keep.step == best:
         model.load_state_dict(keep.state)
     elif ck is not None and ck.is_dir():
@@ -190,7 +193,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
            "majority_baseline": {"label": maj_label, "accuracy": maj_acc},
            "train_examples": len(enc_train), "truncated": cut,
            "objective": objective, "lam": lam, "origin": origin, "seconds": time.time() - t0}
-    atomic_write_json(out / "results.json", res)
+    rd.write_results(res)
     try:
         plot_confusion(test["confusion"], t.labels, out / "confusion.png",
                        f"{t.name}: test accuracy {test['accuracy']:.1%}, macro-F1 {test['macro_f1']:.3f}")
@@ -209,10 +212,11 @@ def examples_fingerprint(enc: Encoded) -> str:
     return hashlib.sha256(json.dumps([enc.ids, enc.segments, enc.labels]).encode()).hexdigest()
 
 
-# config.json section, key -> the name a resume's refusal uses
+# run.json section, key -> the name a resume's refusal uses
 _FT_OPTIONS = {("task", "name"): "task", ("task", "labels"): "labels", ("task", "pair"): "pair",
                ("task", "text_columns"): "text_column", ("task", "label_column"): "label_column",
-               ("finetune", "lam"): "lam", ("finetune", "init"): "init", ("finetune", "scratch"): "scratch",
+               ("finetune", "lam"): "lam", ("finetune", "init"): "init", ("finetune", "init_sha256"): "init",
+               ("finetune", "scratch"): "scratch",
                ("finetune", "train_examples"): "train_examples", ("finetune", "max_len"): "max_len",
                ("finetune", "freeze"): "freeze", ("finetune", "head"): "pool",
                ("finetune", "examples_sha256"): "examples_sha256"}
@@ -222,10 +226,19 @@ def finetune_options(run_config: dict) -> dict:
     """What a fine-tuning resume compares besides the model and training options (`check_resume`):
     the task, the encoded training examples, the objective's lambda, the init, freezing, the head."""
     out = {}
+    ft = run_config.get("finetune") if isinstance(run_config.get("finetune"), dict) else {}
     for (section, key), name in _FT_OPTIONS.items():
         d = run_config.get(section)
+        if section == "finetune" and key in ("init", "init_sha256"):
+            continue
         if isinstance(d, dict) and key in d:
             out[name] = d[key]
+    # the init: a run by its weights' SHA-256 (the same wherever the runs lie), a preset by its name;
+    # a run from before init_sha256 recorded its path, relative to another folder: not compared
+    if "init_sha256" in ft:
+        out["init"] = ft["init_sha256"] if ft["init_sha256"] is not None else ft.get("init")
+    elif "init" in ft:
+        out["init_path"] = ft["init"]
     return out
 
 

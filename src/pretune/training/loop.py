@@ -21,6 +21,7 @@ import torch
 from ..errors import PretuneError
 from ..fileio import atomic_write_text, make_dir
 from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
 from .config import TrainConfig, lr_at, make_optimizer, resolve_device
 from .hooks import Hook
 
@@ -89,7 +90,7 @@ class Trainer:
         return sum(f.to(self.device, non_blocking=True) for f in flags).clamp(max=1.0)
 
     def _metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return RunDir(self.run_dir).metrics_file
 
     def log(self, record: dict) -> None:
         """Append one line to metrics.jsonl with one write() of the complete line (O_APPEND). A
@@ -151,14 +152,7 @@ class Trainer:
 
     def _logged_eval(self) -> dict | None:
         """The evaluation row metrics.jsonl holds for this step, if any (only the final one can be)."""
-        mp = self._metrics_path()
-        if not mp.exists():
-            return None
-        for line in mp.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
+        for r in RunDir(self.run_dir).metrics():
             if r.get("step") == self.step and "loss" not in r and any(k.startswith("val") for k in r):
                 return {k: v for k, v in r.items() if k != "step"}
         return None
@@ -275,7 +269,7 @@ class Trainer:
             import signal
             name = signal.Signals(self.stop_signal).name
             print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
-                  f"{self.run_dir / 'checkpoints' / f'step-{self.step:06d}'} written; "
+                  f"{RunDir(self.run_dir).checkpoint(self.step)} written; "
                   "resume with the same command", file=sys.stderr, flush=True)
             raise Preempted(128 + self.stop_signal)
         return final

@@ -12,7 +12,9 @@ import torch
 
 from ..config.model import ModelConfig
 from ..errors import PretuneError
-from ..fileio import atomic_write_json, check_creatable, make_dir
+from ..fileio import check_creatable, make_dir
+from ..runs.layout import RunDir
+from ..runs.resolve import resolve_model_config
 from .config import TrainConfig, resolve_device
 from .hooks import Hook, default_hooks
 from .loop import Trainer
@@ -83,9 +85,10 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
         raise PretuneError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
                            f"{model_cfg.vocab_size}", str(data_dir),
                            f"set --model.vocab-size {tok.vocab_size} or prepare the data with the model's tokenizer")
-    run_config = {"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
-                  "data_sha256": data_fingerprint(data_dir),
-                  "objective": obj.name, **(extra_config or {})}
+    rd = RunDir(out)
+    run_config = rd.portable({"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
+                              "data_sha256": data_fingerprint(data_dir),
+                              "objective": obj.name, **(extra_config or {})})
     changes = check_resume(out, run_config)  # before anything is built or written
     resolve_device(tc.device)  # a bad --train.device fails before the run directory is made
     torch.manual_seed(tc.seed)
@@ -94,8 +97,8 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     if changes:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
     make_dir(out, "the run directory")
-    atomic_write_json(out / "config.json", run_config)
-    if not (out / "tokenizer.json").exists():
+    rd.write_config(run_config)
+    if not rd.tokenizer_file.exists():
         tok.save(out)
     all_hooks = default_hooks(model_cfg, tc, "pretrain", extra=hooks or (), seq_len=seq_len,
                               predicted=obj.predicted)
@@ -117,17 +120,11 @@ def pretrain_cmd(model: str = "gpt-mini", arch: Annotated[ModelConfig, "model"] 
     The optimiser and schedule are the preset's recipe (docs/training.md); --train.* overrides any.
 
     Args:
-        model: a preset name (gpt-mini, bert-mini, gpt2, bert-base, ...) or a config.json path
+        model: a preset name (gpt-mini, bert-mini, gpt2, bert-base, ...), a run directory or a .json/.yaml model config
         data: a folder made by `pretune prepare` (default: the built-in corpus, prepared on first use)
         out: the run directory (default: runs/<model>)
     """
-    from ..config.presets import preset
-
-    if model.endswith(".json"):
-        cfg = ModelConfig.load(model)
-        cfg = cfg.replace(**(arch or {})) if arch else cfg
-    else:
-        cfg = preset(model, **(arch or {}))
+    cfg = resolve_model_config(model, arch or None)
     tc = TrainConfig.for_model(cfg, train)  # the preset's recipe under --train.* (config/training_recipes.py)
     out = Path(out or f"runs/{cfg.name}")
     check_creatable(out, "the run directory")  # before the built-in corpus is prepared

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from ..errors import PretuneError
 from ..runs import checkpoint as ckpt
+from ..runs.layout import RunDir
 
 
 # What a rerun of a run with checkpoints may change (docs/training.md, "Resuming: what a rerun may
@@ -64,9 +65,11 @@ def trajectory(run_config: dict, extra: Callable[[dict], dict] | None = None) ->
     return out
 
 
-def _shown(k: str, v: Any, run_config: dict) -> str:
+def _shown(k: str, v: Any, run_config: dict, run_dir: Path | None = None) -> str:
     if k == "data_sha256":
-        return f"the data {run_config.get('data')} (meta.json sha256 {str(v)[:12]})"
+        data = run_config.get("data")  # stored relative to the run: shown from here when it is there
+        p = RunDir(run_dir).path(data) if run_dir is not None and data else None
+        return f"the data {p if p is not None and p.exists() else data} (meta.json sha256 {str(v)[:12]})"
     if k == "examples_sha256":
         return f"training examples with sha256 {str(v)[:12]}"
     return f"{k}={v!r}"
@@ -80,8 +83,7 @@ def check_resume(run_dir: str | Path, run_config: dict, extra: Callable[[dict], 
     A refused change raises a PretuneError naming it (nothing is written). Returns the changes let
     through (free ones and those named in --train.allow-change), as "k: old -> new" strings."""
     run_dir = Path(run_dir)
-    p = run_dir / "config.json"
-    if not p.exists() or not ckpt.list_checkpoints(run_dir):
+    if not RunDir(run_dir).config_file.exists() or not ckpt.list_checkpoints(run_dir):
         return []
     old_cfg = ckpt.read_run_config(run_dir)
     old, new = trajectory(old_cfg, extra), trajectory(run_config, extra)
@@ -91,7 +93,7 @@ def check_resume(run_dir: str | Path, run_config: dict, extra: Callable[[dict], 
     refused.sort(key=lambda k: k in ("data_sha256", "examples_sha256"))  # a named option first, if any changed
     if refused:
         k = refused[0]
-        a, b = _shown(k, old[k], old_cfg), _shown(k, new[k], run_config)
+        a, b = _shown(k, old[k], old_cfg, run_dir), _shown(k, new[k], run_config, run_dir)
         what = (f"the run was started on {a}, now on {b}" if k in ("data_sha256", "examples_sha256")
                 else f"the run was started with {a}, now {b}")
         if len(refused) > 1:
