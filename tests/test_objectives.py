@@ -220,7 +220,7 @@ def test_a_registered_toy_objective_runs_end_to_end_and_its_share_reaches_the_mf
                      ckpt_every=4, device="cpu", guard=False)
     run = tmp_path / "toy"
     final = pretrain(cfg, tc, folder, run, progress=False, objective="toy-even-L1")
-    assert json.loads((run / "config.json").read_text())["objective"] == "toy-even-L1"
+    assert json.loads((run / "run.json").read_text())["objective"] == "toy-even-L1"
     assert len(calls) == 4 + 2  # 4 training steps, 2 validation batches: the toy's loss, nothing else
     assert "val_l1_even" in final and "val_l1" not in final
     rec = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
