@@ -49,7 +49,7 @@ from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
 from ..fileio import atomic_write_json, make_dir
-from ..models.heads import POOLS
+from ..models.heads import check_pooling
 from ..objectives.finetuning import OBJECTIVES, finetune_loss
 from ..runs import checkpoint as ckpt
 from ..training.config import TrainConfig
@@ -95,10 +95,8 @@ def finetune(init: str | Path, task: str | Task, out: str | Path, objective: str
     lr, epochs, warmup, batch_size, weight_decay = (recipe[k] if v is None else v for k, v in (
         ("lr", lr), ("epochs", epochs), ("warmup", warmup), ("batch_size", batch_size),
         ("weight_decay", weight_decay)))
-    if pool is not None and pool not in POOLS:
-        raise PretuneError(f"unknown pooling '{pool}'", None, f"use one of {', '.join(POOLS)}")
-    if pool == "cls" and cfg.causal:
-        raise PretuneError("a decoder has no [CLS] token to pool", str(init), "use --pool last or --pool mean")
+    if pool is not None:
+        check_pooling(pool, cfg.causal, "--pool", str(init))
     if objective == "L3" and not cfg.lm_head:
         raise PretuneError("L3 needs the model's LM head (L1 for a decoder, MLM for an encoder); this "
                            "checkpoint has none", str(init), "use --objective L2")
@@ -277,7 +275,7 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", obj
         text_column: a user file's text column, or two comma-separated for text pairs
         label_column: a user file's label column
         eval_examples: validate on a fixed stratified subset of this many examples (default: all)
-        pool: what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
+        pool: what W_y reads: last (decoder default), cls (encoder default; [CLS] through BERT's tanh pooler) or mean (over the real tokens)
         out: the run directory (default: runs/finetune/<task>-<init name>)
     """
     if out is None:
