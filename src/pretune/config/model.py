@@ -22,9 +22,6 @@ NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
 
 
-POSITIONS = ("learned", "rotary")
-
-
 MLPS = ("gelu", "gelu_tanh", "swiglu")
 
 
@@ -46,7 +43,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     norm_placement: str = "pre"  # pre (GPT-2/3, Llama) | post (GPT-1, BERT)
     embedding_norm: bool = False  # BERT normalises h_0
-    position: str = "learned"  # learned | rotary
+    position: str = "learned"  # learned | rotary (models/positions.py POSITIONS, which checks it)
     rope_theta: float = 10000.0
     rope_scaling: float = 1.0  # position interpolation factor for a longer window (Chen et al. 2023)
     mlp: str = "gelu_tanh"  # gelu (exact, BERT) | gelu_tanh (GPT) | swiglu (Llama)
@@ -129,9 +126,8 @@ class ModelConfig:
                 "choose n_head that divides d_model")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
             bad(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}", "pick a divisor of n_head")
-        if self.position == "rotary" and self.head_dim % 2:
-            bad(f"rotary positions need an even head_dim, got {self.head_dim}", "change d_model or n_head")
-        for f, allowed in (("norm", NORMS), ("norm_placement", PLACEMENTS), ("position", POSITIONS), ("mlp", MLPS)):
+        # `position` is checked by its kind (models/positions.py), above this layer: when built or counted
+        for f, allowed in (("norm", NORMS), ("norm_placement", PLACEMENTS), ("mlp", MLPS)):
             if getattr(self, f) not in allowed:
                 bad(f"{f}={getattr(self, f)!r} is unknown", f"use one of {', '.join(allowed)}")
         if not 0.0 <= self.dropout < 1.0:

@@ -2,8 +2,12 @@
 
     mean   the average of h_n over the real tokens (padding excluded), as
            sentence-transformers pools all-MiniLM-L6-v2 (Reimers & Gurevych 2019)
-    cls    h_n at [CLS], the position BERT's pre-training makes a summary of the pair (encoders)
+    cls    h_n at [CLS], the position BERT's pre-training makes a summary of the pair (encoders);
+           the raw state: BERT's tanh pooler belongs to the classification head, not here
     last   h_n at the last real token, the only one that has seen the whole text (decoders)
+
+The poolings are `models.heads.POOLINGS`, read through `models.heads.pool`, the one
+definition the fine-tuning classifier reads too.
 
 A run imported from a sentence-transformers folder remembers its pooling and
 whether it L2-normalises (modules.json); those are the defaults here.
@@ -20,9 +24,7 @@ import torch.nn.functional as F
 
 from ..errors import PretuneError
 from .texts import read_texts
-
-
-POOLINGS = ("mean", "cls", "last")
+from ..models import heads
 
 
 @torch.no_grad()
@@ -30,11 +32,7 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", normalize: 
                 batch_size: int = 32, max_len: int | None = None) -> torch.Tensor:
     """(N, d) float32 embeddings of `texts`, batched with padding that is never attended to."""
     c = model.config
-    if pooling not in POOLINGS:
-        raise PretuneError(f"unknown pooling '{pooling}'", None, f"use one of {', '.join(POOLINGS)}")
-    if pooling == "cls" and c.causal:
-        raise PretuneError("a decoder has no [CLS] summary (its first token sees only itself)", None,
-                           "use --pooling mean or last")
+    heads.check_pooling(pooling, c.causal, "--pooling")
     max_len = min(max_len or model.max_positions, model.max_positions)
     pad = tok.pad_id if tok.pad_id is not None else 0
     model.eval()
@@ -51,13 +49,7 @@ def embed_texts(model, tok, texts: list[str], pooling: str = "mean", normalize: 
         mask = torch.tensor([[True] * len(e) + [False] * (T - len(e)) for e in enc])
         dev = next(model.parameters()).device
         h = model(ids.to(dev), attention_mask=mask.to(dev)).float()
-        m = mask.to(dev)
-        if pooling == "mean":
-            v = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        elif pooling == "cls":
-            v = h[:, 0]
-        else:
-            v = h[torch.arange(len(enc), device=dev), m.sum(1) - 1]
+        v = heads.pool(h, mask.to(dev).sum(1), pooling)  # padding is on the right: the real tokens are h[:, :length]
         out.append(F.normalize(v, dim=-1) if normalize else v)
     return torch.cat(out).cpu() if out else torch.zeros(0, c.d_model)
 
@@ -69,7 +61,7 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
     Args:
         texts: the texts; "@FILE" reads one text per line of FILE, "-" reads stdin
         run: a run directory (pretrain, finetune or import)
-        pooling: mean | cls (encoders) | last (decoders); default: what the run was imported with, else mean
+        pooling: mean | cls (encoders) | last (decoders); default: what the run was imported with, else mean (encoders) or last (decoders)
         normalize: L2-normalise each vector; default: what the run was imported with, else no
         out: write here (.npy, or .json) instead of printing JSON
         batch_size: texts per forward pass
@@ -85,7 +77,7 @@ def embed_cmd(texts: list[str], run: Path = Path("runs/bert-mini"), pooling: str
     if tok is None:
         raise PretuneError("the run has no tokenizer.json", str(run), "re-create the run with pretrain or import")
     texts = read_texts(list(texts), "embed")
-    pooling = pooling or src.get("pooling") or ("mean" if not cfg.causal else "last")
+    pooling = pooling or src.get("pooling") or heads.default_pooling(cfg.causal, "embed")
     normalize = bool(src.get("normalize", False)) if normalize is None else normalize
     emb = embed_texts(model, tok, texts, pooling, normalize, batch_size, src.get("max_seq_length"))
     if out is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..config.model import ModelConfig
+from . import positions
 
 
 # --------------------------------------------------------------------------
@@ -26,8 +27,9 @@ def count_params(c: ModelConfig) -> dict[str, int]:
     and `active` (per token: a routed layer counts only its top-k experts).
     Equals `sum(p.numel())` of the built model, the tied W_e counted once."""
     d, V = c.d_model, c.padded_vocab_size
-    emb = V * d + (c.max_seq_len * d if c.position == "learned" else 0) + c.type_vocab_size * d
-    other = _norm_params(c) if c.embedding_norm else 0
+    pk = positions.get(c)  # the position kind's own count (learned: the max_seq_len x d table)
+    emb = V * d + (pk.n_params(c) if pk.embedding else 0) + c.type_vocab_size * d
+    other = (_norm_params(c) if c.embedding_norm else 0) + (0 if pk.embedding else pk.n_params(c))
 
     qkv_out = (c.n_head + 2 * c.kv_heads) * c.head_dim
     attn = d * qkv_out + c.n_head * c.head_dim * d + ((qkv_out + d) if c.bias else 0)

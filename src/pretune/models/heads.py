@@ -1,12 +1,20 @@
-"""Heads on top of h_n: BERT's masked-LM and next-sentence heads, and the fine-tuning classifier
-(Radford et al. 2018, eq. 3; Devlin et al. 2019, sec. 4.1) with its pooling of the sequence."""
+"""Heads on top of h_n, by name in `HEADS`: the next-token head, BERT's masked-LM and next-sentence
+heads, and the fine-tuning classifier (Radford et al. 2018, eq. 3; Devlin et al. 2019, sec. 4.1);
+and the pooling of a sequence into one vector, defined once (`POOLINGS`, `pool`, `default_pooling`)
+for the classifier and for `inference.embed`. To add a pooling: one `Pooling` and `register_pooling`;
+a head: its module and one `HEADS` entry."""
 
 from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from ..config.model import ModelConfig
+from ..errors import PretuneError
 from .layers import Norm, activation
 
 
@@ -47,26 +55,90 @@ class NSPHead(nn.Module):
         return self.classifier(self.pooler(h))
 
 
-# ---- the model -------------------------------------------------------------------
+# ---- pooling: one summary vector per sequence, defined once ----------------------------
+# Read by the classification head and by `inference.embed`. Padding is on the right, so the
+# real tokens of row b are h[b, :lengths[b]].
 
-POOLS = ("last", "cls", "mean")
+def _last(h, lengths):
+    """h_n at the last real token: the only one a decoder's causal mask lets see the whole text."""
+    return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
 
 
-def default_pool(causal: bool) -> str:
-    """Each paper's own: GPT reads the last token, BERT the pooled [CLS]."""
-    return "last" if causal else "cls"
+def _cls(h, lengths):
+    """h_n at [CLS], the first token (raw: BERT's tanh pooler is the classification head's, not the pooling's)."""
+    return h[:, 0]
 
+
+def _mean(h, lengths):
+    """The mean of h_n over the real tokens, padding excluded (Reimers & Gurevych 2019, sec. 3)."""
+    real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
+    return (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+
+
+@dataclass(frozen=True)
+class Pooling:
+    name: str
+    summary: Callable  # (h (B, T, d), lengths (B,)) -> (B, d)
+    encoder_only: bool = False  # a decoder's first token has seen only itself
+
+
+POOLINGS: dict[str, Pooling] = {}
+
+
+def register_pooling(p: Pooling) -> Pooling:
+    POOLINGS[p.name] = p
+    return p
+
+
+for _p in (Pooling("mean", _mean), Pooling("cls", _cls, encoder_only=True), Pooling("last", _last)):
+    register_pooling(_p)
+
+
+def check_pooling(kind: str, causal: bool, option: str = "--pooling", where: str | None = None) -> Pooling:
+    """The pooling `kind` names, for a decoder (`causal`) or an encoder; a one-line error otherwise."""
+    p = POOLINGS.get(kind)
+    if p is None:
+        near = difflib.get_close_matches(str(kind), POOLINGS, n=1)
+        raise PretuneError(f"unknown pooling '{kind}'", where,
+                           (f"did you mean '{near[0]}'? " if near else "") + f"use one of {', '.join(POOLINGS)}")
+    if p.encoder_only and causal:
+        others = " or ".join(f"{option} {n}" for n, q in POOLINGS.items() if not q.encoder_only)
+        raise PretuneError(f"a decoder has no [{kind.upper()}] summary (its first token sees only itself)", where,
+                           f"use {others}")
+    return p
+
+
+def pool(h: torch.Tensor, lengths: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, d): the `kind` summary of h_n (B, T, d), with `lengths` (B,) real tokens per row."""
+    return check_pooling(kind, False).summary(h, lengths)
+
+
+def default_pooling(causal: bool, purpose: str) -> str:
+    """The one rule for a pooling left unset. "classify": each paper's own readout, GPT's last
+    token and BERT's [CLS] (through its tanh pooler, the head's). "embed": a sentence vector,
+    the last token of a decoder, the mean of an encoder (Sentence-BERT)."""
+    if purpose not in ("classify", "embed"):
+        raise ValueError(purpose)
+    return "last" if causal else ("cls" if purpose == "classify" else "mean")
+
+
+# ---- the classification head ---------------------------------------------------------
 
 class ClassificationHead(nn.Module):
-    """softmax(h_l^m W_y) over a summary of h_n: the last real token (decoder), the pooled
-    [CLS] (encoder), or the mean over the real tokens (either)."""
+    """softmax(h_l^m W_y) over a summary of h_n (`pool`): the last real token (decoder), [CLS]
+    through BERT's tanh pooler (encoder), or the mean over the real tokens (either)."""
+
+    @staticmethod
+    def has_pooler(pool_kind: str) -> bool:
+        """BERT's pooler, tanh(h W_p + b_p), sits on [CLS] (Devlin et al. 2019, sec. 4.1) and only there."""
+        return pool_kind == "cls"
 
     def __init__(self, d_model: int, n_classes: int, pool: str, dropout: float = 0.1):
         super().__init__()
-        if pool not in POOLS:
+        if pool not in POOLINGS:
             raise ValueError(pool)
         self.pool = pool
-        self.pooler = nn.Linear(d_model, d_model) if pool == "cls" else None  # BERT's pooler, tanh
+        self.pooler = nn.Linear(d_model, d_model) if self.has_pooler(pool) else None  # BERT's pooler, tanh
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, n_classes)  # W_y
         for m in (self.pooler, self.out):
@@ -75,18 +147,54 @@ class ClassificationHead(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def summary(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One vector per sequence; padding is on the right, so the real tokens are h[:, :length]."""
-        if self.pool == "last":
-            return h[torch.arange(h.shape[0], device=h.device), lengths - 1]
-        if self.pool == "mean":
-            real = torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]
-            return (h * real[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return torch.tanh(self.pooler(h[:, 0]))
+        """One vector per sequence: the pooling, then the pooler where there is one."""
+        v = pool(h, lengths, self.pool)
+        return torch.tanh(self.pooler(v)) if self.pooler is not None else v
 
     def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Class logits (B, n_classes); softmax of them is P(y | x)."""
         return self.out(self.drop(self.summary(h, lengths)))
 
+
+# ---- the heads, by name --------------------------------------------------------------
+
+def _next_token(c: ModelConfig, tied=None) -> nn.Module:
+    """P(u) = softmax(h_n W_e^T): the output matrix, W_e itself when tied."""
+    head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
+    if tied is not None:
+        head.weight = tied  # https://paperswithcode.com/method/weight-tying
+    return head
+
+
+# name -> build(c, tied W_e or None): the module the Transformer installs (at `lm_head`, `nsp_head`)
+# or the classifier (at `head`); their parameter counts are models.counting's (torch-free).
+HEADS: dict[str, Callable] = {
+    "next-token": _next_token,
+    "mlm": MLMHead,
+    "nsp": lambda c, tied=None: NSPHead(c),
+    "classification": lambda c, tied=None, n_classes=2, pool=None, dropout=0.1: ClassificationHead(
+        c.d_model, n_classes, pool or default_pooling(c.causal, "classify"), dropout),
+}
+
+
+def register_head(name: str, build: Callable) -> None:
+    HEADS[name] = build
+
+
+def lm_head_kind(c: ModelConfig) -> str:
+    """The LM head a config asks for: next-token for a decoder, masked-LM for an encoder."""
+    return "next-token" if c.causal else "mlm"
+
+
+def build_head(name: str, c: ModelConfig, tied=None, **kw) -> nn.Module:
+    if name not in HEADS:
+        near = difflib.get_close_matches(str(name), HEADS, n=1)
+        raise PretuneError(f"unknown head '{name}'", None,
+                           (f"did you mean '{near[0]}'? " if near else "") + f"use one of {', '.join(HEADS)}")
+    return HEADS[name](c, tied, **kw)
+
+
+# ---- the model -------------------------------------------------------------------
 
 class Classifier(nn.Module):
     """The Transformer (`body`) and its classification head; saved together as one safetensors file."""
@@ -95,7 +203,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.body = body
         c = body.config
-        self.head = ClassificationHead(c.d_model, n_classes, pool or default_pool(c.causal), head_dropout)
+        self.head = build_head("classification", c, n_classes=n_classes, pool=pool, dropout=head_dropout)
 
     @property
     def config(self) -> ModelConfig:

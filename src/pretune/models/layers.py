@@ -1,4 +1,5 @@
-"""The Transformer's layers: norms, activations, rotary positions, the KV cache, attention, the MLP."""
+"""The Transformer's layers: norms, activations, rotary positions (the module; the kind is in
+positions.py), the KV cache, attention, the MLP."""
 
 from __future__ import annotations
 
@@ -69,15 +70,18 @@ class Attention(nn.Module):
         self.proj.residual_scale = True  # GPT-2 init: std / sqrt(2 n_layer), if the config asks
         self.dropout = c.dropout
 
-    def forward(self, x, rope=None, pos=None, mask=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rotate=None, pos=None, mask=None, cache: KVCache | None = None, layer: int = 0,
+                bias=None):
+        """`rotate(q, k, pos)` and `bias` (an additive score bias, H or 1 x T x S) come from the
+        model's position kind (positions.py); None: nothing to do."""
         c = self.c
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim], -1)
         q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
         k = k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = rope(q, pos), rope(k, pos)
+        if rotate is not None:
+            q, k = rotate(q, k, pos)
         is_causal = c.causal and mask is None
         if cache is not None:
             start = cache.pos
@@ -88,6 +92,13 @@ class Attention(nn.Module):
                 is_causal = False
                 if T > 1 and mask is None:  # a chunk after a prefix: query i sees keys <= start + i
                     mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if bias is not None:  # one float mask: the bias where a key may be seen, -inf where not
+            S = k.shape[2]
+            if mask is None and is_causal:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+            is_causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,

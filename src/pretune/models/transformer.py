@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 
 from ..config.model import ModelConfig
-from .heads import MLMHead, NSPHead
-from .layers import MLP, Attention, KVCache, Norm, RotaryEmbedding
+from . import positions
+from .heads import build_head, lm_head_kind
+from .layers import MLP, Attention, KVCache, Norm
 
 
 class Block(nn.Module):
@@ -42,12 +43,13 @@ class Block(nn.Module):
         """The feed-forward branch; routed experts see the token mask, so padding takes no expert's slot."""
         return self.mlp(x, tokens) if self.routed else self.mlp(x)
 
-    def forward(self, x, rope=None, pos=None, mask=None, cache=None, layer=0, tokens=None):
-        """`tokens` (B, T): True at real tokens, for a routed feed-forward layer (moe.py)."""
+    def forward(self, x, rotate=None, pos=None, mask=None, cache=None, layer=0, tokens=None, bias=None):
+        """`tokens` (B, T): True at real tokens, for a routed feed-forward layer (moe.py);
+        `rotate`, `bias`: the position kind's, for attention (positions.py)."""
         if self.pre:
-            x = x + self.drop(self.attn(self.norm1(x), rope, pos, mask, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), rotate, pos, mask, cache, layer, bias))
             return x + self.drop(self.ff(self.norm2(x), tokens))
-        x = self.norm1(x + self.drop(self.attn(x, rope, pos, mask, cache, layer)))
+        x = self.norm1(x + self.drop(self.attn(x, rotate, pos, mask, cache, layer, bias)))
         return self.norm2(x + self.drop(self.ff(x, tokens)))
 
 
@@ -58,22 +60,17 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = c
         self.wte = nn.Embedding(c.padded_vocab_size, c.d_model)  # W_e
-        self.wpe = nn.Embedding(c.max_seq_len, c.d_model) if c.position == "learned" else None  # W_p
+        self.position = positions.get(c)  # the kind (a class, no state); its module, if any, at its attribute
+        if self.position.attribute:
+            setattr(self, self.position.attribute, self.position.build(c))  # W_p at `wpe`, rotary at `rope`
         self.wse = nn.Embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None  # segments
         self.emb_norm = Norm(c) if c.embedding_norm else None
         self.drop = nn.Dropout(c.dropout)
-        self.rope = RotaryEmbedding(c) if c.position == "rotary" else None
         self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
         self.norm_f = Norm(c) if c.norm_placement == "pre" else None
         tied = self.wte.weight if c.tie_embeddings else None
-        self.lm_head = None
-        if c.lm_head and c.causal:
-            self.lm_head = nn.Linear(c.d_model, c.padded_vocab_size, bias=False)
-            if tied is not None:
-                self.lm_head.weight = tied  # https://paperswithcode.com/method/weight-tying
-        elif c.lm_head:
-            self.lm_head = MLMHead(c, tied)
-        self.nsp_head = NSPHead(c) if c.nsp_head else None
+        self.lm_head = build_head(lm_head_kind(c), c, tied) if c.lm_head else None  # next-token or MLM
+        self.nsp_head = build_head("nsp", c) if c.nsp_head else None
         self.apply(self._init)
 
     def _init(self, m: nn.Module):
@@ -104,9 +101,7 @@ class Transformer(nn.Module):
             raise PretuneError(f"sequence of {start + T} tokens exceeds the model's window of "
                                f"{self.max_positions}", None, "shorten the input or extend the window")
         pos = torch.arange(start, start + T, device=idx.device)
-        h = self.wte(idx)  # h_0 = U W_e + W_p
-        if self.wpe is not None:
-            h = h + self.wpe(pos)
+        h = self.position.embed(self.position_module, self.wte(idx), pos)  # h_0 = U W_e + W_p
         if self.wse is not None:
             h = h + self.wse(segment_ids if segment_ids is not None else torch.zeros_like(idx))
         if self.emb_norm is not None:
@@ -120,8 +115,9 @@ class Transformer(nn.Module):
             mask = keys
             if c.n_expert and attention_mask.shape == idx.shape:
                 tokens = attention_mask.bool()  # routers skip the padding
+        bias = self.position.bias(self.position_module, c, pos, start + T)
         for i, block in enumerate(self.blocks):  # h_i = block(h_{i-1})
-            h = block(h, self.rope, pos, mask, cache, i, tokens)
+            h = block(h, self._rotate, pos, mask, cache, i, tokens, bias)
         if self.norm_f is not None:
             h = self.norm_f(h)
         if cache is not None:
@@ -129,10 +125,21 @@ class Transformer(nn.Module):
         return h
 
     @property
+    def position_module(self) -> nn.Module | None:
+        """The position kind's module (W_p, the rotary tables), or None."""
+        return getattr(self, self.position.attribute) if self.position.attribute else None
+
+    def _rotate(self, q, k, pos):
+        return self.position.rotate(self.position_module, q, k, pos)
+
+    def embedding_modules(self) -> list[nn.Module]:
+        """What `--freeze embeddings` freezes: W_e, a position table, the segment table, the embedding norm."""
+        pe = self.position_module if self.position.embedding else None
+        return [m for m in (self.wte, pe, self.wse, self.emb_norm) if m is not None]
+
+    @property
     def max_positions(self) -> int:
-        if self.rope is not None:
-            return self.rope.cos.shape[0]
-        return self.wpe.num_embeddings
+        return self.position.max_positions(self.position_module, self.config)
 
     def logits(self, h):
         """P(u) = softmax(h_n W_e^T): next-token logits (decoder) or MLM logits (encoder)."""
@@ -145,20 +152,10 @@ class Transformer(nn.Module):
 
     def extend_window(self, n: int) -> None:
         """Use a window of n > max_seq_len tokens (the GPT-4 lecture's 8K -> 32K).
-        Learned positions: the new rows copy the trained table cyclically, as
-        done to extend BERT/Longformer (Beltagy et al. 2020). Rotary: position
-        interpolation, positions scaled by max_seq_len / n (Chen et al. 2023)."""
-        c = self.config
+        Each position kind says how (`Position.extend`): learned positions copy the trained
+        table cyclically (Beltagy et al. 2020), rotary interpolates (Chen et al. 2023)."""
         if n <= self.max_positions:
             return
-        if self.wpe is not None:
-            old = self.wpe.weight.data
-            new = nn.Embedding(n, c.d_model).to(old.device, old.dtype)
-            reps = (n + old.shape[0] - 1) // old.shape[0]
-            new.weight.data.copy_(old.repeat(reps, 1)[:n])
-            self.wpe = new
-        else:
-            self.rope.scaling = c.rope_scaling * n / c.max_seq_len
-            self.rope._build(n)
-            self.rope.to(self.wte.weight.device)
-        self.config = c.replace(max_seq_len=n, rope_scaling=self.rope.scaling if self.rope else c.rope_scaling)
+        m, self.config = self.position.extend(self.position_module, self.config, n)
+        if self.position.attribute:
+            setattr(self, self.position.attribute, m)

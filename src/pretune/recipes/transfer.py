@@ -39,6 +39,7 @@ from ..tasks.config import FinetuneConfig
 from ..training.hooks import KeepBest
 from ..runs.layout import RunDir
 from ..runs.resolve import resolve_model_config
+from ..models.heads import default_pooling
 
 
 VARIANTS = {
@@ -59,7 +60,7 @@ RECIPE = dict(max_len=64, batch_size=16, warmup=0.1, eval_examples=200, weight_d
 # (Sentence-BERT), not BERT's pooled [CLS]: at the demo's budget bert-mini's [CLS] carries
 # the NSP task and little else, and over 3 seeds the mean reads 55.0% / 64.3% pre-trained
 # (100 / 1,000 labels) where [CLS] reads 53.8% / 54.6% (docs/finetuning.md).
-POOL = {True: "last", False: "mean"}
+POOL = {causal: default_pooling(causal, "embed") for causal in (True, False)}  # a sentence vector's: last, mean
 
 
 LR = {"pretrained": 3e-4, "scratch": 3e-4}  # one rate for every variant (a probe on validation loss: docs/finetuning.md)

@@ -75,7 +75,7 @@ def freeze(model: Classifier, what: str | None) -> str:
     if what in (None, "", "none", "0"):
         return "nothing"
     body = model.body
-    emb = [m for m in (body.wte, body.wpe, body.wse, body.emb_norm) if m is not None]
+    emb = body.embedding_modules()  # W_e, a position table (positions.py), segments, the embedding norm
     if what == "embeddings":
         mods, desc = emb, "the embeddings"
     else:

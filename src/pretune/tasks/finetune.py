@@ -49,7 +49,7 @@ from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
 from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
 from ..fileio import make_dir
-from ..models.heads import POOLS
+from ..models.heads import check_pooling
 from ..objectives.finetuning import finetune_loss
 from ..objectives.registry import body_objective, get
 from ..runs import checkpoint as ckpt
@@ -96,10 +96,8 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
     epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
     batch_size = train.get("batch_size", recipe["batch_size"])
-    if pool is not None and pool not in POOLS:
-        raise PretuneError(f"unknown pooling '{pool}'", None, f"use one of {', '.join(POOLS)}")
-    if pool == "cls" and cfg.causal:
-        raise PretuneError("a decoder has no [CLS] token to pool", str(init), "use --finetune.pool last or mean")
+    if pool is not None:
+        check_pooling(pool, cfg.causal, "--finetune.pool", str(init))
     if objective == "L3" and not cfg.lm_head:
         raise PretuneError("L3 needs the model's LM head (L1 for a decoder, MLM for an encoder); this "
                            "checkpoint has none", str(init), "use --finetune.objective L2")
