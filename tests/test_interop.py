@@ -693,3 +693,19 @@ def test_smollm2_greedy_says_paris(smollm2):
     with torch.no_grad():  # the cached steps agree with the reference's full forward
         theirs = ref(out[:, :-1]).logits[0, -3:].argmax(-1)
     assert out[0, -3:].tolist() == theirs.tolist()
+
+
+def test_an_importer_registered_in_the_table_is_used_by_load_source(monkeypatch, tmp_path):
+    """The importers are one table (interop.IMPORTERS): a new format is one entry, found by its
+    scheme and, for a bare path, by the entry's own test; the error names every scheme."""
+    import pretune.interop as interop
+
+    seen = []
+    monkeypatch.setitem(interop.IMPORTERS, "toy", ("FILE", lambda p: seen.append(p) or ("model", None, {}),
+                                                   lambda p: p.suffix == ".toy"))
+    monkeypatch.setattr(interop, "SOURCES", tuple(f"{k}:{w}" for k, (w, _, _) in interop.IMPORTERS.items()))
+    assert interop.load_source("toy:weights.bin") == ("model", None, {})
+    assert interop.load_source(str(tmp_path / "w.toy")) == ("model", None, {})
+    assert seen == ["weights.bin", str(tmp_path / "w.toy")]
+    with pytest.raises(PretuneError, match=r"write hf:DIR or gguf:FILE or toy:FILE"):
+        interop.load_source(str(tmp_path / "nothing.bin"))

@@ -13,28 +13,38 @@ docs/interop.md.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ..errors import PretuneError
 
-SOURCES = ("hf:DIR", "gguf:FILE")
+def _load_hf(path: str):
+    from .hf_weights import load_hf_folder
+    return load_hf_folder(path)
+
+
+def _load_gguf(path: str):
+    from .gguf import load_gguf
+    return load_gguf(path)
+
+
+# The importers: scheme -> (what it names, the loader, whether a bare path is one of them).
+# A loader returns (model, tokenizer or None, info about the source). To add a format: one entry.
+IMPORTERS: dict[str, tuple[str, Callable, Callable[[Path], bool]]] = {
+    "hf": ("DIR", _load_hf, lambda p: p.is_dir()),
+    "gguf": ("FILE", _load_gguf, lambda p: p.suffix == ".gguf"),
+}
+SOURCES = tuple(f"{k}:{what}" for k, (what, _, _) in IMPORTERS.items())
 
 
 def load_source(source: str):
-    """(model, tokenizer or None, info) from 'hf:DIR' or 'gguf:FILE' (a bare folder or .gguf path works too)."""
+    """(model, tokenizer or None, info) from 'SCHEME:PATH' (IMPORTERS), or a bare path one of them recognises."""
     kind, sep, rest = source.partition(":")
-    if not sep or kind not in ("hf", "gguf"):
-        p = Path(source)
-        if p.suffix == ".gguf":
-            kind, rest = "gguf", source
-        elif p.is_dir():
-            kind, rest = "hf", source
-        else:
+    if not sep or kind not in IMPORTERS:
+        kind = next((k for k, (_, _, owns) in IMPORTERS.items() if owns(Path(source))), None)
+        if kind is None:
             raise PretuneError(f"unknown source '{source}'", None, f"write {' or '.join(SOURCES)}")
-    if kind == "gguf":
-        from .gguf import load_gguf
-        return load_gguf(rest)
-    from .hf_weights import load_hf_folder
-    return load_hf_folder(rest)
+        rest = source
+    return IMPORTERS[kind][1](rest)
 
 
 def write_run(out: str | Path, model, tok, source: dict) -> Path:
