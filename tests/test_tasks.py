@@ -32,7 +32,7 @@ def wordpiece():
     return train_tokenizer("wordpiece", 120, corpus())
 
 
-# ---- built-in tasks: counts read independently off the raw files (DESIGN.md) ----------
+# ---- built-in tasks: counts read independently off the raw files (docs/data.md) ----------
 
 def test_movie_sentiment_threshold_and_counts():
     t = load_task("movie-sentiment")

