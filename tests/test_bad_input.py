@@ -302,6 +302,10 @@ CASES = [
      "x is a file, not a folder"),
     *((f"out-under-file-{v}", lambda w, t, v=v: _under_a_file(w, t, v), "notes.txt is a file, not a folder")
       for v in WRITERS),
+    ("serve-no-run", lambda w, t: ["serve"], "missing argument 'runs'"),
+    ("serve-missing-run", lambda w, t: ["serve", str(t / "nope")], "the run directory does not exist"),
+    ("serve-port", lambda w, t: ["serve", str(w / "gpt"), "--port", "70000"], "--port 70000 is not a TCP port"),
+    ("serve-max-batch", lambda w, t: ["serve", str(w / "gpt"), "--max-batch", "0"], "--max-batch 0 must be at least 1"),
 ]
 
 SUBPROCESS = {"unknown-verb", "data-truncated", "checkpoint-pickle", "resume-changed-model", "cost-mfu",

@@ -104,6 +104,8 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     print(f"demo finished in {report['minutes']:.1f} minutes; runs in {out}")
     for m, run in report.get("transfer", {}).get("classifiers", {}).items():  # kept by the experiment
         print(f"a fine-tuned {m} to try: pretune classify --run {run} \"a gorgeous, witty film\"")
+    served = [str(p) for p in runs.values()] + [str(p) for p in report.get("transfer", {}).get("classifiers", {}).values()]
+    print(f"try them in a browser: pretune serve {' '.join(served)}   (needs pip install 'pretune[serve]'; docs/serve.md)")
     return report
 
 
