@@ -21,7 +21,7 @@ import torch
 
 from ..errors import PretuneError
 from ..models.layers import KVCache
-from .generate import check_sampling, sample_next
+from .generate import check_sampling, next_token_probs
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _forward(model, ids, pos, keys, cache: KVCache, real=None):
 
 def sample_rows(logits: torch.Tensor, opts: list[Sampling], gens: list) -> torch.Tensor:
     """One token per row, row b with opts[b] and generator gens[b]; the same draw as
-    `sample_next` on that row alone. Rows with equal options are filtered together."""
+    `generate.sample_next` on that row alone. Rows with equal options are filtered together."""
     out = torch.empty(logits.shape[0], 1, dtype=torch.long, device=logits.device)
     groups: dict[tuple, list[int]] = {}
     for b, o in enumerate(opts):
@@ -79,8 +79,9 @@ def sample_rows(logits: torch.Tensor, opts: list[Sampling], gens: list) -> torch
         if temp <= 0:
             out[rows] = sel.argmax(-1, keepdim=True)
             continue
-        for j, b in enumerate(rows):  # each row's own generator: its own random stream
-            out[b] = sample_next(sel[j:j + 1], temp, k, p, gens[b])[0]
+        probs = next_token_probs(sel, temp, k, p)  # filtered together, row by row
+        for j, b in enumerate(rows):  # drawn with each row's own generator: its own random stream
+            out[b] = torch.multinomial(probs[j:j + 1], 1, generator=gens[b])[0]
     return out
 
 

@@ -18,6 +18,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     """One token per row from (B, V) logits. temperature 0 = greedy."""
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(next_token_probs(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """The distribution `sample_next` draws from (temperature > 0): row by row, so a batch's rows
+    are each what the row alone gives (inference/batched.py draws each with its own generator)."""
     logits = logits / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
@@ -28,8 +34,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)
+    return logits.softmax(-1)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..inference.batched import Sampling, generate_ragged
+from ..inference.generate import gemv_layout
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Batcher:
         self.batches += 1
         self.sizes.append(len(batch))
         r = self.run
+        # decoding's weight layout (generate.gemv_layout: 1.9x on the CPU's matrix-vector products),
+        # switched under the run's lock, so no other endpoint's forward pass sees it change
+        layout = gemv_layout(r.model)
+        with r.lock:
+            layout.__enter__()
         try:
             steps = generate_ragged(r.model, [q.ids for q in batch], [q.opts for q in batch], eos_id=r.tok.eos_id)
             while True:
@@ -82,3 +88,6 @@ class Batcher:
         except Exception as e:  # a failed batch fails its requests, not the server
             for q in batch:
                 q.deliver("error", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        finally:
+            with r.lock:
+                layout.__exit__(None, None, None)
