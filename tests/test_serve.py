@@ -266,16 +266,21 @@ def test_ragged_batch_equals_each_row_alone(kind, temperature):
     window (24) like it."""
     from pretune import Transformer
     from pretune.config.model import ModelConfig
-    from pretune.inference.batched import Sampling, generate_ragged
-    from pretune.inference.generate import generate
 
     extra = {"rotary": dict(position="rotary", norm="rmsnorm", mlp="swiglu"),
              "moe": dict(n_expert=4, top_k=2)}.get(kind, {})
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=50, max_seq_len=24, n_layer=2, n_head=2, d_model=32, dropout=0.0,
                                 **extra)).eval()
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
-    budgets = [30, 5, 12]
+    for prompts, budgets in (([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]], [30, 5, 12]),  # ragged
+                             ([[1, 2, 3], [4, 5, 6], [7, 8, 9]], [30, 5, 12])):  # aligned: the plain pass
+        _ragged_case(m, prompts, budgets, temperature)
+
+
+def _ragged_case(m, prompts, budgets, temperature):
+    from pretune.inference.batched import Sampling, generate_ragged
+    from pretune.inference.generate import generate
+
     opts = [Sampling(n, temperature, None, None, seed=s) for n, s in zip(budgets, (1, 2, 3))]
     rows = [[] for _ in prompts]
     for step in generate_ragged(m, prompts, opts):

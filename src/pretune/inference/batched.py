@@ -118,7 +118,12 @@ def generate_ragged(model, prompts: list[list[int]], opts: list[Sampling], eos_i
     gens = [torch.Generator(device=dev).manual_seed(o.seed) if o.seed is not None else None for o in opts]
     model.eval()
     V = c.vocab_size
-    logits = model.logits(_forward(model, ids, pos, keys, cache, keys[:, :P].clone())[:, -1])[:, :V]
+    # prompts of one length stay aligned: the Transformer's own causal pass, no masks (as `generate`)
+    aligned = len(set(lens)) == 1
+    if aligned:
+        logits = model.logits(model(ids, cache=cache)[:, -1])[:, :V]
+    else:
+        logits = model.logits(_forward(model, ids, pos, keys, cache, keys[:, :P].clone())[:, -1])[:, :V]
     made = [0] * B
     done = [False] * B
     step_pos = torch.tensor(lens, device=dev)
@@ -137,6 +142,9 @@ def generate_ragged(model, prompts: list[list[int]], opts: list[Sampling], eos_i
         yield row
         if all(done):
             return
-        keys[:, cache.pos] = True
-        logits = model.logits(_forward(model, nxt, step_pos.clamp(max=W - 1)[:, None], keys, cache)[:, -1])[:, :V]
+        if aligned:
+            logits = model.logits(model(nxt, cache=cache)[:, -1])[:, :V]
+        else:
+            keys[:, cache.pos] = True
+            logits = model.logits(_forward(model, nxt, step_pos.clamp(max=W - 1)[:, None], keys, cache)[:, -1])[:, :V]
         step_pos = step_pos + 1
