@@ -290,3 +290,12 @@ def _ragged_case(m, prompts, budgets, temperature):
     for b, (pr, n) in enumerate(zip(prompts, budgets)):
         want = generate(m, torch.tensor([pr]), n, temperature=temperature, top_k=None, top_p=None, seed=b + 1)
         assert rows[b] == want[0, len(pr):].tolist(), b
+
+
+def test_load_benchmark_runs(tmp_path):
+    """pretune_bench.serve_load end to end at a tiny size (the figures are in docs/serve.md, no timing here)."""
+    from pretune_bench.serve_load import batching, load
+    L = load(12, workdir=tmp_path)
+    assert L["errors"] == 0 and L["requests"] == 12 and L["p99_ms"] >= L["p50_ms"] > 0
+    b = batching("tiny", concurrent=4, prompt_tokens=8, new_tokens=4, rounds=1, workdir=tmp_path)
+    assert set(b["tokens_per_s"]) == {"batched", "one at a time"} and b["ratio"] > 0
