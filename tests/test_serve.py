@@ -192,6 +192,12 @@ HOSTILE = [
      "temperature"),
     ("negative temperature", "post", "/api/generate", {"run": "gpt", "prompt": "a", "temperature": -1}, 422,
      "temperature"),
+    ("a tiny temperature", "post", "/api/generate", {"run": "gpt", "prompt": "a", "temperature": 1e-30}, 400,
+     "too small"),
+    ("astronomical tokens", "post", "/api/cost", {"models": ["gpt1"], "tokens": 1e300}, 422, "tokens"),
+    ("astronomical price", "post", "/api/cost", {"models": ["gpt1"], "price": 1e300}, 422, "price"),
+    ("a huge top-k", "post", "/api/generate", {"run": "gpt", "prompt": "a", "top_k": 10**6, "max_new_tokens": 2},
+     200, None),
     ("missing field", "post", "/api/similarity", {"run": "gpt", "a": "x"}, 422, "b: Field required"),
     ("a bad pooling", "post", "/api/similarity", {"run": "gpt", "a": "x", "b": "y", "pooling": "cls"}, 400, "[CLS]"),
     ("top-k over the vocabulary", "post", "/api/fill-mask", {"run": "bert", "text": "a [MASK]", "top_k": 999}, 400,
@@ -213,7 +219,10 @@ def test_hostile_input_is_one_4xx_json_message(client, case):
         r = client.post(url, content=body, headers={"content-type": "application/json"})
     else:
         r = client.post(url, json=body)
-    assert fragment in _one_error(r, status)
+    if status == 200:  # accepted, and answered
+        assert r.status_code == 200 and r.json()["tokens"] >= 1
+    else:
+        assert fragment in _one_error(r, status)
     # and the server keeps serving
     assert client.post("/api/fill-mask", json={"run": "bert", "text": "a [MASK] b"}).status_code == 200
 
@@ -299,3 +308,32 @@ def test_load_benchmark_runs(tmp_path):
     assert L["errors"] == 0 and L["requests"] == 12 and L["p99_ms"] >= L["p50_ms"] > 0
     b = batching("tiny", concurrent=4, prompt_tokens=8, new_tokens=4, rounds=1, workdir=tmp_path)
     assert set(b["tokens_per_s"]) == {"batched", "one at a time"} and b["ratio"] > 0
+
+
+JUNK = [None, -1, 0, 10**30, -(10**30), 1e-30, 3.5, "", "x" * 9000, "../../etc/passwd", [], [1, "a"], {"a": 1},
+        True]
+BASE = {"/api/fill-mask": {"run": "bert", "text": "a [MASK] b"},
+        "/api/generate": {"run": "gpt", "prompt": "a", "max_new_tokens": 2},
+        "/api/classify": {"run": "ft", "texts": ["a good film"]},
+        "/api/similarity": {"run": "bert", "a": "x", "b": "y"},
+        "/api/cost": {"models": ["gpt1"]}}
+FIELDS = {"/api/fill-mask": ["run", "text", "top_k"],
+          "/api/generate": ["run", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"],
+          "/api/classify": ["run", "texts"], "/api/similarity": ["run", "a", "pooling", "normalize"],
+          "/api/cost": ["models", "tokens", "hardware", "gpus", "mfu", "price"]}
+
+
+def test_junk_in_every_field_is_never_a_500(client):
+    """Each field of each endpoint given each junk value (and NaN / Infinity, which Python's JSON
+    reads): an answer or a 4xx with one message, never a 500."""
+    for url, fields in FIELDS.items():
+        for f in fields:
+            for v in JUNK:
+                r = client.post(url, json={**BASE[url], f: v})
+                assert r.status_code < 500, (url, f, v, r.text)
+                if r.status_code >= 400:
+                    _one_error(r, r.status_code)
+            for raw in ("NaN", "Infinity", "-Infinity"):
+                body = json.dumps({**BASE[url], f: 0}).replace(f'"{f}": 0', f'"{f}": {raw}')
+                r = client.post(url, content=body, headers={"content-type": "application/json"})
+                assert r.status_code < 500, (url, f, raw, r.text)

@@ -42,7 +42,7 @@ class Generate(BaseModel):
     run: str = Field(max_length=200)
     prompt: str = Field(min_length=1, max_length=MAX_TEXT)
     max_new_tokens: int = Field(100, ge=1, le=MAX_NEW)
-    temperature: float = Field(0.8, ge=0, le=100, description="0 = greedy")
+    temperature: float = Field(0.8, ge=0, le=100, description="0 = greedy; else at least 1e-3")
     top_k: int = Field(50, ge=0, le=1_000_000, description="0 = all tokens")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(1337, ge=0, le=2**63 - 1)
@@ -63,11 +63,11 @@ class Similarity(BaseModel):
 
 class Cost(BaseModel):
     models: list[str] = Field(min_length=1, max_length=16, description="presets or loaded runs' names")
-    tokens: float = Field(300e9, gt=0)
+    tokens: float = Field(300e9, gt=0, le=1e18)
     hardware: str = Field("a100", max_length=40)
     gpus: int = Field(1024, ge=1, le=10_000_000)
     mfu: float = Field(0.4, gt=0, le=1)
-    price: Optional[float] = Field(None, ge=0)
+    price: Optional[float] = Field(None, ge=0, le=1e6)
 
 
 def _error(status: int, msg: str) -> JSONResponse:
@@ -180,6 +180,8 @@ def create_app(runs: dict[str, Loaded], max_batch: int = 16, gather_s: float = 0
 
     def _submit(body: Generate, deliver):
         r = get_run(runs, body.run, "generate")
+        if 0 < body.temperature < 1e-3:  # logits / T overflows to inf: no distribution to sample
+            raise Refused(f"temperature {body.temperature:g} is too small to sample with; use 0 for greedy or >= 0.001")
         ids = handlers.prompt_ids(r, body.prompt)
         opts = Sampling(body.max_new_tokens, body.temperature, body.top_k or None, body.top_p, body.seed)
         req = GenRequest(ids, opts, deliver)
@@ -195,14 +197,17 @@ def create_app(runs: dict[str, Loaded], max_batch: int = 16, gather_s: float = 0
         q, deliver = _channel()
         r, req = _submit(body, deliver)
         ids = []
-        while True:
-            kind, v = await q.get()
-            if kind == "token":
-                ids.append(v)
-            elif kind == "error":
-                return _error(400, v)
-            else:
-                return {"run": r.name, "prompt": body.prompt, "text": r.tok.decode(ids), "tokens": len(ids)}
+        try:
+            while True:
+                kind, v = await q.get()
+                if kind == "token":
+                    ids.append(v)
+                elif kind == "error":
+                    return _error(400, v)
+                else:
+                    return {"run": r.name, "prompt": body.prompt, "text": r.tok.decode(ids), "tokens": len(ids)}
+        finally:
+            req.cancelled.set()  # done, or the client went away: its row stops being served
 
     @app.post("/api/generate/stream", summary="Continue a prompt, streamed: server-sent events `token` "
               "(data: {text, id}) as each token is produced, then `done` (data: {text, tokens})")
