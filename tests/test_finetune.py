@@ -716,12 +716,17 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
     monkeypatch.setattr(transfer, "run_transfer_experiment",
                         lambda runs, out, full=False: real(runs, out, sizes=(16,), task=str(toy_csv), progress=False))
     demo.demo_cmd(out=tmp_path / "demo")
-    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    lines = capsys.readouterr().out.strip().splitlines()
+    last, serve = lines[-3:-1], lines[-1]
     assert [l.split(" to try:")[0] for l in last] == ["a fine-tuned gpt-mini", "a fine-tuned bert-mini"]
+    # and the closing line: the pretune serve command for all of its runs (docs/serve.md)
+    assert serve.startswith(f"try them in a browser: pretune serve {tmp_path / 'demo' / 'gpt-mini'} "
+                            f"{tmp_path / 'demo' / 'bert-mini'} ")
     for line in last:
         run = line.split("--run ")[1].split(" ")[0]
         assert run == str(tmp_path / "demo" / "transfer" / line.split()[2] / "pretrained" / "n16-s0")
         assert main(["classify", "--run", run, "a great film"]) == 0
+        assert run in serve
 
 
 def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):
