@@ -131,7 +131,7 @@ def test_generation_streams_tokens_into_the_page(browser, server):
     assert browser.save_screenshot(str(ARTIFACTS / "serve-index.png"))
 
 
-def test_run_page_draws_the_curves(browser, server):
+def test_run_page_draws_the_curves_and_follows_the_run(browser, server, serve_runs):
     from selenium.webdriver.common.by import By
 
     _open(browser, server + "/run/gpt")
@@ -142,5 +142,18 @@ def test_run_page_draws_the_curves(browser, server):
         "const c = document.getElementById('c-loss'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
         "let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n;")
     assert inked > 100
+    # a run still training: a line half written is not shown; once complete, the page picks it up
+    f = serve_runs["gpt"] / "metrics.jsonl"
+    original = f.read_text()
+    try:
+        with open(f, "a") as fh:
+            fh.write('{"step": 5, "loss": 4.0, "lr": 0.0001, "tok_per_s": 900.0')
+        time.sleep(2.5)  # one refresh of the page (every 2 s) sees the half line; not a timing assert
+        assert "last step 4" in browser.find_element(By.ID, "run-state").text
+        with open(f, "a") as fh:
+            fh.write(', "mfu": 0.01}\n')
+        _wait(lambda: "last step 5" in browser.find_element(By.ID, "run-state").text)
+    finally:
+        f.write_text(original)
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "serve-run.png"))
