@@ -47,6 +47,8 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
         ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
         ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
         ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
+        *[(f"generate mini b1 {w}", generation, dict(shape="mini", batch=1, rounds=3, weights=w))
+          for w in ("bf16", "int8", "int4")],
         ("tokenize gpt2", tokenization, dict(rounds=3)),
         ("loader 16x256", loader, dict(rounds=3)),
     ]
@@ -59,6 +61,8 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
         plan[-2:-2] = [
             ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
             ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
+            *[(f"generate gpt2 b1 {w}", generation, dict(shape="gpt2", batch=1, rounds=2, weights=w))
+              for w in ("bf16", "int8", "int4")],
         ]
     return plan
 
