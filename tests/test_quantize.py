@@ -208,3 +208,24 @@ def test_bf16_training_learns_what_fp32_learns_and_int8_keeps_its_perplexity(tmp
     for weights in ("int8", "bf16"):
         q = Q.quantize_model(copy.deepcopy(m32), weights)
         assert abs(_ppl(q, x[:1]) / ref - 1) <= 0.01, weights
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_an_encoder_classifier_and_its_mlm_head_keep_their_answers(weights):
+    """BERT-style (post-LN, segments, learned positions, the MLM head's transform and bias, the
+    classification head with its pooler): the quantized model's probabilities stay near fp32's."""
+    from pretune.models.heads import Classifier
+    c = ModelConfig(name="b", causal=False, vocab_size=128, max_seq_len=32, n_layer=2, n_head=2, d_model=64,
+                    dropout=0.0, type_vocab_size=2, norm_placement="post", embedding_norm=True, nsp_head=True)
+    torch.manual_seed(0)
+    clf = Classifier(Transformer(c), 3, head_dropout=0.0, pool="cls").eval()
+    ids = torch.randint(5, 128, (2, 12))
+    mask, lengths = torch.ones_like(ids, dtype=torch.bool), torch.tensor([12, 12])
+    with torch.no_grad():
+        ref_p = clf(ids, mask, lengths)[0].softmax(-1)
+        ref_mlm = clf.body.logits(clf.body(ids))[..., :128].softmax(-1)
+        q = Q.quantize_model(copy.deepcopy(clf), weights)
+        p = q(ids, mask, lengths)[0].float().softmax(-1)
+        mlm = q.body.logits(q.body(ids))[..., :128].float().softmax(-1)
+    assert (p - ref_p).abs().max() < 0.02
+    assert (mlm - ref_mlm).abs().max() < 0.02

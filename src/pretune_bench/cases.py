@@ -238,7 +238,8 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     # and, on average over the decode, half the KV cache of prompt + new_tokens positions
     act = 2 if weights != "fp32" else 4
     kv = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * (prompt + new_tokens / 2) * act * batch
-    per_token = resident_bytes(model) - (cfg.max_seq_len * cfg.d_model * act if cfg.position == "learned" else 0) + kv
+    pe = model.position_module if cfg.position == "learned" else None  # one row of W_p read per token
+    per_token = resident_bytes(model) - (resident_bytes(pe) if pe is not None else 0) + kv
     bw = memory_bandwidth()
     r = _result("generate", shape, {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "weights": weights},
                 times, batch * new_tokens, "tokens_per_s", rounds, warmup,

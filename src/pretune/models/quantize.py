@@ -76,7 +76,8 @@ def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: in
 # ---- the modules --------------------------------------------------------------------------
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).to(ACT)
+    """(rows, K) contiguous bf16: both kernels refuse a strided A (the pooler's h[:, 0], say)."""
+    return x.reshape(-1, x.shape[-1]).to(ACT).contiguous()
 
 
 class Int8Linear(nn.Module):
