@@ -229,3 +229,48 @@ def test_an_encoder_classifier_and_its_mlm_head_keep_their_answers(weights):
         mlm = q.body.logits(q.body(ids))[..., :128].float().softmax(-1)
     assert (p - ref_p).abs().max() < 0.02
     assert (mlm - ref_mlm).abs().max() < 0.02
+
+
+# ---- the option on every verb that loads a model ------------------------------------------------
+
+def test_weights_option_on_generate_fill_mask_classify_evaluate(tmp_path, capsys):
+    """Each verb runs with each --weights, end to end on tiny runs; the greedy tokens and the
+    validation loss are compared with fp32's."""
+    from pretune.cli import main
+    from pretune.tokenizer.vocabularies import train_tokenizer
+
+    text = "\n\n".join(f"Document {i}. The quick brown fox jumps over the lazy dog, and the clocks were "
+                       f"striking {i % 13}. Call me Ishmael." for i in range(60))
+    (tmp_path / "corpus.txt").write_text(text)
+    tiny = ["--model.n-layer", "1", "--model.d-model", "64", "--model.n-head", "2", "--model.max-seq-len", "32",
+            "--model.vocab-size", "320"]
+    train = ["--train.steps", "3", "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-batches", "1",
+             "--train.log-every", "1", "--train.device", "cpu"]
+    for kind, model in (("bpe", "gpt"), ("wordpiece", "bert")):
+        train_tokenizer(kind, 320, text.split("\n\n")).save(tmp_path / f"{kind}.json")
+        assert main(["prepare", "--corpus", str(tmp_path / "corpus.txt"), "--tokenizer", str(tmp_path / f"{kind}.json"),
+                     "--out", str(tmp_path / f"data-{kind}"), "--val-fraction", "0.2"]) == 0
+        assert main(["pretrain", "--model", f"{model}-mini", "--data", str(tmp_path / f"data-{kind}"),
+                     "--out", str(tmp_path / model), *tiny, *train]) == 0
+    rows = [f"the film was {'good' if i % 2 else 'bad'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(40)]
+    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    assert main(["finetune", "--init", str(tmp_path / "gpt"), "--task", str(tmp_path / "task.csv"),
+                 "--finetune.epochs", "1", "--train.batch-size", "16", "--out", str(tmp_path / "ft")]) == 0
+    capsys.readouterr()
+    out = {}
+    for w in Q.WEIGHTS:
+        gen = ["generate", "the quick", "--run", str(tmp_path / "gpt"), "--temperature", "0", "--max-new-tokens", "5"]
+        assert main([*gen, "--weights", w]) == 0
+        assert main(["fill-mask", "the quick [MASK] fox", "--run", str(tmp_path / "bert"), "--weights", w]) == 0
+        assert main(["classify", "the film was good", "--run", str(tmp_path / "ft"), "--json-out", "--weights", w]) == 0
+        assert main(["evaluate", "--run", str(tmp_path / "gpt"), "--json-out", "--weights", w]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        out[w] = lines
+        ev = json.loads(lines[-1])
+        assert ev["weights"] == w and math.isfinite(ev["val_loss"])
+        assert abs(ev["val_loss"] / json.loads(out["fp32"][-1])["val_loss"] - 1) < 0.01
+    # the greedy continuation of a 3-step model, whose top logits are close: bf16 and int8 give
+    # fp32's tokens; int4 (an error of ~1/30 of each group's range) the same first ones only
+    for w in ("bf16", "int8"):
+        assert out[w][0] == out["fp32"][0], w
+    assert out["int4"][0][:len("the quickick")] == out["fp32"][0][:len("the quickick")]
