@@ -247,6 +247,8 @@ CASES = [
      "--max-new-tokens -3 must be at least 1"),
     ("generate-num-samples", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--num-samples", "0"],
      "--num-samples 0 must be at least 1"),
+    ("bench-from-json-no-docs", lambda w, t: ["bench", "--from-json", str(t / "b.json")],
+     "--from-json only regenerates a table"),
     ("weights-unknown", lambda w, t: ["generate", "hi", "--run", str(w / "gpt"), "--weights", "int9"],
      "unknown --weights 'int9' (did you mean 'int8'?)"),
     ("fill-mask-top-k", lambda w, t: ["fill-mask", "a [MASK] b", "--run", str(w / "bert"), "--top-k", "0"],
