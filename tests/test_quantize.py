@@ -43,6 +43,10 @@ def test_int8_linear_matches_the_dequantized_reference():
     y = Q.Int8Linear(q, scale, bias)(x)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 5, N)
     assert torch.allclose(y.float(), ref, rtol=2 ** -7, atol=1e-2)
+    # 64 rows and more: the dequantized bf16 GEMM, the same answer
+    xb = _bf16_exact(70, K, gen=g)
+    assert torch.allclose(Q.Int8Linear(q, scale, bias)(xb).float(), xb @ (q.float() * scale[:, None]).T + bias,
+                          rtol=2 ** -7, atol=1e-2)
     # K not a multiple of 16: the dequantized path, same answer
     y2 = Q.Int8Linear(q[:, :40], scale, bias)(x[..., :40])
     ref2 = x[..., :40] @ (q[:, :40].float() * scale[:, None]).T + bias
