@@ -152,6 +152,40 @@ def test_generation_tiny_round_gives_the_references_tokens():
     assert r["same_tokens_fraction"] == 1.0  # greedy on the same weights: GPT2LMHeadModel.generate's tokens
 
 
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4"])
+def test_quantized_generation_tiny_round_has_its_roofline(weights):
+    r = _well_formed(cases.generation("tiny", batch=1, new_tokens=6, prompt=4, rounds=1, warmup=0, weights=weights),
+                     "tokens_per_s")
+    assert r["weights"] == weights and r["bandwidth_gb_s"] > 0
+    # the roofline is bandwidth over the bytes a token reads: weights (int8 W_e 512x64 + scales, ...) and the KV cache
+    assert r["roofline_tokens_per_s"] == pytest.approx(r["bandwidth_gb_s"] * 1e9 / r["bytes_per_token"])
+    assert r["bytes_per_token"] < 0.6 * cases.generation("tiny", batch=1, new_tokens=6, prompt=4, rounds=1,
+                                                          warmup=0)["bytes_per_token"]
+
+
+def test_bench_writes_json_and_regenerates_the_docs_table(monkeypatch, tmp_path, capsys):
+    from pretune.cli import main
+    from pretune_bench import report
+
+    tiny = [("generate tiny b1 int8", cases.generation,
+             dict(shape="tiny", batch=1, new_tokens=4, prompt=4, rounds=1, warmup=0, weights="int8"))]
+    monkeypatch.setattr(suite, "suite_plan", lambda quick=False: tiny)
+    doc = tmp_path / "performance.md"
+    doc.write_text("# Performance\n\nprose before\n")
+    assert main(["bench", "--out", str(tmp_path / "b.json"), "--docs", str(doc)]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["machine"]["cores"] and data["date"] and data["results"][0]["weights"] == "int8"
+    text = doc.read_text()
+    assert text.startswith("# Performance\n\nprose before") and text.count(report.BEGIN) == 1
+    assert "greedy generation, tiny, batch 1, pretune int8" in text and data["date"] in text
+    # again, from the JSON alone: the block is replaced, not appended
+    data["date"] = "2001-01-01 00:00 UTC"
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    assert main(["bench", "--from-json", str(tmp_path / "b.json"), "--docs", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.count(report.BEGIN) == 1 and "2001-01-01" in text
+
+
 def test_tokenization_and_loader_tiny_rounds():
     r = _well_formed(cases.tokenization(max_bytes=20_000, rounds=1, warmup=0), "mb_per_s")
     assert r["same_tokens"]

@@ -199,11 +199,15 @@ def bert_mlm(shape: str = "mini", rounds: int = 5, warmup: int = 1, threads: int
 
 
 def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, prompt: int = 16, rounds: int = 3,
-               warmup: int = 1, threads: int | None = None, progress: bool = False) -> dict:
+               warmup: int = 1, threads: int | None = None, progress: bool = False, weights: str = "fp32") -> dict:
     """Greedy decoding with a KV cache: pretune's `generate` (static cache) against
     `GPT2LMHeadModel.generate(use_cache=True, do_sample=False)`, same weights and prompt,
-    exactly `new_tokens` new tokens each (no end-of-text stop)."""
+    exactly `new_tokens` new tokens each (no end-of-text stop). `weights`: pretune's side in
+    fp32, bf16, int8 or int4 (models/quantize.py); the reference stays fp32. Beside the ratio,
+    the memory-bandwidth roofline of pretune's variant: a token at batch 1 reads every weight
+    byte once (and the KV cache), so tokens/s <= bandwidth / bytes per token."""
     from pretune.inference.generate import generate
+    from pretune.models.quantize import quantize_model, resident_bytes
     from pretune.models.transformer import Transformer
 
     set_threads(threads)
@@ -212,6 +216,8 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     hf = hf_gpt2(model).eval()
+    if weights != "fp32":
+        quantize_model(model, weights)
     x = torch.randint(cfg.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1))
     got: dict[str, torch.Tensor] = {}
 
@@ -224,12 +230,36 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
                                        min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                                        pad_token_id=0, eos_token_id=None)
 
-    times = alternate({"pretune": ours, "reference": theirs}, rounds, warmup, progress, f"generate {shape} b{batch}")
+    label = f"generate {shape} b{batch}" + ("" if weights == "fp32" else f" {weights}")
+    times = alternate({"pretune": ours, "reference": theirs}, rounds, warmup, progress, label)
     a, b = got["pretune"][:, prompt:], got["reference"][:, prompt:]
     agree = float((a == b).float().mean()) if a.shape == b.shape else 0.0
-    return _result("generate", shape, {"batch": batch, "prompt": prompt, "new_tokens": new_tokens},
-                   times, batch * new_tokens, "tokens_per_s", rounds, warmup,
-                   target_key=("generate", shape, batch), same_tokens_fraction=agree)
+    # bytes a token reads: the weights (the position table and one embedding row aside, all of them)
+    # and, on average over the decode, half the KV cache of prompt + new_tokens positions
+    act = 2 if weights != "fp32" else 4
+    kv = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * (prompt + new_tokens / 2) * act * batch
+    pe = model.position_module if cfg.position == "learned" else None  # one row of W_p read per token
+    per_token = resident_bytes(model) - (resident_bytes(pe) if pe is not None else 0) + kv
+    bw = memory_bandwidth()
+    r = _result("generate", shape, {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "weights": weights},
+                times, batch * new_tokens, "tokens_per_s", rounds, warmup,
+                target_key=("generate", shape, batch, weights), same_tokens_fraction=agree)
+    roof = bw / per_token * batch
+    r.update(bytes_per_token=per_token, bandwidth_gb_s=bw / 1e9, roofline_tokens_per_s=roof,
+             fraction_of_roofline=r["pretune"]["tokens_per_s"] / roof)
+    return r
+
+
+def memory_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of a large copy (read + write, as STREAM's copy counts them): the DRAM bound."""
+    src = torch.ones(mb << 18)  # mb MiB of float32
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
 
 
 def _corpus_text(max_bytes: int) -> list[str]:

@@ -47,8 +47,9 @@ TARGETS = {  # pretune / reference, from the issue
     ("gpt_train", "mini", "fp32"): 1.25,
     ("gpt_train", "gpt2", "fp32"): 1.10,
     ("bert_mlm", "mini", "fp32"): 1.5,
-    ("generate", "mini", 1): 3.0,
-    ("generate", "gpt2", 1): 3.0,
+    ("generate", "mini", 1, "fp32"): 3.0,
+    ("generate", "gpt2", 1, "fp32"): 3.0,
+    ("generate", "gpt2", 1, "int8"): 3.0,   # issue 19: int8 decoding >= 3x transformers fp32
 }
 
 
@@ -165,7 +166,7 @@ def describe(r: dict) -> str:
     unit = r["unit"]
     pt, ref = r["pretune"][unit], r["reference"][unit]
     what = {"gpt_train": f"GPT train {r['shape']} {r.get('precision')}", "bert_mlm": f"BERT MLM {r['shape']}",
-            "generate": f"generate {r['shape']} b{r.get('batch')}",
+            "generate": f"generate {r['shape']} b{r.get('batch')} {r.get('weights', 'fp32')}",
             "compile": f"compiled/eager {r['shape']}", "bf16": f"bf16/fp32 pretune {r['shape']}", "tokenize": f"tokenize {r['shape']}",
             "loader": f"loader {r['shape']}"}[r["bench"]]
     pretty = unit.replace("_per_s", "/s").replace("mb", "MB")
@@ -176,6 +177,9 @@ def describe(r: dict) -> str:
         line += f"  {r['pretune']['gflops']:.1f} GFLOP/s"
     if r.get("fraction_of_peak") is not None:
         line += f", {r['fraction_of_peak']:.0%} of the fp32 matmul peak ({r['fp32_matmul_peak_gflops']:.0f})"
+    if r.get("roofline_tokens_per_s"):
+        line += (f"  roofline {r['roofline_tokens_per_s']:,.0f} tok/s ({r['bytes_per_token'] / 1e6:,.0f} MB/token at "
+                 f"{r['bandwidth_gb_s']:.1f} GB/s): {r['fraction_of_roofline']:.0%}")
     if r.get("setup_s") is not None and r["bench"] == "compile":
         line += f"  compile time {r['setup_s']:.0f} s"
     line += f"  [{r['rounds']} rounds, {r['threads']} threads]"

@@ -11,8 +11,18 @@ from .cases import bert_mlm, generation, gpt_train, loader, tokenization, varian
 from .harness import describe
 
 
-def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
-    """The side-by-side suite (cases.py): medians, ratios, targets; JSON with --json."""
+def _suite(as_json: bool, only, quick: bool, rounds, threads, out=None, docs=None, from_json=None) -> dict:
+    """The side-by-side suite (cases.py): medians, ratios, targets; JSON with --json; the results
+    with the date and the machine written to `out`, and `docs`' table regenerated (report.py).
+    `from_json`: regenerate the table from an earlier run's file instead of running."""
+    from . import report
+
+    if from_json is not None:
+        if not docs:
+            raise PretuneError("--from-json only regenerates a table", "pretune bench", "add --docs docs/performance.md")
+        data = report.from_json(from_json)
+        print(f"table regenerated in {report.regenerate(docs, data)} from {from_json}")
+        return data
     try:  # the reference side of every benchmark
         import transformers  # noqa: F401
     except ImportError as e:
@@ -24,13 +34,17 @@ def _suite(as_json: bool, only, quick: bool, rounds, threads) -> dict:
     if only and not any(o in label for o in only for label in labels):
         raise PretuneError(f"no benchmark matches --only {','.join(only)}", None, f"labels: {', '.join(labels)}")
     results = run_suite(only=only, quick=quick, rounds=rounds, threads=threads, progress=not as_json)
-    out = {"results": results}
+    data = report.payload(results)
     if as_json:
-        print(_json.dumps(out, indent=2))
+        print(_json.dumps(data, indent=2))
     else:
         for r in results:
             print(describe(r))
-    return out
+    if out:
+        print(f"results in {report.write_json(out, data)}")
+    if docs:
+        print(f"table regenerated in {report.regenerate(docs, data)}")
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -47,6 +61,8 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
         ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
         ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
         ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
+        *[(f"generate mini b1 {w}", generation, dict(shape="mini", batch=1, rounds=3, weights=w))
+          for w in ("bf16", "int8", "int4")],
         ("tokenize gpt2", tokenization, dict(rounds=3)),
         ("loader 16x256", loader, dict(rounds=3)),
     ]
@@ -59,6 +75,8 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
         plan[-2:-2] = [
             ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
             ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
+            *[(f"generate gpt2 b1 {w}", generation, dict(shape="gpt2", batch=1, rounds=2, weights=w))
+              for w in ("bf16", "int8", "int4")],
         ]
     return plan
 

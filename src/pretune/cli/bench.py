@@ -8,13 +8,15 @@ side-by-side suite is the sibling package `pretune_bench` (the `[bench]` extra).
 from __future__ import annotations
 
 import json as _json
+from pathlib import Path
 
 from ..errors import PretuneError
 
 
 def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None = None,
               seconds: float = 3.0, json: bool = False, only: list[str] | None = None,
-              quick: bool = False, rounds: int | None = None, threads: int | None = None) -> dict:
+              quick: bool = False, rounds: int | None = None, threads: int | None = None,
+              out: Path | None = None, docs: Path | None = None, from_json: Path | None = None) -> dict:
     """Benchmark this machine: pretune against Hugging Face side by side (the suite), or `--peak`.
 
     Args:
@@ -27,6 +29,9 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         quick: leave out the GPT-2-small shape (its steps take tens of seconds on two cores)
         rounds: A/B rounds per benchmark (default: each benchmark's own)
         threads: torch threads for both sides (default: torch's)
+        out: write the results, with the date and the machine, as JSON to this file
+        docs: regenerate the results table in this markdown file (e.g. docs/performance.md)
+        from_json: regenerate --docs' table from this earlier --out file, running nothing
     """
     if not peak:
         try:  # the suite is a sibling package; only this verb imports it, and only here
@@ -34,7 +39,10 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         except ImportError as e:
             raise PretuneError(f"the benchmark suite is not installed (no module {e.name})", "pretune bench",
                                "pip install 'pretune[bench]'") from e
-        return _suite(json, only, quick, rounds, threads)
+        if out is not None:
+            from ..fileio import check_creatable
+            check_creatable(out, "the results file", folder=False)  # before minutes of benchmarks
+        return _suite(json, only, quick, rounds, threads, out, docs, from_json)
     if not (seconds > 0):
         raise PretuneError(f"--seconds must be positive, got {seconds!r}", None, "e.g. --seconds 3")
     from ..hardware.table import from_device_name

@@ -88,7 +88,8 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
 
 
 def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), task: str | None = None, split: str = "test", text_column: str | None = None,
-                 label_column: str | None = None, data: Path | None = None, json_out: bool = False) -> dict:
+                 label_column: str | None = None, data: Path | None = None, json_out: bool = False,
+                 weights: str = "fp32") -> dict:
     """Evaluate a run: a fine-tuned one on a task (accuracy, macro-F1, confusion), a pre-trained LM on held-out text.
 
     Args:
@@ -99,12 +100,16 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
         label_column: a file's label column (default: the run's, else 'label')
         data: for a pre-trained run: a folder made by `pretune prepare` (default: the run's own data)
         json_out: print JSON instead of a table
+        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
     """
+    from ..models.quantize import check_weights
+
     run = Path(run)
+    check_weights(weights, "pretune evaluate")
     d = ckpt.read_run_config(run)
     if "task" not in d:
-        return _evaluate_lm(run, d, data, json_out)
-    model, cfg, tok, info = load_classifier(run)
+        return _evaluate_lm(run, d, data, json_out, weights)
+    model, cfg, tok, info = load_classifier(run, weights=weights)
     labels = info["labels"]
     name = task or info["name"]
     tcols = text_column or ",".join(info.get("text_columns") or ["text"])

@@ -13,12 +13,12 @@ from ..models.load import load_model
 from ..runs.layout import RunDir
 
 
-def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
+def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool, weights: str = "fp32") -> dict:
     """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
     from ..data.loaders import validation_batches
     from ..objectives.registry import body_objective
 
-    model, cfg, tok = load_model(run)
+    model, cfg, tok = load_model(run, weights=weights)
     obj = body_objective(cfg, d)  # the run's recorded objective (derived for a run from before the field)
     data = Path(data or RunDir(run).path(d.get("data")) or "")  # the run records it relative to itself
     if not (data / "meta.json").exists():
@@ -38,7 +38,7 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool) -> dict:
             aux_sum += float(model.moe_losses())
             n += 1
     val = losses / max(n, 1)
-    m = {"val_loss": val, "batches": n, "data": str(data)}
+    m = {"val_loss": val, "batches": n, "data": str(data), "weights": weights}
     if cfg.n_expert:
         m["val_moe_aux"] = aux_sum / max(n, 1)
     if obj.perplexity:

@@ -72,8 +72,10 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
         raise PretuneError(f"the prompt has {T0} tokens, more than the model's window of {model.max_positions}",
                            None, "shorten the prompt")
     max_new_tokens = min(max_new_tokens, model.max_positions - T0)
+    from ..models.quantize import activation_dtype
+
     p = next(model.parameters())
-    cache = KVCache(c, B, T0 + max_new_tokens, p.device, p.dtype)
+    cache = KVCache(c, B, T0 + max_new_tokens, p.device, activation_dtype(model))  # bf16 for quantized weights
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     model.eval()
     V = c.vocab_size
@@ -128,10 +130,10 @@ def gemv_layout(model: torch.nn.Module):
                 w.data = w.data.contiguous()
 
 
-def _load(run: Path):
+def _load(run: Path, weights: str = "fp32"):
     from ..models.load import load_model
 
-    model, cfg, tok = load_model(run)
+    model, cfg, tok = load_model(run, weights=weights)
     if tok is None:
         raise PretuneError("the run has no tokenizer.json", str(run), "re-create the run with pretrain or import")
     return model, cfg, tok
@@ -139,7 +141,7 @@ def _load(run: Path):
 
 def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens: int = 100,
                  temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, num_samples: int = 1,
-                 seed: int = 1337) -> list[str]:
+                 seed: int = 1337, weights: str = "fp32") -> list[str]:
     """Continue a prompt with a decoder (temperature, top-k, top-p sampling, KV cache).
 
     Args:
@@ -151,11 +153,12 @@ def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens:
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         num_samples: independent continuations
         seed: sampling seed
+        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32): docs/performance.md
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
         raise PretuneError(f"--num-samples {num_samples} must be at least 1", "pretune generate", "use e.g. 3")
-    model, cfg, tok = _load(run)
+    model, cfg, tok = _load(run, weights)
     if not cfg.causal:
         raise PretuneError(f"{run} holds an encoder, which does not generate text", None,
                            "use `pretune fill-mask` with it, or a decoder run")
@@ -205,7 +208,8 @@ def fill_mask(model: Transformer, tok, text: str, top_k: int = 5) -> list[list[t
             for ps, ix in zip(top.values, top.indices)]
 
 
-def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5, json_out: bool = False):
+def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5, json_out: bool = False,
+                  weights: str = "fp32"):
     """Fill each [MASK] in a text with an encoder's most likely tokens and their probabilities.
 
     Args:
@@ -213,8 +217,9 @@ def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5,
         run: a BERT run directory with an MLM head
         top_k: candidates per [MASK]
         json_out: print JSON instead of a table
+        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
     """
-    model, cfg, tok = _load(run)
+    model, cfg, tok = _load(run, weights)
     answers = fill_mask(model, tok, text, top_k)
     if json_out:
         print(json.dumps(answers))

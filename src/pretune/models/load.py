@@ -25,20 +25,34 @@ def _weights_of(rd: RunDir, fix: str) -> Path:
     return require_checkpoint(rd.root, fix)
 
 
-def load_model(run_dir: str | Path, device: str = "cpu"):
+def _with_weights(model, weights: str, device: str, where: str):
+    """The loaded fp32 model in the chosen weights (models/quantize.py): fp32, bf16, int8, int4."""
+    from .quantize import check_weights, quantize_model
+
+    check_weights(weights, where)
+    if weights != "fp32" and str(device) != "cpu":
+        raise PretuneError(f"--weights {weights} runs on the CPU kernels only", where,
+                           "use --weights fp32 on an accelerator, or run on the CPU")
+    return quantize_model(model.to(device).eval(), weights)
+
+
+def load_model(run_dir: str | Path, device: str = "cpu", weights: str = "fp32"):
     """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint, or from one
-    checkpoint folder (self-contained: its model.json and tokenizer.json, else its run's)."""
+    checkpoint folder (self-contained: its model.json and tokenizer.json, else its run's).
+    `weights`: fp32 (as trained), bf16, int8 or int4 (models/quantize.py; the CPU only)."""
+    from .quantize import check_weights
     from .transformer import Transformer
 
+    check_weights(weights, str(run_dir))  # before any weights are read
     rd = RunDir(run_dir)
     cfg_d = rd.read_config()
     if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (tasks/finetune.py)
-        clf, cfg, tok, _ = load_classifier(run_dir, device)
+        clf, cfg, tok, _ = load_classifier(run_dir, device, weights)
         return clf.body, cfg, tok
     cfg = resolve_model_config(rd.root)
     model = Transformer(cfg)
     load_weights(model, _weights_of(rd, "train the run first, or import weights into it"))
-    return model.to(device).eval(), cfg, rd.tokenizer()
+    return _with_weights(model, weights, device, str(rd.root)), cfg, rd.tokenizer()
 
 
 # ---- building and loading ----------------------------------------------------------
@@ -68,11 +82,13 @@ def _best_checkpoint(rd: RunDir | str | Path) -> Path | None:
     return ckpt.latest_checkpoint(rd.root)
 
 
-def load_classifier(run_dir: str | Path, device: str = "cpu"):
+def load_classifier(run_dir: str | Path, device: str = "cpu", weights: str = "fp32"):
     """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint
-    (or of one checkpoint folder of it)."""
+    (or of one checkpoint folder of it), its weights in `weights` (see load_model)."""
+    from .quantize import check_weights
     from .transformer import Transformer
 
+    check_weights(weights, str(run_dir))
     rd = RunDir(run_dir)
     d = rd.read_config()
     if "task" not in d:
@@ -88,4 +104,4 @@ def load_classifier(run_dir: str | Path, device: str = "cpu"):
     if tok is None:
         raise PretuneError("the run has no tokenizer.json", str(rd.root), "copy the pre-trained run's tokenizer.json")
     _check_tokenizer(tok, cfg, str(rd.root))
-    return model.to(device).eval(), cfg, tok, d["task"]
+    return _with_weights(model, weights, device, str(rd.root)), cfg, tok, d["task"]

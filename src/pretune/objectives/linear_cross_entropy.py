@@ -14,8 +14,13 @@ about 20% less time for the head and loss on a CPU (docs/performance.md). The
 idea is Liger Kernel's fused linear cross-entropy (Hsu et al. 2024) and the
 chunked loss of torchtune; this is plain PyTorch.
 
-Used by `objectives.next_token_loss` for fp32 outside autocast; under autocast
-the plain path runs, since the products there belong to autocast's dtype rules.
+Used by `objectives.next_token_loss` for fp32, and under bf16 autocast with h and W
+cast to bf16 once: the products in bf16 as autocast would run them (logits rounded
+to bf16, as autocast's matmul outputs are), the softmax, its log and the loss in fp32
+per chunk, W's gradient summed over the chunks in fp32 and rounded to bf16 once, as
+the plain path's one bf16 product is. At gpt-mini under bf16 the plain path's
+log-softmax, its backward and the (N, V) casts to fp32 were about a fifth of a step
+(torch.profiler, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -43,21 +48,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         yv = torch.where(valid, y, 0)[:, None]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         gh = torch.empty_like(h) if want_grad else None
-        gW = torch.zeros_like(W) if want_grad else None
-        total = h.new_zeros(())
+        gW = torch.zeros_like(W, dtype=torch.float32) if want_grad else None  # fp32 sum, also for bf16
+        half = h.dtype != torch.float32
+        total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], rows):
             hc, yc, vc = h[s:s + rows], yv[s:s + rows], valid[s:s + rows]
             z = hc @ W.t()                                   # the chunk's logits
+            if half:
+                z = z.float()                                # softmax and loss in fp32
             lse = torch.logsumexp(z, -1, keepdim=True)
             total += ((lse - z.gather(1, yc)).squeeze(1) * vc).sum()
             if want_grad:
                 z.sub_(lse).exp_()                           # softmax(z), in place
                 z.scatter_add_(1, yc, -vc[:, None].to(z.dtype))  # - onehot(y) at counted rows
                 z.mul_(vc[:, None] / n)                      # ignored rows: 0; mean over n
-                torch.mm(z, W, out=gh[s:s + rows])
-                gW.addmm_(z.t(), hc)
+                if half:
+                    z = z.to(h.dtype)
+                    torch.mm(z, W, out=gh[s:s + rows])
+                    gW.add_(z.t() @ hc)
+                else:
+                    torch.mm(z, W, out=gh[s:s + rows])
+                    gW.addmm_(z.t(), hc)
         if want_grad:
-            ctx.save_for_backward(gh, gW)
+            ctx.save_for_backward(gh, gW.to(W.dtype))
         return total / n
 
     @staticmethod
@@ -67,6 +80,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """cross_entropy(h @ W.T, y, ignore_index=IGNORE) over rows of h (..., d), without the logits."""
+    """cross_entropy(h @ W.T, y, ignore_index=IGNORE) over rows of h (..., d), without the logits.
+    h and W in fp32, or both in bf16 (the loss in fp32 either way)."""
     h2, y1 = h.reshape(-1, h.shape[-1]), y.reshape(-1)
-    return LinearCrossEntropy.apply(h2, W, y1, chunk_rows(W.shape[0]))
+    rows = chunk_rows(W.shape[0]) * (4 if h.dtype != torch.float32 else 1)  # fewer, larger bf16 chunks
+    return LinearCrossEntropy.apply(h2, W, y1, rows)

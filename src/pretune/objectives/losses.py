@@ -29,10 +29,15 @@ def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
 def next_token_loss(model, h, targets) -> torch.Tensor:
     """L1 from h_n already computed (L3 reuses the classifier's forward pass)."""
     V, head = model.config.vocab_size, model.lm_head
-    if (isinstance(head, torch.nn.Linear) and head.bias is None and h.dtype == head.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(h.device.type)):
+    dev = h.device.type
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.dtype == torch.float32
+    if plain and h.dtype == torch.float32 and not torch.is_autocast_enabled(dev):
         # the same value without the (N, V) logits: linear_cross_entropy.py
         return linear_cross_entropy(h, head.weight[:V], targets)  # the padding rows are not tokens
+    if plain and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+        # bf16 autocast: the same products autocast would run, the softmax and loss in fp32, no (N, V) tensor
+        with torch.autocast(dev, enabled=False):
+            return linear_cross_entropy(h.to(torch.bfloat16), head.weight[:V].to(torch.bfloat16), targets)
     logits = model.logits(h)[..., :V]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
