@@ -337,3 +337,34 @@ def test_junk_in_every_field_is_never_a_500(client):
                 body = json.dumps({**BASE[url], f: 0}).replace(f'"{f}": 0', f'"{f}": {raw}')
                 r = client.post(url, content=body, headers={"content-type": "application/json"})
                 assert r.status_code < 500, (url, f, raw, r.text)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_quantized_server_answers_as_the_command_line(serve_runs, capsys, weights):
+    """`pretune serve --weights W` serves what `pretune generate --weights W` prints, alone and batched."""
+    from pretune.cli.parser import call_verb
+
+    q = load_runs([serve_runs["gpt"], serve_runs["bert"]], weights=weights)
+    app = create_app(q, max_batch=16, gather_s=0.3)
+    prompts = ["The quick brown fox", "Washington is the capital"]
+    want = [call_verb("generate", [p, "--run", str(serve_runs["gpt"]), "--max-new-tokens", "12",
+                                   "--temperature", "0", "--weights", weights])[0] for p in prompts]
+    text = "Washington is the [MASK] of the US."
+    fm = json.loads(_cli_json(capsys, ["fill-mask", text, "--run", str(serve_runs["bert"]), "--top-k", "3",
+                                       "--json-out", "--weights", weights]))
+
+    async def both():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            rs = await asyncio.gather(*[c.post("/api/generate", json={"run": "gpt", "prompt": p, "max_new_tokens": 12,
+                                                                        "temperature": 0.0}) for p in prompts])
+            return [r.json()["text"] for r in rs]
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        got = [c.post("/api/generate", json={"run": "gpt", "prompt": p, "max_new_tokens": 12,
+                                             "temperature": 0.0}).json()["text"] for p in prompts]
+        assert got == want
+        masks = c.post("/api/fill-mask", json={"run": "bert", "text": text, "top_k": 3}).json()["masks"]
+        assert [[[m["token"], m["probability"]] for m in ms] for ms in masks] == fm
+        s = c.post("/api/similarity", json={"run": "gpt", "a": "the film was good", "b": "the film was bad"}).json()
+        assert -1.0 <= s["similarity"] <= 1.0
+    assert asyncio.run(both()) == want  # concurrent requests: the batched decoder, on quantized weights

@@ -28,7 +28,8 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16) -> None:
+def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
+              weights: str = "fp32") -> None:
     """Serve runs as a local web page and JSON API: fill-mask, streamed generation, classification, similarity, cost, live curves.
 
     Args:
@@ -36,8 +37,12 @@ def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_b
         host: the address to listen on; anything but loopback exposes the models to the network
         port: the TCP port (0: any free one)
         max_batch: concurrent generation requests decoded together (1: one at a time)
+        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32) for every run: docs/performance.md
     """
     require_serve_deps()
+    from ..models.quantize import check_weights
+
+    check_weights(weights, "pretune serve")
     if not 0 <= port <= 65535:
         raise PretuneError(f"--port {port} is not a TCP port", "pretune serve", "use 0 .. 65535, e.g. 8000")
     if max_batch < 1:
@@ -47,7 +52,7 @@ def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_b
     from .api import create_app
     from .runs import load_runs
 
-    loaded = load_runs(list(runs))
+    loaded = load_runs(list(runs), weights)
     if not _loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this address can use the models "
               "(there is no authentication); use --host 127.0.0.1 to keep it local", file=sys.stderr)

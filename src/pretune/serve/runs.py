@@ -57,8 +57,9 @@ class Loaded:
         return self.model.body if self.kind == "classifier" else self.model
 
 
-def load_runs(paths: list[Path]) -> dict[str, Loaded]:
-    """name -> Loaded, in the order given; a second run of the same folder name gets '-2', '-3'."""
+def load_runs(paths: list[Path], weights: str = "fp32") -> dict[str, Loaded]:
+    """name -> Loaded, in the order given; a second run of the same folder name gets '-2', '-3'.
+    `weights`: fp32, bf16, int8 or int4 for every run (models/quantize.py), as `generate --weights`."""
     from ..models.load import load_classifier, load_model
 
     if not paths:
@@ -75,10 +76,10 @@ def load_runs(paths: list[Path]) -> dict[str, Loaded]:
         while name in out:
             name, i = f"{base[:56]}-{i}", i + 1
         if "task" in d:
-            model, cfg, tok, info = load_classifier(p)
+            model, cfg, tok, info = load_classifier(p, weights=weights)
             out[name] = Loaded(name, p, "classifier", model, cfg, tok, info=info)
             continue
-        model, cfg, tok = load_model(p)
+        model, cfg, tok = load_model(p, weights=weights)
         if tok is None:
             raise PretuneError("the run has no tokenizer.json", str(p), "re-create the run with pretrain or import")
         out[name] = Loaded(name, p, "decoder" if cfg.causal else "encoder", model, cfg, tok,
