@@ -257,7 +257,7 @@ def verify(path: str | Path) -> str | None:
     root = path.resolve()
     for name, digest in files.items():
         f = (path / name).resolve()
-        if f.parent != root:
+        if root not in f.parents:  # a distributed checkpoint's shards lie in dcp/ (runs/dcp.py)
             return f"manifest names a path outside the checkpoint: {name}"
         if not f.is_file():
             return f"missing file {name}"

@@ -1,0 +1,177 @@
+"""Data parallelism under torchrun, on the CPU with gloo (docs/distributed.md).
+
+Each run is the real command, `python -m torch.distributed.run --nproc-per-node N -m pretune
+pretrain ...` (or the same without torchrun for the one-process run), tiny models, one thread
+per rank, dropout 0 and fp32 where runs are compared: 2-process DDP equals the one-process run
+of the same global batch (every logged loss and the final weights, allclose 1e-5) for GPT (L1)
+and BERT (MLM + NSP); the union of the ranks' batches of step k is the one-process batch of step
+k; a distributed checkpoint holds no pickle and resumes at another world size (2 -> 1, 1 -> 2)
+as the uninterrupted run. Select them with `pytest tests/test_distributed.py` or `-m distributed`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "\n\n".join(
+    f"Document {i}. The quick brown fox jumps over the lazy dog. It was a bright cold day in April, "
+    f"and the clocks were striking {i % 13}. Call me Ishmael. Some years ago, never mind how long."
+    for i in range(120))
+TINY = ["--model.vocab-size", "320", "--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2",
+        "--model.max-seq-len", "32", "--model.dropout", "0"]
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretune(args, nproc=0, timeout=240, extra=()):
+    """`pretune ARGS` in one process (nproc 0) or under torchrun with nproc ranks; the result."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_port()), *extra, "-m", "pretune", *args]
+    else:
+        cmd = [sys.executable, "-m", "pretune", *args]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pretune.cli import main
+    from pretune.tokenizer.vocabularies import train_tokenizer
+    d = tmp_path_factory.mktemp("dist")
+    (d / "corpus.txt").write_text(TEXT)
+    out = {}
+    for kind in ("bpe", "wordpiece"):
+        train_tokenizer(kind, 320, TEXT.split("\n\n")).save(d / f"{kind}.json")
+        assert main(["prepare", "--corpus", str(d / "corpus.txt"), "--tokenizer", str(d / f"{kind}.json"),
+                     "--out", str(d / f"data-{kind}"), "--val-fraction", "0.2"]) == 0
+        out[kind] = d / f"data-{kind}"
+    return out
+
+
+def command(family, data, run, steps=6, batch=4, *more):
+    model, kind = ("gpt-mini", "bpe") if family == "gpt" else ("bert-mini", "wordpiece")
+    return ["pretrain", "--model", model, "--data", str(data[kind]), "--out", str(run), *TINY,
+            "--train.steps", str(steps), "--train.batch-size", str(batch), "--train.seq-len", "32",
+            "--train.log-every", "1", "--train.eval-every", "0", "--train.eval-batches", "2",
+            "--train.warmup", "2", "--train.ckpt-every", "3", "--train.lr", "3e-3", "--train.device", "cpu",
+            *more]
+
+
+def losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(run, step=6):
+    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def assert_same_run(a, b, step=6):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == step
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-5)
+    wa, wb = weights(a, step), weights(b, step)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"], ids=["gpt-L1", "bert-MLM+NSP"])
+def test_two_process_ddp_equals_one_process_of_the_same_global_batch(tmp_path, data, family):
+    ok(pretune(command(family, data, tmp_path / "one", 6, 8)))
+    ok(pretune(command(family, data, tmp_path / "two", 6, 4), nproc=2))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    # one set of outputs: rank 0's metrics.jsonl (one line per step) and plots
+    assert (tmp_path / "two" / "metrics.jsonl").exists()
+
+
+def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data):
+    """2 ranks x micro 2 x accumulation 2 (no all-reduce per micro-batch: no_sync) = 1 x 8: MLM's
+    varying masked count per micro-batch and rank normalised by the global count."""
+    ok(pretune(command("bert", data, tmp_path / "one", 6, 8)))
+    ok(pretune(command("bert", data, tmp_path / "two", 6, 2, "--train.global-batch", "8"), nproc=2))
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_the_union_of_the_ranks_batches_is_the_one_process_batch(data):
+    from pretune.data.loaders import training_batches
+    from pretune.tokenizer.core import Tokenizer
+    for name, kind in (("windows", "bpe"), ("pairs", "wordpiece")):
+        tok = Tokenizer.load(data[kind])
+        one = training_batches(name, data[kind], 8, 32, 5, tok)
+        ranks = [training_batches(name, data[kind], 2, 32, 5, tok).partition(r, 2, 2) for r in range(2)]
+        for step in range(3):
+            full = next(one)
+            parts = {}
+            for a in range(2):  # micro-batch a of rank r: rows (a W + r) B ...
+                for r in range(2):
+                    parts[a * 2 + r] = next(ranks[r])
+            for k in full:
+                if k == "mlm_rows":
+                    continue
+                torch.testing.assert_close(torch.cat([parts[i][k] for i in range(4)]), full[k], rtol=0, atol=0)
+            # disjoint rows: each rank reads its own part
+            assert not torch.equal(parts[0]["input_ids"], parts[1]["input_ids"])
+        st = ranks[0].state_dict()
+        assert st["batch"] == 3 and st["micro"] == 0
+
+
+def test_distributed_checkpoints_hold_no_pickle_and_reshard_both_ways(tmp_path, data):
+    from pretune.safety import check_safetensors, looks_like_pickle
+    from pretune.runs.checkpoint import verify
+    ok(pretune(command("gpt", data, tmp_path / "whole", 6, 8)))
+    # saved by 2 processes (steps 0 and 3), resumed by 1 (micro 4 x accumulation 2 = the global batch 8)
+    ok(pretune(command("gpt", data, tmp_path / "2to1", 3, 4), nproc=2))
+    ck = tmp_path / "2to1" / "checkpoints" / "step-000003"
+    assert verify(ck) is None
+    files = [p for p in ck.rglob("*") if p.is_file()]
+    assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # each rank its shard
+    for p in files:
+        assert not looks_like_pickle(p), p
+        if p.suffix == ".safetensors":
+            check_safetensors(p)
+        else:
+            json.loads(p.read_text())  # everything else is JSON
+    state = json.loads((ck / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
+    ok(pretune(command("gpt", data, tmp_path / "2to1", 6, 4, "--train.global-batch", "8")))
+    assert_same_run(tmp_path / "whole", tmp_path / "2to1")
+    # saved by 1 process, resumed by 2
+    ok(pretune(command("gpt", data, tmp_path / "1to2", 3, 8)))
+    ok(pretune(command("gpt", data, tmp_path / "1to2", 6, 4), nproc=2))
+    assert_same_run(tmp_path / "whole", tmp_path / "1to2")
+
+
+def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
+    """--train.global-batch that micro-batch x world does not divide: one line, exit 2."""
+    r = pretune(command("gpt", data, tmp_path / "bad", 2, 3, "--train.global-batch", "8"), nproc=2)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pretune: error:")]
+    assert r.stderr.count("pretune: error:") == 1 and "global-batch 8" in lines[0]  # every rank finds it; rank 0 says it
+    assert not (tmp_path / "bad").exists()
