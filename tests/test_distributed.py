@@ -175,3 +175,29 @@ def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
     lines = [line for line in r.stderr.splitlines() if line.startswith("pretune: error:")]
     assert r.stderr.count("pretune: error:") == 1 and "global-batch 8" in lines[0]  # every rank finds it; rank 0 says it
     assert not (tmp_path / "bad").exists()
+
+
+def test_two_process_finetuning_equals_one_process(tmp_path, data):
+    """L3 on the GPT run (L2 + lambda L1, its token count varying with each rank's padding) under
+    torchrun: the same steps per epoch (global batches), one results.json."""
+    import csv
+    ok(pretune(command("gpt", data, tmp_path / "body", 2, 4)))
+    words = ["good", "bad", "fine", "awful", "great", "poor"]
+    with open(tmp_path / "task.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(90):
+            w.writerow([" ".join(words[(i * j) % 6] for j in range(1 + i % 5)), ["pos", "neg"][i % 2]])
+    ft = ["finetune", "--init", str(tmp_path / "body"), "--task", str(tmp_path / "task.csv"),
+          "--finetune.objective", "L3", "--finetune.epochs", "1", "--finetune.dropout", "0",
+          "--train.device", "cpu", "--train.log-every", "1"]
+    ok(pretune([*ft, "--out", str(tmp_path / "one"), "--train.batch-size", "8"]))
+    ok(pretune([*ft, "--out", str(tmp_path / "two"), "--train.batch-size", "4"], nproc=2))
+    rows = [[json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+            for r in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) >= 3
+    # step 1's L1 term (the weights still equal; the head's dropout 0.1, which no option turns off,
+    # draws per rank, so L2 and later steps differ): the token count normalised over the ranks
+    assert abs(rows[0][0]["l1"] - rows[1][0]["l1"]) < 1e-5
+    ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+    assert ra["steps"] == rb["steps"] and ra["test"]["n"] == rb["test"]["n"]
