@@ -102,21 +102,40 @@ def ok(r):
     return r
 
 
-@pytest.mark.parametrize("family", ["gpt", "bert"], ids=["gpt-L1", "bert-MLM+NSP"])
-def test_two_process_ddp_equals_one_process_of_the_same_global_batch(tmp_path, data, family):
-    ok(pretune(command(family, data, tmp_path / "one", 6, 8)))
-    ok(pretune(command(family, data, tmp_path / "two", 6, 4), nproc=2))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
-    # one set of outputs: rank 0's metrics.jsonl (one line per step) and plots
-    assert (tmp_path / "two" / "metrics.jsonl").exists()
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Runs made once and shared (each a real command): runs(name) -> its run directory."""
+    root, made = tmp_path_factory.mktemp("runs"), {}
+    recipes = {  # name -> (family, nproc, micro-batch, more options); 6 steps, checkpoints at 0, 3, 6
+        "gpt-1": ("gpt", 0, 8, ()), "bert-1": ("bert", 0, 8, ()),
+        "gpt-ddp": ("gpt", 2, 4, ()), "bert-ddp": ("bert", 2, 4, ()),
+        "gpt-fsdp": ("gpt", 2, 4, ("--train.parallel", "fsdp")),
+        "bert-fsdp": ("bert", 2, 4, ("--train.parallel", "fsdp")),
+    }
+
+    def get(name):
+        if name not in made:
+            family, nproc, batch, more = recipes[name]
+            ok(pretune(command(family, data, root / name, 6, batch, *more), nproc=nproc))
+            made[name] = root / name
+        return made[name]
+    return get
 
 
-def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data):
+@pytest.mark.parametrize("family,parallel", [("gpt", "ddp"), ("bert", "ddp"), ("gpt", "fsdp"), ("bert", "fsdp")],
+                         ids=["gpt-L1-ddp", "bert-MLM+NSP-ddp", "gpt-L1-fsdp", "bert-MLM+NSP-fsdp"])
+def test_two_processes_equal_one_process_of_the_same_global_batch(runs, family, parallel):
+    assert_same_run(runs(f"{family}-1"), runs(f"{family}-{parallel}"))
+    # one set of outputs: rank 0's metrics.jsonl, one line per step
+    rows = (runs(f"{family}-{parallel}") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if '"loss"' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data, runs):
     """2 ranks x micro 2 x accumulation 2 (no all-reduce per micro-batch: no_sync) = 1 x 8: MLM's
     varying masked count per micro-batch and rank normalised by the global count."""
-    ok(pretune(command("bert", data, tmp_path / "one", 6, 8)))
     ok(pretune(command("bert", data, tmp_path / "two", 6, 2, "--train.global-batch", "8"), nproc=2))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(runs("bert-1"), tmp_path / "two")
 
 
 def test_the_union_of_the_ranks_batches_is_the_one_process_batch(data):
@@ -142,30 +161,43 @@ def test_the_union_of_the_ranks_batches_is_the_one_process_batch(data):
         assert st["batch"] == 3 and st["micro"] == 0
 
 
-def test_distributed_checkpoints_hold_no_pickle_and_reshard_both_ways(tmp_path, data):
+def _at_step_3(run, dest):
+    """A copy of `run` as it was after step 3 (its later checkpoint removed; the resume drops the
+    metrics after its checkpoint)."""
+    import shutil
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "checkpoints" / "step-000006")
+    return dest
+
+
+def test_distributed_checkpoints_hold_no_pickle(runs):
     from pretune.safety import check_safetensors, looks_like_pickle
     from pretune.runs.checkpoint import verify
-    ok(pretune(command("gpt", data, tmp_path / "whole", 6, 8)))
-    # saved by 2 processes (steps 0 and 3), resumed by 1 (micro 4 x accumulation 2 = the global batch 8)
-    ok(pretune(command("gpt", data, tmp_path / "2to1", 3, 4), nproc=2))
-    ck = tmp_path / "2to1" / "checkpoints" / "step-000003"
-    assert verify(ck) is None
-    files = [p for p in ck.rglob("*") if p.is_file()]
-    assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # each rank its shard
-    for p in files:
-        assert not looks_like_pickle(p), p
-        if p.suffix == ".safetensors":
-            check_safetensors(p)
-        else:
-            json.loads(p.read_text())  # everything else is JSON
-    state = json.loads((ck / "state.json").read_text())
-    assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
-    ok(pretune(command("gpt", data, tmp_path / "2to1", 6, 4, "--train.global-batch", "8")))
-    assert_same_run(tmp_path / "whole", tmp_path / "2to1")
-    # saved by 1 process, resumed by 2
-    ok(pretune(command("gpt", data, tmp_path / "1to2", 3, 8)))
-    ok(pretune(command("gpt", data, tmp_path / "1to2", 6, 4), nproc=2))
-    assert_same_run(tmp_path / "whole", tmp_path / "1to2")
+    for name in ("gpt-ddp", "gpt-fsdp"):
+        ck = runs(name) / "checkpoints" / "step-000003"
+        assert verify(ck) is None
+        assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # each rank its shard
+        for p in (p for p in ck.rglob("*") if p.is_file()):
+            assert not looks_like_pickle(p), p
+            if p.suffix == ".safetensors":
+                check_safetensors(p)
+            else:
+                json.loads(p.read_text())  # everything else is JSON
+        state = json.loads((ck / "state.json").read_text())
+        assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
+        assert "optimizer" in state and "param_groups" in state["optimizer"]
+
+
+@pytest.mark.parametrize("saved,nproc,batch,more", [
+    ("gpt-ddp", 0, 4, ("--train.global-batch", "8")),   # 2 -> 1: micro 4 x accumulation 2
+    ("gpt-fsdp", 0, 8, ()),                             # 2 FSDP2 shards -> 1
+    ("gpt-1", 2, 4, ()),                                # 1 -> 2
+], ids=["ddp-2to1", "fsdp-2to1", "1to2-ddp"])
+def test_a_run_resumes_at_another_world_size_as_the_uninterrupted_run(tmp_path, data, runs, saved, nproc, batch,
+                                                                       more):
+    run = _at_step_3(runs(saved), tmp_path / "run")
+    ok(pretune(command("gpt", data, run, 6, batch, *more), nproc=nproc))
+    assert_same_run(runs("gpt-1"), run)
 
 
 def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
@@ -177,18 +209,17 @@ def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
     assert not (tmp_path / "bad").exists()
 
 
-def test_two_process_finetuning_equals_one_process(tmp_path, data):
+def test_two_process_finetuning_equals_one_process(tmp_path, data, runs):
     """L3 on the GPT run (L2 + lambda L1, its token count varying with each rank's padding) under
     torchrun: the same steps per epoch (global batches), one results.json."""
     import csv
-    ok(pretune(command("gpt", data, tmp_path / "body", 2, 4)))
     words = ["good", "bad", "fine", "awful", "great", "poor"]
     with open(tmp_path / "task.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
         for i in range(90):
             w.writerow([" ".join(words[(i * j) % 6] for j in range(1 + i % 5)), ["pos", "neg"][i % 2]])
-    ft = ["finetune", "--init", str(tmp_path / "body"), "--task", str(tmp_path / "task.csv"),
+    ft = ["finetune", "--init", str(runs("gpt-1")), "--task", str(tmp_path / "task.csv"),
           "--finetune.objective", "L3", "--finetune.epochs", "1", "--finetune.dropout", "0",
           "--train.device", "cpu", "--train.log-every", "1"]
     ok(pretune([*ft, "--out", str(tmp_path / "one"), "--train.batch-size", "8"]))

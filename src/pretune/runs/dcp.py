@@ -40,8 +40,13 @@ def is_distributed(ck: str | Path) -> bool:
 
 
 def _canonical(model: torch.nn.Module) -> set[str]:
-    """The state-dict names that are not an alias of another (the tied output matrix is W_e)."""
-    return {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    """The state-dict names that are not an alias of another (the tied output matrix is W_e): of
+    each group of names of one tensor the alphabetically first, the one safetensors' save_model
+    keeps, so a consolidated model.safetensors has the keys of a one-process one."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    return {min(ns) for ns in groups.values()} | {n for n, _ in model.named_buffers()}
 
 
 def _flat(model, optimizer, with_optimizer: bool) -> tuple[dict[str, torch.Tensor], list]:
