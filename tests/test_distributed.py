@@ -45,14 +45,19 @@ def _port():
         return s.getsockname()[1]
 
 
-def pretune(args, nproc=0, timeout=240, extra=()):
+def torchrun(nproc, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_port()), *extra, "-m", "pretune"]
+
+
+def pretune(args, nproc=0, timeout=240, extra=(), env=None):
     """`pretune ARGS` in one process (nproc 0) or under torchrun with nproc ranks; the result."""
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_port()), *extra, "-m", "pretune", *args]
     else:
         cmd = [sys.executable, "-m", "pretune", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +113,7 @@ def runs(data, tmp_path_factory):
     root, made = tmp_path_factory.mktemp("runs"), {}
     recipes = {  # name -> (family, nproc, micro-batch, more options); 6 steps, checkpoints at 0, 3, 6
         "gpt-1": ("gpt", 0, 8, ()), "bert-1": ("bert", 0, 8, ()),
-        "gpt-ddp": ("gpt", 2, 4, ()), "bert-ddp": ("bert", 2, 4, ()),
+        "gpt-ddp": ("gpt", 2, 4, ("--train.log", "tensorboard")), "bert-ddp": ("bert", 2, 4, ()),
         "gpt-fsdp": ("gpt", 2, 4, ("--train.parallel", "fsdp")),
         "bert-fsdp": ("bert", 2, 4, ("--train.parallel", "fsdp")),
     }
@@ -232,3 +237,71 @@ def test_two_process_finetuning_equals_one_process(tmp_path, data, runs):
     assert abs(rows[0][0]["l1"] - rows[1][0]["l1"]) < 1e-5
     ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
     assert ra["steps"] == rb["steps"] and ra["test"]["n"] == rb["test"]["n"]
+
+
+def test_kill_9_of_one_rank_restarts_the_group_from_the_last_checkpoint(tmp_path, data, runs):
+    """SIGKILL of rank 1 at a seeded random moment (mid-forward of a step after the first
+    checkpoint); torchrun --max-restarts 3 restarts both ranks, which resume from the last complete
+    checkpoint and finish with the weights of the uninterrupted run."""
+    import random
+    k = random.Random(15).randint(4, 6)  # rank 1's k-th forward: step 4, 5 or 6 (after the step-3 checkpoint)
+    env = {"PRETUNE_FAULT": f"after_forward:{k}", "PRETUNE_FAULT_RANK": "1",
+           "PRETUNE_FAULT_ONCE": str(tmp_path / "killed-once")}
+    r = ok(pretune(command("gpt", data, tmp_path / "run", 6, 4), nproc=2, extra=("--max-restarts", "3"), env=env))
+    assert (tmp_path / "killed-once").exists(), r.stderr[-2000:]  # it did die once
+    assert "resuming" in r.stdout
+    assert_same_run(runs("gpt-1"), tmp_path / "run")
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_together(tmp_path, data):
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = command("gpt", data, run, 400, 4, "--train.ckpt-every", "1000")
+    p = subprocess.Popen(torchrun(2) + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 120 and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the ranks
+    out, err = p.communicate(timeout=120)
+    assert "pretune: stopped by SIGTERM" in err, err[-3000:]
+    from pretune.runs.checkpoint import latest_checkpoint, verify
+    ck = latest_checkpoint(run)
+    step = int(ck.name.split("-")[1])
+    assert 0 < step < 400 and verify(ck) is None
+    assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # both ranks wrote, together
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    # torchrun's own exit status is its own business (docs/distributed.md); the run resumes
+    r = ok(pretune(command("gpt", data, run, step + 2, 4, "--train.ckpt-every", "1000"), nproc=2))
+    assert f"resuming {run} from step {step}" in r.stdout
+
+
+def test_two_agents_rendezvous_on_loopback(tmp_path, data, runs):
+    """--nnodes 2 through c10d on 127.0.0.1: two torchrun agents, one rank each, = 2 x 4 = 1 x 8."""
+    port, run = _port(), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pretune-test",
+           "-m", "pretune", *command("gpt", data, run, 6, 4)]
+    agents = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outs = [a.communicate(timeout=240) for a in agents]
+    for a, (o, e) in zip(agents, outs):
+        assert a.returncode == 0, e[-3000:]
+    assert_same_run(runs("gpt-1"), run)
+
+
+def test_tensorboard_event_files_of_a_two_process_run(runs):
+    """--train.log tensorboard: rank 0's event files under RUN/tb/, read back with tensorboard's own
+    reader: the loss of every step, as metrics.jsonl has it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = runs("gpt-ddp")
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    want = [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
+    assert len(list((run / "tb").iterdir())) == 1  # one writer: rank 0
