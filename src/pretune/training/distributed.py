@@ -207,7 +207,7 @@ def setup(tc) -> Dist:
     if parallel == "none":
         _CURRENT = Dist()
         return _CURRENT
-    if _CURRENT.active:
+    if _CURRENT.active and _CURRENT.parallel == parallel:
         return _CURRENT
     import torch.distributed as dist
     from .config import resolve_device
@@ -223,7 +223,9 @@ def setup(tc) -> Dist:
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
         dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("PRETUNE_DIST_TIMEOUT",
                                                                                         "600"))))
-    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+        cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    else:  # the group is running (another parallel mode in the same process: scripts/gpu_check.py)
+        cpu_group = _CURRENT.cpu_group
     _CURRENT = Dist(rank, dist.get_world_size(), local_rank, parallel, device, cpu_group)
     return _CURRENT
 
