@@ -8,6 +8,15 @@ from pathlib import Path
 from ..errors import PretuneError
 
 
+def require() -> None:
+    """One line naming the pip command when the tensorboard package is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError as e:
+        raise PretuneError("--train.log tensorboard needs the tensorboard package", None,
+                           "pip install 'tensorboard>=2.16' (or pip install 'pretune[tensorboard]')") from e
+
+
 class Board:
     """One scalar per numeric metric of each logged record, at its step."""
 

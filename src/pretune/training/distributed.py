@@ -204,6 +204,9 @@ def setup(tc) -> Dist:
         raise PretuneError(f"--train.parallel none under torchrun with {world} processes", None,
                            "use --train.parallel ddp or fsdp, or run without torchrun")
     _resolve_global_batch(tc, world)
+    if getattr(tc, "log", "jsonl") == "tensorboard":  # a missing package fails before anything is written
+        from .board import require
+        require()
     if parallel == "none":
         _CURRENT = Dist()
         return _CURRENT
