@@ -33,6 +33,7 @@ TINY = ["--model.vocab-size", "320", "--model.n-layer", "1", "--model.d-model", 
 
 def _env():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+           "PRETUNE_DIST_TIMEOUT": "60",  # a collective left hanging by a dead rank fails, and torchrun restarts
            "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
