@@ -202,7 +202,7 @@ def test_allow_change_only_takes_schedule_options(w, tmp_path, capsys):
 
 FINETUNE_REFUSED = [
     (["--train.seed", "1"], "seed=0, now seed=1"),
-    (["--train.batch-size", "8"], "batch_size=16, now batch_size=8"),
+    (["--train.batch-size", "8"], "global_batch=16, now global_batch=8"),
     (["--train.lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (config/training_recipes.py)
     (["--finetune.freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
     (["--finetune.pool", "mean"], "pool='last', now pool='mean'"),
