@@ -88,11 +88,24 @@ def parse(argv=None):
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on for CUDA)")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp32", "fp16"))
     ap.add_argument("--cpu", action="store_true", help="run the CPU fallback even where CUDA is available")
+    ap.add_argument("--parallel", default="none",
+                    help="comma-separated: none, ddp, fsdp (world size 1 through a process group: NCCL on CUDA, "
+                         "gloo on the CPU; docs/distributed.md), each measured in turn")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
+    a = parse(argv)
+    modes = [m.strip() for m in a.parallel.split(",") if m.strip()]
+    results = [measure(a, m) for m in modes]
+    if a.json:
+        from pretune.fileio import atomic_write_json
+        atomic_write_json(a.json, results[0] if len(results) == 1 else {"runs": results})
+    return results[0] if len(results) == 1 else {"runs": results}
+
+
+def measure(a, parallel: str = "none") -> dict:
     import torch
 
     from pretune.config.presets import preset
@@ -102,7 +115,6 @@ def main(argv=None) -> dict:
     from pretune.training.config import TrainConfig
     from pretune.training.loop import Trainer
 
-    a = parse(argv)
     cuda = torch.cuda.is_available() and not a.cpu
     model_name = a.model or ("gpt2" if cuda else "gpt-mini")
     B = a.batch or (16 if cuda else 2)
@@ -122,7 +134,9 @@ def main(argv=None) -> dict:
     x = torch.randint(cfg.vocab_size, (B, T + 1), generator=g)
     batch = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
     tc = TrainConfig(steps=1 << 30, batch_size=B, warmup=0, device=device, precision=a.precision,
-                     compile=do_compile, lr=6e-4)
+                     compile=do_compile, lr=6e-4, parallel=parallel)
+    from pretune.training import distributed
+    distributed.setup(tc)  # ddp / fsdp: a process group of one (NCCL on CUDA, gloo on the CPU)
     trainer = Trainer(model, tc, _Repeat(batch),
                       lambda m, b: (l1_loss(m, b["input_ids"], b["targets"]), {}), "/tmp", progress=False)
 
@@ -151,7 +165,7 @@ def main(argv=None) -> dict:
         name = machine_key("cpu")
         dt_key = "bf16" if a.precision == "bf16" else "fp32"
         peak, peak_src = measured_peak(dt_key, "cpu", measure=True, seconds=1.0), f"measured {dt_key} matmul"
-    out = {"device": name, "model": model_name, "params_6n": n, "batch": B, "seq": T, "steps": steps,
+    out = {"device": name, "parallel": parallel, "model": model_name, "params_6n": n, "batch": B, "seq": T, "steps": steps,
            "warmup_steps": warmup, "warmup_s": warmup_s, "compile": do_compile, "precision": a.precision,
            "step_s": dt / steps, "tokens_per_s": tok_s, "loss": float(loss),
            "model_tflops": tok_s * fpt / 1e12, "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_src,
@@ -159,7 +173,7 @@ def main(argv=None) -> dict:
            "sync_check": sync_check, "torch": torch.__version__}
     if cuda:
         out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print(f"{name}: {model_name} B={B} T={T} {a.precision}{' compiled' if do_compile else ''}: "
+    print(f"{name} [{parallel}]: {model_name} B={B} T={T} {a.precision}{' compiled' if do_compile else ''}: "
           f"{dt / steps * 1e3:.1f} ms/step, {tok_s:,.0f} tokens/s, {out['model_tflops']:.1f} TFLOP/s"
           + (f", MFU {out['mfu']:.1%} (6N only: {out['mfu_6n']:.1%}) of {out['peak_tflops']:.4g} TFLOP/s "
              f"({peak_src})" if peak else ""))
@@ -169,9 +183,6 @@ def main(argv=None) -> dict:
     if cuda and out["mfu"] is not None:
         print(f"goal on an H100: MFU >= 45%: {'met' if out['mfu'] >= 0.45 else 'not met'}")
     print(json.dumps(out))
-    if a.json:
-        from pretune.fileio import atomic_write_json
-        atomic_write_json(a.json, out)
     return out
 
 

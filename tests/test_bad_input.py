@@ -174,6 +174,11 @@ CASES = [
     ("yaml-unknown-key", lambda w, t: ["pretrain", "--config", str(_file(t, "c.yaml", "train:\n  stepz: 2\n"))],
      "did you mean 'train.steps'"),
     ("yaml-missing", lambda w, t: ["pretrain", "--config", str(t / "nope.yaml")], "cannot read config file"),
+    # -- data parallelism (docs/distributed.md)
+    ("parallel-unknown", lambda w, t: _gpt(w, t, "--train.parallel", "zero3"), "parallel='zero3' is unknown"),
+    ("global-batch-indivisible", lambda w, t: _gpt(w, t, "--train.global-batch", "3"),
+     "is not a multiple of the micro-batch x world size"),
+    ("log-unknown", lambda w, t: _gpt(w, t, "--train.log", "wandb"), "log='wandb' is unknown"),
     # -- prepare: corpora and tokenizers
     ("corpus-missing", lambda w, t: ["prepare", "--corpus", str(t / "nope.txt"), "--tokenizer", str(w / "bpe.json"),
                                      "--out", str(t / "data")], "nope.txt"),

@@ -86,8 +86,8 @@ def refused(capsys, argv, run) -> str:
 # (the option's flag and new value, the fragment naming the change, whether --train.allow-change may pass it)
 PRETRAIN_REFUSED = [
     (["--train.seed", "7"], "the run was started with seed=1337, now seed=7", False),
-    (["--train.batch-size", "4"], "batch_size=2, now batch_size=4", False),
-    (["--train.grad-accum", "2"], "grad_accum=1, now grad_accum=2", False),
+    (["--train.batch-size", "4"], "global_batch=2, now global_batch=4", False),  # the step's batch over all ranks
+    (["--train.grad-accum", "2"], "global_batch=2, now global_batch=4", False),
     (["--train.seq-len", "16"], "seq_len=32, now seq_len=16", False),
     (["--train.precision", "bf16"], "precision='fp32', now precision='bf16'", False),
     (["--train.weight-decay", "0.0"], "weight_decay=0.1, now weight_decay=0.0", False),
@@ -121,7 +121,7 @@ def test_pretrain_rerun_on_other_data_is_refused(w, tmp_path, capsys):
 def test_several_changes_are_named_in_one_line(w, tmp_path, capsys):
     run = shutil.copytree(w / "gpt", tmp_path / "run")
     err = refused(capsys, _gpt(w, run, "--train.seed", "7", "--train.batch-size", "4"), run)
-    assert "now batch_size=4 (and 1 more: seed)" in err, err
+    assert "now global_batch=4 (and 1 more: seed)" in err, err
 
 
 def _weights(run, step):
@@ -202,7 +202,7 @@ def test_allow_change_only_takes_schedule_options(w, tmp_path, capsys):
 
 FINETUNE_REFUSED = [
     (["--train.seed", "1"], "seed=0, now seed=1"),
-    (["--train.batch-size", "8"], "batch_size=16, now batch_size=8"),
+    (["--train.batch-size", "8"], "global_batch=16, now global_batch=8"),
     (["--train.lr", "0.001"], "lr=6.25e-05, now lr=0.001"),  # GPT-1's fine-tuning lr (config/training_recipes.py)
     (["--finetune.freeze", "embeddings"], "freeze='nothing', now freeze='the embeddings'"),
     (["--finetune.pool", "mean"], "pool='last', now pool='mean'"),

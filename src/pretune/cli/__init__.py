@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         call_verb(argv[0], argv[1:])
     except PretuneError as e:
         _close_progress_bars()
-        print(f"pretune: error: {e}", file=sys.stderr)
+        import os
+        if not (getattr(e, "collective", False) and os.environ.get("RANK", "0") != "0"):  # every rank has it: one line
+            print(f"pretune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pretune: interrupted", file=sys.stderr)

@@ -141,9 +141,28 @@ class ClassificationBatches:
             raise PretuneError("no training examples", None, "give a task with labelled examples")
         self.enc, self.batch_size, self.seed, self.pad_id, self.bucket, self.mlm = \
             enc, batch_size, seed, pad_id, bucket, mlm
-        self.per_epoch = math.ceil(len(enc) / batch_size)
+        self.rank, self.world, self.accum, self.micro = 0, 1, 1, 0
+        self._set_sizes()
         self.batch = 0
         self._plan: tuple[int, list] | None = None
+
+    def partition(self, rank: int, world: int, accum: int) -> "ClassificationBatches":
+        """Rank-aware: step s's global batch is the one-process batch of batch_size x accum x world
+        examples, and micro-batch a of rank r its part a W + r of A W near-equal parts."""
+        self.rank, self.world, self.accum = int(rank), int(world), int(accum)
+        self._set_sizes()
+        self._plan = None
+        return self
+
+    def _set_sizes(self) -> None:
+        self.parts = self.world * self.accum
+        self.global_size = self.batch_size * self.parts
+        if self.parts > len(self.enc):
+            raise PretuneError(f"{len(self.enc)} training examples cannot fill {self.parts} micro-batches",
+                               None, "use fewer processes or a smaller --train.grad-accum")
+        n, size = len(self.enc), self.global_size
+        short = n > size and 0 < n % size < self.parts  # epoch_plan merges that last batch into the one before
+        self.per_epoch = math.ceil(n / size) - int(short)
 
     def epoch_plan(self, e: int) -> list[np.ndarray]:
         """The batches of epoch e, as arrays of example indices."""
@@ -152,12 +171,15 @@ class ClassificationBatches:
         rng = _rng(self.seed, 0, e)
         perm = rng.permutation(len(self.enc))
         lengths = np.array([len(x) for x in self.enc.ids])
-        chunk = self.batch_size * self.bucket
+        size = self.global_size
+        chunk = size * self.bucket
         batches = []
         for s in range(0, len(perm), chunk):
             part = perm[s:s + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
-            batches += [part[j:j + self.batch_size] for j in range(0, len(part), self.batch_size)]
+            batches += [part[j:j + size] for j in range(0, len(part), size)]
+        if len(batches) > 1 and len(batches[-1]) < self.parts:  # too few to give every micro-batch one
+            batches[-2:] = [np.concatenate(batches[-2:])]
         plan = [batches[i] for i in rng.permutation(len(batches))]
         self._plan = (e, plan)
         return plan
@@ -166,10 +188,15 @@ class ClassificationBatches:
         return self
 
     def __next__(self) -> dict:
-        k = self.batch
-        self.batch += 1
+        k, part = self.batch, self.micro * self.world + self.rank
+        self.micro += 1
+        if self.micro == self.accum:
+            self.micro, self.batch = 0, self.batch + 1
         e, j = divmod(k, self.per_epoch)
-        batch = collate(self.enc, self.epoch_plan(e)[j], self.pad_id)
+        idx = self.epoch_plan(e)[j]
+        if self.parts > 1:
+            idx = np.array_split(idx, self.parts)[part]
+        batch = collate(self.enc, idx, self.pad_id)
         if self.mlm is not None:
             from ..objectives.masking import mlm_mask, mlm_rows
             g = torch.Generator()
@@ -182,14 +209,18 @@ class ClassificationBatches:
         return batch
 
     def state_dict(self) -> dict:
-        return {"batch": self.batch, "seed": self.seed, "examples": len(self.enc)}
+        return {"batch": self.batch, "micro": self.micro, "unit": "step", "seed": self.seed,
+                "examples": len(self.enc)}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("examples") is not None and d["examples"] != len(self.enc):
             raise PretuneError(f"the training set changed since the checkpoint ({d['examples']:,} examples "
                                f"then, {len(self.enc):,} now)", None,
                                "resume with the same task and --train-examples, or start a new --out")
-        self.batch = int(d["batch"])
+        if d.get("unit") == "step":
+            self.batch, self.micro = int(d["batch"]), int(d.get("micro", 0))
+        else:  # before rank-aware batches the counter counted micro-batches
+            self.batch, self.micro = divmod(int(d["batch"]), self.accum)
 
 
 def ordered_batches(enc: Encoded, batch_size: int, pad_id: int):

@@ -77,25 +77,66 @@ def batch_generator(seed: int, k: int) -> torch.Generator:
 
 
 class _Resumable:
-    """The batch counter is the whole state (batch k depends on (seed, k) only)."""
+    """The step counter is the whole state (the batch of step s depends on (seed, s) only).
+
+    Rank-aware: the global batch of step s is one draw of batch_size x accum x world rows from
+    the generator of (seed, s); micro-batch a of rank r is its rows [(a W + r) B, (a W + r + 1) B).
+    So the union over the ranks and micro-batches of step s is exactly the one-process batch of
+    step s with the same global batch, whatever the world size (`partition`)."""
+
+    rank, world, accum, micro = 0, 1, 1, 0
+    _cached: tuple[int, dict] | None = None
+
+    def partition(self, rank: int, world: int, accum: int) -> "_Resumable":
+        """Read rank `rank`'s share of each global batch of `world` x `accum` micro-batches."""
+        self.rank, self.world, self.accum = int(rank), int(world), int(accum)
+        self._cached = None
+        return self
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        g = batch_generator(self.seed, self.batch)
-        self.batch += 1
-        return self._make(g)
+        B, W, A = self.batch_size, self.world, self.accum
+        lo = (self.micro * W + self.rank) * B
+        if W == 1 and A == 1:
+            out = self._make(batch_generator(self.seed, self.batch), B)
+        else:
+            out = self._rows(self.batch, B * A * W, lo, lo + B)
+        self.micro += 1
+        if self.micro == A:
+            self.micro, self.batch = 0, self.batch + 1
+        return out
+
+    def _rows(self, step: int, n: int, lo: int, hi: int) -> dict:
+        """Rows [lo, hi) of the global batch of `step` (n rows), built once per step."""
+        if self._cached is None or self._cached[0] != step:
+            self._cached = (step, self._make(batch_generator(self.seed, step), n))
+        return _slice_rows(self._cached[1], lo, hi)
 
     def state_dict(self) -> dict:
-        return {"batch": self.batch, "seed": self.seed, "split": self.split, "tokens": len(self.shard)}
+        return {"batch": self.batch, "micro": self.micro, "unit": "step", "seed": self.seed, "split": self.split,
+                "tokens": len(self.shard)}
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("tokens") is not None and d["tokens"] != len(self.shard):
             raise PretuneError(f"the data changed since the checkpoint ({d['tokens']:,} {self.split} tokens then, "
                                f"{len(self.shard):,} now)", str(self.shard.dir),
                                "resume with the original data folder, or start a new run")
-        self.batch = int(d["batch"])
+        if d.get("unit") == "step":
+            self.batch, self.micro = int(d["batch"]), int(d.get("micro", 0))
+        else:  # before rank-aware loading the counter counted micro-batches
+            self.batch, self.micro = divmod(int(d["batch"]), self.accum)
+        self._cached = None
+
+
+def _slice_rows(batch: dict, lo: int, hi: int) -> dict:
+    """Rows [lo, hi) of every per-row tensor of a batch; MLM's flat row indices found again."""
+    out = {k: v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 and k != "mlm_rows" else v for k, v in batch.items()}
+    if "mlm_rows" in batch:
+        from ..objectives.masking import mlm_rows
+        out["mlm_rows"] = mlm_rows(out["labels"])
+    return out
 
 
 class LMBatches(_Resumable):
@@ -116,9 +157,14 @@ class LMBatches(_Resumable):
         buf = torch.from_numpy(self.shard.tokens[idx].astype(np.int64))
         return {"input_ids": buf[:, :-1], "targets": buf[:, 1:]}
 
-    def _make(self, g: torch.Generator) -> dict:
-        starts = torch.randint(len(self.shard) - self.seq_len, (self.batch_size,), generator=g)
+    def _make(self, g: torch.Generator, n: int) -> dict:
+        starts = torch.randint(len(self.shard) - self.seq_len, (n,), generator=g)
         return self._windows(starts.numpy())
+
+    def _rows(self, step: int, n: int, lo: int, hi: int) -> dict:
+        """Only this micro-batch's windows are read: the draw of all n starts is what they share."""
+        starts = torch.randint(len(self.shard) - self.seq_len, (n,), generator=batch_generator(self.seed, step))
+        return self._windows(starts[lo:hi].numpy())
 
     @classmethod
     def for_training(cls, data_dir, split, batch_size, seq_len, seed, tokenizer=None) -> "LMBatches":
@@ -184,8 +230,8 @@ class PairBatches(_Resumable):
     def validation(cls, data_dir, split, batch_size, seq_len, n_batches, seed=0) -> Iterator[dict]:
         """The first n_batches pair batches of a PairBatches seeded with `seed`."""
         pb = cls(data_dir, split, batch_size, seq_len, seed)
-        for _ in range(n_batches):
-            yield next(pb)
+        for k in range(n_batches):
+            yield pb._make(batch_generator(seed, k), batch_size)
 
     def _doc_of(self, s: int) -> tuple[int, int]:
         """[first, end) sentence indices of the document holding sentence s."""
@@ -265,8 +311,8 @@ class PairBatches(_Resumable):
                 la = min(la, M - lb)
         return a1 - la, a1, b0, b0 + lb, label
 
-    def _make(self, g: torch.Generator) -> dict:
-        B, T = self.batch_size, self.seq_len
+    def _make(self, g: torch.Generator, n: int) -> dict:
+        B, T = n, self.seq_len
         u = torch.rand(B, 6, generator=g, dtype=torch.float64).numpy()
         ids = np.full((B, T), self.pad, np.int64)
         seg = np.zeros((B, T), np.int64)

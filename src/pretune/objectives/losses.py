@@ -20,6 +20,38 @@ from .linear_cross_entropy import IGNORE, linear_cross_entropy
 from .masking import mlm_rows
 
 
+def weighted(batch: dict, name: str, value: torch.Tensor) -> torch.Tensor:
+    """A term's mean as its share of the global mean: value * n_local * W / N, the scale the
+    data-parallel step put in batch["loss_scale"] (training/distributed.py: loss_scales); the
+    mean itself at one process and one micro-batch (no scale given)."""
+    s = batch.get("loss_scale")
+    return value if s is None else value * s.get(name, 1.0)
+
+
+def loss_counts(batch: dict) -> dict[str, torch.Tensor]:
+    """How many things each loss term of `batch` predicts (its mean's denominator), counted on the
+    CPU from the batch before the step (0-dim tensors: no host sync): l1 target tokens, mlm masked
+    tokens, nsp pairs, l2 labelled examples. A term's global mean is sum(n * mean) / sum(n) over
+    micro-batches and ranks."""
+    out = {}
+
+    def n(t):
+        return torch.tensor(t.numel())
+    if "lengths" in batch:  # a classification batch (data/encoding.py)
+        out["l2"] = n(batch["labels"])
+        out["l1"] = (shift_targets(batch["input_ids"], batch["attention_mask"]) != IGNORE).sum()
+        if "mlm_labels" in batch:
+            out["mlm"] = (batch["mlm_labels"] != IGNORE).sum()
+        return out
+    if "targets" in batch:
+        out["l1"] = (batch["targets"] != IGNORE).sum()
+    if "labels" in batch:
+        out["mlm"] = (batch["labels"] != IGNORE).sum()
+    if "nsp_labels" in batch:
+        out["nsp"] = n(batch["nsp_labels"])
+    return out
+
+
 def l1_loss(model, input_ids, targets, attention_mask=None) -> torch.Tensor:
     """L1 = -sum_i log P(u_i | u_{i-k}..u_{i-1}), as a mean over the target tokens.
     `targets` are the inputs shifted left by one, IGNORE where there is none."""
@@ -74,11 +106,11 @@ def nsp_loss(model, h, nsp_labels) -> torch.Tensor:
 def mlm_nsp_loss(model, batch) -> tuple[torch.Tensor, dict]:
     """BERT pre-training: MLM + NSP on one batch of sentence pairs."""
     h = model(batch["input_ids"], segment_ids=batch.get("segment_ids"), attention_mask=batch.get("attention_mask"))
-    mlm = mlm_loss(model, h, batch["labels"], batch.get("mlm_rows"))
+    mlm = weighted(batch, "mlm", mlm_loss(model, h, batch["labels"], batch.get("mlm_rows")))
     parts = {"mlm": mlm}
     loss = mlm
     if model.nsp_head is not None and "nsp_labels" in batch:
-        nsp = nsp_loss(model, h, batch["nsp_labels"])
+        nsp = weighted(batch, "nsp", nsp_loss(model, h, batch["nsp_labels"]))
         parts["nsp"] = nsp
         loss = loss + nsp
     return loss, parts

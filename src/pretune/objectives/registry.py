@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import PretuneError
-from .losses import l1_loss, l2_loss, l3_loss, mlm_loss, mlm_nsp_loss, next_token_loss, shift_targets
+from .losses import l1_loss, l2_loss, l3_loss, mlm_loss, mlm_nsp_loss, next_token_loss, shift_targets, weighted
 from .masking import MLM_P
 
 
@@ -51,6 +51,7 @@ class Objective:
         loss, parts = self.task_loss(model, batch)
         aux = model.moe_losses()
         if torch.is_tensor(aux):
+            aux = weighted(batch, "moe_aux", aux)
             parts["moe_aux"] = aux
             loss = loss + aux
         return loss, parts
@@ -123,7 +124,7 @@ def pretrain_loss(model, batch) -> tuple[torch.Tensor, dict]:
 # ---- the pre-training objectives ----------------------------------------------------
 
 def _l1_task(model, batch) -> tuple[torch.Tensor, dict]:
-    loss = l1_loss(model, batch["input_ids"], batch["targets"], batch.get("attention_mask"))
+    loss = weighted(batch, "l1", l1_loss(model, batch["input_ids"], batch["targets"], batch.get("attention_mask")))
     return loss, {"l1": loss}
 
 
@@ -154,18 +155,20 @@ def _finetune(with_lm: bool) -> Callable:
         def loss_fn(model, batch):
             logits, h = model(batch["input_ids"], batch["attention_mask"], batch["lengths"], batch.get("segment_ids"),
                               padded=batch.get("padded"))
-            l2 = l2_loss(logits, batch["labels"])
+            l2 = weighted(batch, "l2", l2_loss(logits, batch["labels"]))
             parts = {"l2": l2}
             loss = l2
             aux = model.moe_losses()
             if with_lm:
                 pre = body_objective or pretraining_objective(model.body.config)
                 part, lm, more = pre.aux_lm(model, batch, h)
+                lm = weighted(batch, part, lm)
                 parts[part] = lm
                 if more is not None:
                     aux = aux + more
                 loss = l3_loss(l2, lm, lam)
             if torch.is_tensor(aux):
+                aux = weighted(batch, "moe_aux", aux)
                 parts["moe_aux"] = aux
                 loss = loss + aux
             return loss, parts

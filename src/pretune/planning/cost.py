@@ -37,6 +37,7 @@ from ..errors import PretuneError
 from ..hardware.peak import get_hardware
 from ..hardware.table import Hardware
 from ..models.counting import count_params, inference_flops_per_token, training_flops
+from .fit import fit
 
 
 PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day
@@ -174,7 +175,8 @@ def plan(cfg: ModelConfig, tokens: float, hardware: str | Hardware = "a100", dev
          seq_len: int | None = None, usd_per_device_hour: float | None = None,
          usd_per_instance_hour: float | None = None, devices_per_instance: int = 8,
          pue: float = 1.1, usd_per_kwh: float | None = None, power_w: float | None = None,
-         context: int | None = None) -> dict[str, Any]:
+         context: int | None = None, micro_batch: int = 1,
+         activation_checkpointing: bool = False) -> dict[str, Any]:
     """Everything `pretune cost` reports for one model, as a JSON-ready dict.
 
     Given `days`, the run length is fixed and the MFU it implies is reported (and flagged if
@@ -222,6 +224,8 @@ def plan(cfg: ModelConfig, tokens: float, hardware: str | Hardware = "a100", dev
                                              "optimizer", "activations_per_token",
                                              "activations_per_token_flash", "kv_cache_per_token")},
         "train_states_per_device_sharded": mem["train_states"] / devices,
+        "fits": fit(mem, cfg, hw.memory_gb * 1e9 if hw.memory_gb else None, devices, micro_batch,
+                    activation_checkpointing),
         "inference_flops_per_token": inf,
     }
 

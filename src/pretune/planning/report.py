@@ -70,6 +70,8 @@ def format_table(plans: list[dict]) -> str:
         ("activations per token", lambda p: _si(p["memory_bytes"]["activations_per_token"], "B")
                                             + " / flash " + _si(p["memory_bytes"]["activations_per_token_flash"], "B")),
         ("KV cache per token", lambda p: _si(p["memory_bytes"]["kv_cache_per_token"], "B")),
+        ("memory per device DDP / FSDP", lambda p: _si(p["fits"]["ddp"], "B") + " / " + _si(p["fits"]["fsdp"], "B")
+                                                  + (f" -> {p['fits']['needs']}" if p["fits"]["needs"] else "")),
         ("inference FLOPs/token", lambda p: f"{p['inference_flops_per_token']['total']:.3g}"
                                             f" (2N {p['inference_flops_per_token']['weights']:.3g})"),
     ]
@@ -115,7 +117,8 @@ def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", g
              mfu: float = 0.4, days: float | None = None, precision: str | None = None,
              seq_len: int | None = None, price: float | None = None, instance_price: float | None = None,
              per_instance: int = 8, power: float | None = None, pue: float = 1.1,
-             kwh_price: float | None = None, context: int | None = None, json: bool = False,
+             kwh_price: float | None = None, context: int | None = None, micro_batch: int = 1,
+             activation_checkpointing: bool = False, json: bool = False,
              plot: Path | None = None) -> list[dict]:
     """What training a model costs: parameters, FLOPs, PF-days, device-days, wall-clock, $, kWh, memory.
 
@@ -135,6 +138,8 @@ def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", g
         pue: the data centre's power usage effectiveness (energy at the wall / energy of the IT load)
         kwh_price: US dollars per kWh, for the energy bill
         context: context length for the inference FLOPs per token (default: the model's window)
+        micro_batch: sequences per device per micro-batch, for the activations in the memory verdict
+        activation_checkpointing: count activations as with --train.activation-checkpointing
         json: print JSON instead of a table
         plot: write a log-scale bar chart of compute per model to this PNG file
     """
@@ -154,7 +159,7 @@ def cost_cmd(models: list[str], tokens: float = 300e9, hardware: str = "a100", g
     hw = get_hardware(hardware)
     cfgs = [load_model(m) for m in models]
     plans = [plan(c, tokens, hw, gpus, mfu, days, precision, seq_len, price, instance_price, per_instance,
-                  pue, kwh_price, power, context) for c in cfgs]
+                  pue, kwh_price, power, context, micro_batch, activation_checkpointing) for c in cfgs]
     if plot:
         plot_compute(plans, plot)
     if json:

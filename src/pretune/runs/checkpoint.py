@@ -78,18 +78,27 @@ def fault_point(name: str) -> None:
     after_forward, in_optimizer_step (gradients ready, weights not yet updated),
     after_weights (a checkpoint's weights written, nothing else), before_manifest
     (all files written and fsynced), before_rename (manifest written, folder not
-    yet in place)."""
+    yet in place). PRETUNE_FAULT_RANK=r: only rank r (torchrun's RANK); PRETUNE_FAULT_ONCE=file:
+    only if that file does not exist yet (it is made first), so a restarted group runs through."""
     spec = os.environ.get("PRETUNE_FAULT")
     if not spec:
         return
     want, _, count = spec.partition(":")
     if want != name:
         return
+    rank = os.environ.get("PRETUNE_FAULT_RANK")  # under torchrun: only this rank dies
+    if rank is not None and os.environ.get("RANK", "0") != rank:
+        return
+    once = os.environ.get("PRETUNE_FAULT_ONCE")  # a marker file: the restarted group does not die again
+    if once and os.path.exists(once):
+        return
     key = f"_pretune_fault_{name}"
     n = int(os.environ.get(key, "0")) + 1
     os.environ[key] = str(n)
     if n >= int(count or 1):
         import signal
+        if once:
+            open(once, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -257,7 +266,7 @@ def verify(path: str | Path) -> str | None:
     root = path.resolve()
     for name, digest in files.items():
         f = (path / name).resolve()
-        if f.parent != root:
+        if root not in f.parents:  # a distributed checkpoint's shards lie in dcp/ (runs/dcp.py)
             return f"manifest names a path outside the checkpoint: {name}"
         if not f.is_file():
             return f"missing file {name}"

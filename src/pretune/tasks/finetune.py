@@ -54,6 +54,7 @@ from ..objectives.finetuning import finetune_loss
 from ..objectives.registry import body_objective, get
 from ..runs import checkpoint as ckpt
 from ..runs.layout import RunDir
+from ..training import distributed
 from ..training.config import TrainConfig
 from ..training.hooks import Hook, KeepBest, default_hooks
 from ..training.loop import Trainer
@@ -130,7 +131,9 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     torch.manual_seed(seed)  # W_y's initialisation
     model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool)
     frozen = freeze(model, spec.freeze)
-    steps_per_epoch = math.ceil(len(enc_train) / batch_size)
+    # an epoch is counted in global batches: micro-batch x accumulation x world (training/distributed.py)
+    per_step = train.get("global_batch") or batch_size * train.get("grad_accum", 1) * distributed.env_world()
+    steps_per_epoch = math.ceil(len(enc_train) / per_step)
     steps = max(1, math.ceil(epochs * steps_per_epoch))
     ev = train.get("eval_every") or steps_per_epoch  # one evaluation per epoch
     tc = TrainConfig.for_model(cfg, train, "finetune", steps=steps, **finetune_train_defaults(recipe), eval_every=ev,
@@ -139,7 +142,9 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     mlm = None
     if objective == "L3" and pre.aux_masks:
         mlm = {"mask_id": tok.mask_id, "vocab_size": tok.vocab_size, "special_ids": sorted(tok.special_ids)}
+    dp = distributed.setup(tc)
     batches = ClassificationBatches(enc_train, tc.batch_size, tc.seed, te.pad_id, mlm=mlm)
+    batches.partition(dp.rank, dp.world, tc.grad_accum)  # this rank's share of each global batch
 
     ft = {"init": str(init), "origin": origin, "scratch": spec.scratch, "objective": objective, "lam": lam,
           "freeze": frozen, "train_examples": len(enc_train), "max_len": max_len, "head": model.head.pool,
@@ -150,13 +155,16 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     rd = RunDir(out)  # paths (the init, a task file) stored relative to the run directory
     run_config = rd.portable({"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
                               "finetune": ft, "task": t.info()})
+    dp.check_same("configs", run_config)
     changes = check_resume(out, run_config, finetune_options)
-    say = report or (lambda line: None)
+    say = (report or (lambda line: None)) if dp.main else (lambda line: None)  # only rank 0 talks
     if changes:
         say(f"note: resuming {out} with changed options: {'; '.join(changes)}")
-    make_dir(out, "the run directory")
-    rd.write_config(run_config)
-    tok.save(out)
+    if dp.main:
+        make_dir(out, "the run directory")
+        rd.write_config(run_config)
+        tok.save(out)
+    dp.barrier()
 
     loss_fn = finetune_loss(objective, lam, pre)
 
@@ -191,6 +199,8 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
            "majority_baseline": {"label": maj_label, "accuracy": maj_acc},
            "train_examples": len(enc_train), "truncated": cut,
            "objective": objective, "lam": lam, "origin": origin, "seconds": time.time() - t0}
+    if not dp.main:
+        return res
     rd.write_results(res)
     try:
         plot_confusion(test["confusion"], t.labels, out / "confusion.png",
@@ -259,6 +269,8 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", fin
         tname = Path(task).stem if Path(task).suffix else task
         out = Path("runs/finetune") / f"{tname}-{Path(str(init)).name}{'-scratch' if spec.scratch else ''}"
     res = _finetune(spec, train or None, init, out)
+    if not distributed.current().main:
+        return res
     print(f"run directory: {out} (results.json, confusion.png)")
     return res
 

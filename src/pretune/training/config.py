@@ -48,6 +48,10 @@ class TrainConfig:
     guard_lr_scale: float = 0.1  # after a rollback the lr is multiplied by this ...
     guard_cooldown: int = 50  # ... for this many steps, then ramps back to 1 over as many
     guard_max: int = 5  # rollbacks allowed; trouble once more stops the run
+    parallel: str = "auto"  # auto | none | ddp | fsdp: data parallelism under torchrun (auto: ddp above one process)
+    global_batch: int | None = None  # sequences per optimizer step over all ranks (sets grad_accum); None = batch_size x grad_accum x world
+    log: str = "jsonl"  # jsonl | tensorboard (metrics.jsonl always; tensorboard adds event files under tb/)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 more compute)
     allow_change: str = ""  # on resume: comma-separated schedule options a rerun may change on purpose (lr, warmup...)
 
     def __post_init__(self):
@@ -77,6 +81,12 @@ class TrainConfig:
                 or self.guard_cooldown < 0 or self.guard_max < 0:
             bad("guard_factor must be > 1, guard_window >= 3, guard_lr_scale in (0, 1], "
                 "guard_cooldown and guard_max >= 0", "fix the --train.guard-* options")
+        if self.parallel not in ("auto", "none", "ddp", "fsdp"):
+            bad(f"parallel={self.parallel!r} is unknown", "use auto, none, ddp or fsdp")
+        if self.log not in ("jsonl", "tensorboard"):
+            bad(f"log={self.log!r} is unknown", "use jsonl or tensorboard")
+        if self.global_batch is not None and self.global_batch <= 0:
+            bad(f"global_batch={self.global_batch} must be positive", "set --train.global-batch to 1 or more")
         for k in self.allowed_changes():
             if k not in RESUME_DELIBERATE:
                 bad(f"allow_change names '{k}', which a resume {'may change anyway' if k in RESUME_FREE else 'never changes'}",

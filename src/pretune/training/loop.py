@@ -21,7 +21,9 @@ import torch
 from ..errors import PretuneError
 from ..fileio import atomic_write_text, make_dir
 from ..runs import checkpoint as ckpt
+from ..runs import dcp
 from ..runs.layout import RunDir
+from . import distributed
 from .config import TrainConfig, lr_at, make_optimizer, resolve_device
 from .hooks import Hook
 
@@ -34,12 +36,17 @@ class Trainer:
                  hooks: list[Hook] | None = None, run_config: dict | None = None,
                  progress: bool = True, tokens_per_batch: int | None = None):
         self.tc, self.run_dir = tc, Path(run_dir)
-        self.device = resolve_device(tc.device)
+        self.dp = distributed.current()  # the process group, or the one-process no-op (training/distributed.py)
+        self.device = self.dp.device if self.dp.active else resolve_device(tc.device)
         self.model = model.to(self.device)
+        if tc.activation_checkpointing:
+            from .memory import checkpoint_blocks
+            checkpoint_blocks(self.model)
+        forward = self.dp.wrap(self.model, tc)  # before the optimizer: FSDP2 swaps the parameters for shards
         self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
         self.hooks = list(hooks or [])
         self.run_config = run_config or {}
-        self.progress = progress
+        self.progress = progress and self.dp.main  # only rank 0 talks
         self.tokens_per_batch = tokens_per_batch
         self.optimizer = make_optimizer(self.model, tc, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
@@ -53,7 +60,8 @@ class Trainer:
         self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after this step
         self.rolled_back = False  # set by rollback(): the rest of this step's bookkeeping is skipped
         self.last_eval: dict = {}
-        self._forward = torch.compile(self.model) if tc.compile else self.model
+        self._forward = torch.compile(forward) if tc.compile else forward
+        self.board = None  # --train.log tensorboard: the event-file writer, opened in fit
 
     # ---- pieces ----------------------------------------------------------
     def autocast(self):
@@ -95,6 +103,10 @@ class Trainer:
     def log(self, record: dict) -> None:
         """Append one line to metrics.jsonl with one write() of the complete line (O_APPEND). A
         crash can leave at most a cut-short last line, which the next run drops (`_truncate_metrics`)."""
+        if not self.dp.main:
+            return
+        if self.board is not None:
+            self.board.add(record)
         data = memoryview((json.dumps(record) + "\n").encode())
         try:
             with open(self._metrics_path(), "ab", buffering=0) as f:
@@ -107,7 +119,9 @@ class Trainer:
     # ---- resume ------------------------------------------------------------
     def resume(self) -> bool:
         """Continue from the latest good checkpoint, if any. True if resumed."""
-        ckpt.clean_partial(self.run_dir)
+        if self.dp.main:
+            ckpt.clean_partial(self.run_dir)
+        self.dp.barrier()
         ck = ckpt.latest_checkpoint(self.run_dir)
         if ck is None:
             if ckpt.list_checkpoints(self.run_dir):  # written, then damaged: never silently start over
@@ -117,15 +131,19 @@ class Trainer:
         state = self._restore(ck)
         for h, hs in zip(self.hooks, state.get("hooks", [])):
             h.load_state_dict(hs)
-        for name in ckpt.set_aside(self.run_dir, self.step):  # the broken ones latest_checkpoint passed over
+        self.dp.barrier()  # every rank has read the checkpoint before rank 0 moves any folder
+        for name in ckpt.set_aside(self.run_dir, self.step) if self.dp.main else ():
             print(f"note: set the unusable checkpoint {name} aside as .broken-{name}")
         self._truncate_metrics()
         return True
 
     def _restore(self, ck: Path) -> dict:
         """Weights, optimizer, RNG, loss scaler, counters and data position from a checkpoint."""
-        ckpt.load_weights(self.model, ck)
-        state = ckpt.load_training_state(ck, self.optimizer)
+        if self.dp.active or dcp.is_distributed(ck):
+            state = dcp.load(ck, self.model, self.optimizer, self.dp)  # any world size, either kind of checkpoint
+        else:
+            ckpt.load_weights(self.model, ck)
+            state = ckpt.load_training_state(ck, self.optimizer)
         self.step = state["step"]
         self.tokens = state.get("tokens", 0)
         self.best_val = state.get("best_val", float("inf"))
@@ -140,7 +158,7 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Metrics logged after the current step belong to a future that did not happen."""
         mp = self._metrics_path()
-        if mp.exists():
+        if self.dp.main and mp.exists():
             keep = []
             for line in mp.read_text().splitlines():
                 try:
@@ -185,8 +203,12 @@ class Trainer:
             "hooks": [h.state_dict() for h in self.hooks],
         }
         keep = {self.best_step} if self.best_step is not None else set()
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                                    keep_last=self.tc.keep_last, keep=keep)
+        if self.dp.active:
+            path = dcp.save(self.run_dir, self.step, self.model, self.optimizer, state, self.dp,
+                            keep_last=self.tc.keep_last, keep=keep)
+        else:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                        keep_last=self.tc.keep_last, keep=keep)
         for h in self.hooks:
             h.on_checkpoint(self, path)
         return path
@@ -216,25 +238,35 @@ class Trainer:
             g["lr"] = lr_at(self.step, tc) * g.get("lr_scale", 1.0) * g.get("guard_lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         parts_sum: dict[str, torch.Tensor] = {}
-        for _ in range(tc.grad_accum):
-            batch = self._to_device(next(self.batches))
-            with self.autocast():
-                loss, parts = self.loss_fn(self._forward, batch)
-            ckpt.fault_point("after_forward")
-            self.scaler.scale(loss / tc.grad_accum).backward()
-            total += loss.detach() / tc.grad_accum
+        micro = [next(self.batches) for _ in range(tc.grad_accum)]
+        scales = self.dp.loss_scales(micro)  # global-count normalisation (training/distributed.py)
+        div = 1 if scales else tc.grad_accum  # scaled terms already are shares of the step's mean
+        for a, batch in enumerate(micro):
+            if scales:
+                batch["loss_scale"] = scales[a]
+            batch = self._to_device(batch)
+            with self.dp.no_sync(self._forward, last=a == len(micro) - 1):
+                with self.autocast():
+                    loss, parts = self.loss_fn(self._forward, batch)
+                ckpt.fault_point("after_forward")
+                self.scaler.scale(loss / div).backward()
+            total += loss.detach() / div
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v.detach() / tc.grad_accum
-            if self.tokens_per_batch:
-                self.tokens += self.tokens_per_batch
-            else:
-                self.tokens += batch["input_ids"].numel()
+                parts_sum[k] = parts_sum.get(k, 0) + v.detach() / div
+            n = self.tokens_per_batch or batch["input_ids"].numel()
+            self.tokens += n * self.dp.world
         self.scaler.unscale_(self.optimizer)
         if tc.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         else:
             gnorm = torch.sqrt(sum((p.grad.detach().float() ** 2).sum() for p in self.model.parameters()
                                    if p.grad is not None))
+        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
+        if self.dp.world > 1:  # the step's loss over all ranks: every rank logs and guards the same number
+            keys = list(parts_sum)
+            both = self.dp.mean(torch.stack([total.float()] + [torch.as_tensor(parts_sum[k], device=self.device)
+                                                               .float() for k in keys]))
+            total, parts_sum = both[0], {k: both[i + 1] for i, k in enumerate(keys)}
         parts_sum["grad_norm"] = gnorm.detach()
         found_inf = self._found_inf(gnorm.detach()) if self.scaler.is_enabled() else None
         ckpt.fault_point("in_optimizer_step")
@@ -251,10 +283,17 @@ class Trainer:
 
         tc = self.tc
         torch.manual_seed(tc.seed)
-        make_dir(self.run_dir, "the run directory")
+        if self.dp.active:  # each rank its own stream (dropout); a resume restores each rank's
+            torch.manual_seed(tc.seed + self.dp.rank)
+        if self.dp.main:
+            make_dir(self.run_dir, "the run directory")
+        self.dp.barrier()
         resumed = self.resume()
-        if resumed:
+        if resumed and self.dp.main:
             print(f"resuming {self.run_dir} from step {self.step}")
+        if tc.log == "tensorboard" and self.dp.main:
+            from .board import Board
+            self.board = Board(self.run_dir, self.step)
         self.model.train()
         for h in self.hooks:
             h.on_start(self)
@@ -265,12 +304,15 @@ class Trainer:
             final = self._loop(bar)
         finally:
             self._restore_signals(old_handlers)
+            if self.board is not None:
+                self.board.close()
         if self.stop_signal is not None and self.step < tc.steps:
             import signal
             name = signal.Signals(self.stop_signal).name
-            print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
-                  f"{RunDir(self.run_dir).checkpoint(self.step)} written; "
-                  "resume with the same command", file=sys.stderr, flush=True)
+            if self.dp.main:
+                print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
+                      f"{RunDir(self.run_dir).checkpoint(self.step)} written; "
+                      "resume with the same command", file=sys.stderr, flush=True)
             raise Preempted(128 + self.stop_signal)
         return final
 
@@ -319,6 +361,7 @@ class Trainer:
                 h.before_step(self)
             loss, parts = self.train_step()
             self.step += 1
+            self.stop_requested = self.dp.any(self.stop_requested)  # a signal some ranks saw stops all
             for h in self.hooks:
                 h.after_step(self, loss, parts)
             if self.rolled_back:  # a hook (the guard) went back to a checkpoint: this step never happened
@@ -362,7 +405,8 @@ class Trainer:
         self.save()
         try:
             from ..runs.plots import plot_metrics
-            plot_metrics(self.run_dir)
+            if self.dp.main:
+                plot_metrics(self.run_dir)
         except Exception as e:  # a plot must never lose a run
             print(f"note: could not draw the loss plot: {e}")
         return final

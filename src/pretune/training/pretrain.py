@@ -29,12 +29,16 @@ def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int, 
     from ..objectives.registry import pretraining_objective
     from ..tokenizer.core import Tokenizer
 
+    from .distributed import current
+
     obj = objective or pretraining_objective(model_cfg)
     train = training_batches(obj.batches, data_dir, tc.batch_size, seq_len, tc.seed, tok or Tokenizer.load(data_dir))
+    train.partition(current().rank, current().world, tc.grad_accum)  # this rank's share of each global batch
 
     def eval_fn_for(model):
         def eval_fn():
-            return validation_loss(model, obj, data_dir, tc.batch_size, seq_len, tc.eval_batches)
+            # the one-process micro-batch of the same run: the same validation set at any world size
+            return validation_loss(model, obj, data_dir, tc.batch_size * current().world, seq_len, tc.eval_batches)
         return eval_fn
 
     return train, eval_fn_for, obj.loss
@@ -75,7 +79,10 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
 
     obj = get(objective, "pretrain") if objective is not None else pretraining_objective(model_cfg)
 
+    from .distributed import setup
+
     out = Path(out)
+    dp = setup(tc)  # torchrun's process group, if any; resolves --train.global-batch into grad_accum
     seq_len = tc.seq_len or model_cfg.max_seq_len
     if seq_len > model_cfg.max_seq_len:
         raise PretuneError(f"seq_len={seq_len} exceeds the model's window max_seq_len={model_cfg.max_seq_len}",
@@ -89,17 +96,20 @@ def pretrain(model_cfg, tc: TrainConfig, data_dir: Path, out: Path, progress: bo
     run_config = rd.portable({"model": model_cfg.to_dict(), "train": asdict(tc), "data": str(data_dir),
                               "data_sha256": data_fingerprint(data_dir),
                               "objective": obj.name, **(extra_config or {})})
+    dp.check_same("configs", run_config)  # one line, exit 2, before anything is written
     changes = check_resume(out, run_config)  # before anything is built or written
     resolve_device(tc.device)  # a bad --train.device fails before the run directory is made
     torch.manual_seed(tc.seed)
     model = Transformer(model_cfg)
     train, eval_fn_for, loss_fn = build_pretraining(model_cfg, tc, data_dir, seq_len, obj, tok)
-    if changes:
+    if changes and dp.main:
         print(f"note: resuming {out} with changed options: {'; '.join(changes)}")
-    make_dir(out, "the run directory")
-    rd.write_config(run_config)
-    if not rd.tokenizer_file.exists():
-        tok.save(out)
+    if dp.main:  # only rank 0 writes the run's files
+        make_dir(out, "the run directory")
+        rd.write_config(run_config)
+        if not rd.tokenizer_file.exists():
+            tok.save(out)
+    dp.barrier()
     all_hooks = default_hooks(model_cfg, tc, "pretrain", extra=hooks or (), seq_len=seq_len,
                               predicted=obj.predicted)
     trainer = Trainer(model, tc, train, loss_fn, out, eval_fn=None, hooks=all_hooks,
@@ -134,6 +144,9 @@ def pretrain_cmd(model: str = "gpt-mini", arch: Annotated[ModelConfig, "model"] 
         if not (data / "meta.json").exists():
             prepare(["builtin"], cfg.tokenizer, data)
     final = pretrain(cfg, tc, Path(data), out)
+    from .distributed import current
+    if not current().main:
+        return final
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()}))
     print(f"run directory: {out}")
     return final

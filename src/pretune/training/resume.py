@@ -20,7 +20,7 @@ from ..runs.layout import RunDir
 # precision, the objective, the AdamW hyper-parameters, which the checkpoint's optimizer state
 # would silently override) is refused.
 RESUME_FREE = frozenset({"steps", "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_last", "device",
-                         "compile", "allow_change"})
+                         "compile", "allow_change", "parallel", "log", "activation_checkpointing"})
 
 
 RESUME_DELIBERATE = frozenset({"lr", "min_lr_ratio", "warmup", "decay", "grad_clip", "guard", "guard_factor",
@@ -58,6 +58,8 @@ def trajectory(run_config: dict, extra: Callable[[dict], dict] | None = None) ->
     out.update({k: v for k, v in model.items() if k not in ("name", "tokenizer")})
     train = run_config.get("train")
     if isinstance(train, dict):
+        if train.get("global_batch") is not None:  # the step's batch, whatever the world size splits it into
+            train = {k: v for k, v in train.items() if k not in ("batch_size", "grad_accum")}
         out.update({k: (v or model.get("max_seq_len")) if k == "seq_len" else v for k, v in train.items()})
     for k in ("objective", "data_sha256"):
         if run_config.get(k) is not None:

@@ -1,0 +1,308 @@
+"""Data parallelism under torchrun, on the CPU with gloo (docs/distributed.md).
+
+Each run is the real command, `python -m torch.distributed.run --nproc-per-node N -m pretune
+pretrain ...` (or the same without torchrun for the one-process run), tiny models, one thread
+per rank, dropout 0 and fp32 where runs are compared: 2-process DDP equals the one-process run
+of the same global batch (every logged loss and the final weights, allclose 1e-5) for GPT (L1)
+and BERT (MLM + NSP); the union of the ranks' batches of step k is the one-process batch of step
+k; a distributed checkpoint holds no pickle and resumes at another world size (2 -> 1, 1 -> 2)
+as the uninterrupted run. Select them with `pytest tests/test_distributed.py` or `-m distributed`.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "\n\n".join(
+    f"Document {i}. The quick brown fox jumps over the lazy dog. It was a bright cold day in April, "
+    f"and the clocks were striking {i % 13}. Call me Ishmael. Some years ago, never mind how long."
+    for i in range(120))
+TINY = ["--model.vocab-size", "320", "--model.n-layer", "1", "--model.d-model", "32", "--model.n-head", "2",
+        "--model.max-seq-len", "32", "--model.dropout", "0"]
+
+
+def _env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+           "PRETUNE_DIST_TIMEOUT": "60",  # a collective left hanging by a dead rank fails, and torchrun restarts
+           "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_port()), *extra, "-m", "pretune"]
+
+
+def pretune(args, nproc=0, timeout=240, extra=(), env=None):
+    """`pretune ARGS` in one process (nproc 0) or under torchrun with nproc ranks; the result."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_port()), *extra, "-m", "pretune", *args]
+    else:
+        cmd = [sys.executable, "-m", "pretune", *args]
+    return subprocess.run(cmd, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from pretune.cli import main
+    from pretune.tokenizer.vocabularies import train_tokenizer
+    d = tmp_path_factory.mktemp("dist")
+    (d / "corpus.txt").write_text(TEXT)
+    out = {}
+    for kind in ("bpe", "wordpiece"):
+        train_tokenizer(kind, 320, TEXT.split("\n\n")).save(d / f"{kind}.json")
+        assert main(["prepare", "--corpus", str(d / "corpus.txt"), "--tokenizer", str(d / f"{kind}.json"),
+                     "--out", str(d / f"data-{kind}"), "--val-fraction", "0.2"]) == 0
+        out[kind] = d / f"data-{kind}"
+    return out
+
+
+def command(family, data, run, steps=6, batch=4, *more):
+    model, kind = ("gpt-mini", "bpe") if family == "gpt" else ("bert-mini", "wordpiece")
+    return ["pretrain", "--model", model, "--data", str(data[kind]), "--out", str(run), *TINY,
+            "--train.steps", str(steps), "--train.batch-size", str(batch), "--train.seq-len", "32",
+            "--train.log-every", "1", "--train.eval-every", "0", "--train.eval-batches", "2",
+            "--train.warmup", "2", "--train.ckpt-every", "3", "--train.lr", "3e-3", "--train.device", "cpu",
+            *more]
+
+
+def losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(run, step=6):
+    return load_file(str(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors"))
+
+
+def assert_same_run(a, b, step=6):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == step
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-5)
+    wa, wb = weights(a, step), weights(b, step)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def ok(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Runs made once and shared (each a real command): runs(name) -> its run directory."""
+    root, made = tmp_path_factory.mktemp("runs"), {}
+    recipes = {  # name -> (family, nproc, micro-batch, more options); 6 steps, checkpoints at 0, 3, 6
+        "gpt-1": ("gpt", 0, 8, ()), "bert-1": ("bert", 0, 8, ()),
+        "gpt-ddp": ("gpt", 2, 4, ("--train.log", "tensorboard")), "bert-ddp": ("bert", 2, 4, ()),
+        "gpt-fsdp": ("gpt", 2, 4, ("--train.parallel", "fsdp")),
+        "bert-fsdp": ("bert", 2, 4, ("--train.parallel", "fsdp")),
+    }
+
+    def get(name):
+        if name not in made:
+            family, nproc, batch, more = recipes[name]
+            ok(pretune(command(family, data, root / name, 6, batch, *more), nproc=nproc))
+            made[name] = root / name
+        return made[name]
+    return get
+
+
+@pytest.mark.parametrize("family,parallel", [("gpt", "ddp"), ("bert", "ddp"), ("gpt", "fsdp"), ("bert", "fsdp")],
+                         ids=["gpt-L1-ddp", "bert-MLM+NSP-ddp", "gpt-L1-fsdp", "bert-MLM+NSP-fsdp"])
+def test_two_processes_equal_one_process_of_the_same_global_batch(runs, family, parallel):
+    assert_same_run(runs(f"{family}-1"), runs(f"{family}-{parallel}"))
+    # one set of outputs: rank 0's metrics.jsonl, one line per step
+    rows = (runs(f"{family}-{parallel}") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if '"loss"' in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_gradient_accumulation_is_the_same_global_batch(tmp_path, data, runs):
+    """2 ranks x micro 2 x accumulation 2 (no all-reduce per micro-batch: no_sync) = 1 x 8: MLM's
+    varying masked count per micro-batch and rank normalised by the global count."""
+    ok(pretune(command("bert", data, tmp_path / "two", 6, 2, "--train.global-batch", "8"), nproc=2))
+    assert_same_run(runs("bert-1"), tmp_path / "two")
+
+
+def test_the_union_of_the_ranks_batches_is_the_one_process_batch(data):
+    from pretune.data.loaders import training_batches
+    from pretune.tokenizer.core import Tokenizer
+    for name, kind in (("windows", "bpe"), ("pairs", "wordpiece")):
+        tok = Tokenizer.load(data[kind])
+        one = training_batches(name, data[kind], 8, 32, 5, tok)
+        ranks = [training_batches(name, data[kind], 2, 32, 5, tok).partition(r, 2, 2) for r in range(2)]
+        for step in range(3):
+            full = next(one)
+            parts = {}
+            for a in range(2):  # micro-batch a of rank r: rows (a W + r) B ...
+                for r in range(2):
+                    parts[a * 2 + r] = next(ranks[r])
+            for k in full:
+                if k == "mlm_rows":
+                    continue
+                torch.testing.assert_close(torch.cat([parts[i][k] for i in range(4)]), full[k], rtol=0, atol=0)
+            # disjoint rows: each rank reads its own part
+            assert not torch.equal(parts[0]["input_ids"], parts[1]["input_ids"])
+        st = ranks[0].state_dict()
+        assert st["batch"] == 3 and st["micro"] == 0
+
+
+def _at_step_3(run, dest):
+    """A copy of `run` as it was after step 3 (its later checkpoint removed; the resume drops the
+    metrics after its checkpoint)."""
+    import shutil
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "checkpoints" / "step-000006")
+    return dest
+
+
+def test_distributed_checkpoints_hold_no_pickle(runs):
+    from pretune.safety import check_safetensors, looks_like_pickle
+    from pretune.runs.checkpoint import verify
+    for name in ("gpt-ddp", "gpt-fsdp"):
+        ck = runs(name) / "checkpoints" / "step-000003"
+        assert verify(ck) is None
+        assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # each rank its shard
+        for p in (p for p in ck.rglob("*") if p.is_file()):
+            assert not looks_like_pickle(p), p
+            if p.suffix == ".safetensors":
+                check_safetensors(p)
+            else:
+                json.loads(p.read_text())  # everything else is JSON
+        state = json.loads((ck / "state.json").read_text())
+        assert state["world_size"] == 2 and len(state["rng"]["torch_cpu"]) == 2
+        assert "optimizer" in state and "param_groups" in state["optimizer"]
+
+
+@pytest.mark.parametrize("saved,nproc,batch,more", [
+    ("gpt-ddp", 0, 4, ("--train.global-batch", "8")),   # 2 -> 1: micro 4 x accumulation 2
+    ("gpt-fsdp", 0, 8, ()),                             # 2 FSDP2 shards -> 1
+    ("gpt-1", 2, 4, ()),                                # 1 -> 2
+], ids=["ddp-2to1", "fsdp-2to1", "1to2-ddp"])
+def test_a_run_resumes_at_another_world_size_as_the_uninterrupted_run(tmp_path, data, runs, saved, nproc, batch,
+                                                                       more):
+    run = _at_step_3(runs(saved), tmp_path / "run")
+    ok(pretune(command("gpt", data, run, 6, batch, *more), nproc=nproc))
+    assert_same_run(runs("gpt-1"), run)
+
+
+def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
+    """--train.global-batch that micro-batch x world does not divide: one line, exit 2."""
+    r = pretune(command("gpt", data, tmp_path / "bad", 2, 3, "--train.global-batch", "8"), nproc=2)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pretune: error:")]
+    assert r.stderr.count("pretune: error:") == 1 and "global-batch 8" in lines[0]  # every rank finds it; rank 0 says it
+    assert not (tmp_path / "bad").exists()
+
+
+def test_two_process_finetuning_equals_one_process(tmp_path, data, runs):
+    """L3 on the GPT run (L2 + lambda L1, its token count varying with each rank's padding) under
+    torchrun: the same steps per epoch (global batches), one results.json."""
+    import csv
+    words = ["good", "bad", "fine", "awful", "great", "poor"]
+    with open(tmp_path / "task.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(90):
+            w.writerow([" ".join(words[(i * j) % 6] for j in range(1 + i % 5)), ["pos", "neg"][i % 2]])
+    ft = ["finetune", "--init", str(runs("gpt-1")), "--task", str(tmp_path / "task.csv"),
+          "--finetune.objective", "L3", "--finetune.epochs", "1", "--finetune.dropout", "0",
+          "--train.device", "cpu", "--train.log-every", "1"]
+    ok(pretune([*ft, "--out", str(tmp_path / "one"), "--train.batch-size", "8"]))
+    ok(pretune([*ft, "--out", str(tmp_path / "two"), "--train.batch-size", "4"], nproc=2))
+    rows = [[json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+            for r in ("one", "two")]
+    assert len(rows[0]) == len(rows[1]) >= 3
+    # step 1's L1 term (the weights still equal; the head's dropout 0.1, which no option turns off,
+    # draws per rank, so L2 and later steps differ): the token count normalised over the ranks
+    assert abs(rows[0][0]["l1"] - rows[1][0]["l1"]) < 1e-5
+    ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+    assert ra["steps"] == rb["steps"] and ra["test"]["n"] == rb["test"]["n"]
+
+
+def test_kill_9_of_one_rank_restarts_the_group_from_the_last_checkpoint(tmp_path, data, runs):
+    """SIGKILL of rank 1 at a seeded random moment (mid-forward of a step after the first
+    checkpoint); torchrun --max-restarts 3 restarts both ranks, which resume from the last complete
+    checkpoint and finish with the weights of the uninterrupted run."""
+    import random
+    k = random.Random(15).randint(4, 6)  # rank 1's k-th forward: step 4, 5 or 6 (after the step-3 checkpoint)
+    env = {"PRETUNE_FAULT": f"after_forward:{k}", "PRETUNE_FAULT_RANK": "1",
+           "PRETUNE_FAULT_ONCE": str(tmp_path / "killed-once")}
+    r = ok(pretune(command("gpt", data, tmp_path / "run", 6, 4), nproc=2, extra=("--max-restarts", "3"), env=env))
+    assert (tmp_path / "killed-once").exists(), r.stderr[-2000:]  # it did die once
+    assert "resuming" in r.stdout
+    assert_same_run(runs("gpt-1"), tmp_path / "run")
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_together(tmp_path, data):
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = command("gpt", data, run, 400, 4, "--train.ckpt-every", "1000")
+    p = subprocess.Popen(torchrun(2) + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 120 and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the ranks
+    out, err = p.communicate(timeout=120)
+    assert "pretune: stopped by SIGTERM" in err, err[-3000:]
+    from pretune.runs.checkpoint import latest_checkpoint, verify
+    ck = latest_checkpoint(run)
+    step = int(ck.name.split("-")[1])
+    assert 0 < step < 400 and verify(ck) is None
+    assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # both ranks wrote, together
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    # torchrun's own exit status is its own business (docs/distributed.md); the run resumes
+    r = ok(pretune(command("gpt", data, run, step + 2, 4, "--train.ckpt-every", "1000"), nproc=2))
+    assert f"resuming {run} from step {step}" in r.stdout
+
+
+def test_two_agents_rendezvous_on_loopback(tmp_path, data, runs):
+    """--nnodes 2 through c10d on 127.0.0.1: two torchrun agents, one rank each, = 2 x 4 = 1 x 8."""
+    port, run = _port(), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pretune-test",
+           "-m", "pretune", *command("gpt", data, run, 6, 4)]
+    agents = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    outs = [a.communicate(timeout=240) for a in agents]
+    for a, (o, e) in zip(agents, outs):
+        assert a.returncode == 0, e[-3000:]
+    assert_same_run(runs("gpt-1"), run)
+
+
+def test_tensorboard_event_files_of_a_two_process_run(runs):
+    """--train.log tensorboard: rank 0's event files under RUN/tb/, read back with tensorboard's own
+    reader: the loss of every step, as metrics.jsonl has it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = runs("gpt-ddp")
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    want = [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert [s for s, _ in got] == [s for s, _ in want]
+    torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]))
+    assert len(list((run / "tb").iterdir())) == 1  # one writer: rank 0
