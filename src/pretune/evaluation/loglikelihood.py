@@ -64,7 +64,7 @@ def encode_requests(tok, pairs) -> list[tuple[list[int], list[int]]]:
 def fit_window(requests, window: int, truncate: str | None, where: str = "the task"):
     """Each request within `window` input tokens: refused, or cut from the left (truncate='left')."""
     if truncate not in (None, "none", "left"):
-        raise PretuneError(f"unknown --truncate '{truncate}'", where, "use left, or leave it out to refuse")
+        raise PretuneError(f"unknown --tasks.truncate '{truncate}'", where, "use left, or leave it out to refuse")
     out = []
     for i, (ctx, cont) in enumerate(requests):
         if not cont:
@@ -77,7 +77,7 @@ def fit_window(requests, window: int, truncate: str | None, where: str = "the ta
         else:
             raise PretuneError(f"request {i + 1} has {len(ctx) + len(cont) - 1} input tokens, more than the "
                                f"model's window of {window}", where,
-                               "pass --truncate left to cut the context from the left, or shorten it")
+                               "pass --tasks.truncate left to cut the context from the left, or shorten it")
     return out
 
 
