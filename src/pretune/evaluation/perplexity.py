@@ -25,7 +25,7 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
                            f"use e.g. {window // 2}")
     out, a = [], 1
     while a < n:
-        b = min(a + stride, n)
+        b = min(a + (window if a == 1 else stride), n)  # the first window predicts all it holds
         out.append((max(0, b - 1 - window), a, b))
         a = b
     return out
