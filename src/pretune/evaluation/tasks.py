@@ -10,7 +10,6 @@ sms-spam, trec) or `prompt:FILE.csv|.jsonl` (prompted classification, zero- and 
 from __future__ import annotations
 
 import difflib
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
