@@ -53,11 +53,16 @@ def test_scorer_matches_a_full_forward_per_request(kind):
     reqs = [(demos + R(3 + k), R(1 + ch)) for k in range(4) for ch in range(3)]  # shared prefix, 3 choices apart
     reqs = [(reqs[i - i % 3][0], reqs[i][1]) for i in range(len(reqs))]  # the choices of one context share it
     reqs += [(demos + R(5), R(4)), (demos, R(2))]  # singles; one context that is the shared prefix itself
+    for k in range(3):  # one-token choices: one row per context, batched
+        ctx = demos + R(2 + 2 * k)
+        reqs += [(ctx, R(1)) for _ in range(2 + k)]
+    reqs += [(demos, R(1)), (demos, R(1))]  # one-token choices of the prefix itself
     for bs in (1, 4):
         for (ctx, cont), s in zip(reqs, Scorer(m, batch_size=bs, progress=False).loglikelihood(reqs)):
             ll, greedy = _full(m, ctx, cont)
             assert abs(s.loglik - ll) <= 1e-5 and s.greedy == greedy and s.n_tokens == len(cont)
     plain = [(R(2 + i), R(1 + i % 3)) for i in range(7)]  # no shared prefix: sorted and padded batches
+    plain += [(plain[0][0], R(1)), (plain[0][0], R(1)), (plain[1][0], R(1))]  # and one-token choices
     for (ctx, cont), s in zip(plain, Scorer(m, batch_size=3, progress=False).loglikelihood(plain)):
         assert abs(s.loglik - _full(m, ctx, cont)[0]) <= 1e-5
 

@@ -123,9 +123,11 @@ class Scorer:
                for i in range(0, h.shape[0], self.logit_chunk)]
         return torch.cat(out) if out else h.new_zeros(0, self.V)
 
-    def _run(self, rows, offsets, conts, cache, first_lp, results, idx):
+    def _run(self, rows, offsets, conts, cache, first_lp, results, idx, row_of=None):
         """Forward right-padded `rows` (continuing `cache`, expanded to the rows) and score each
-        `conts[i]`, whose token j is predicted at row position offsets[i] + j (< 0: by `first_lp`)."""
+        `conts[i]`, read from row row_of[i] (default i), whose token j is predicted at row position
+        offsets[i] + j (< 0: by `first_lp`)."""
+        row_of = row_of or list(range(len(conts)))
         T = max(1, max(map(len, rows)))
         pad = [r + [0] * (T - len(r)) for r in rows]
         ids = torch.tensor(pad, device=self.device)
@@ -137,9 +139,9 @@ class Scorer:
         for i, (off, cont) in enumerate(zip(offsets, conts)):
             for j, t in enumerate(cont):
                 if off + j >= 0:
-                    sel_r.append(i), sel_t.append(off + j), tgt.append(t), owner.append(i)
-        sums = [0.0] * len(rows)
-        greedy = [True] * len(rows)
+                    sel_r.append(row_of[i]), sel_t.append(off + j), tgt.append(t), owner.append(i)
+        sums = [0.0] * len(conts)
+        greedy = [True] * len(conts)
         if sel_r:
             lp = self._logprobs(h[torch.tensor(sel_r), torch.tensor(sel_t)])
             t = torch.tensor(tgt, device=lp.device)
@@ -181,12 +183,24 @@ class Scorer:
         singles = sorted((g[0] for g in groups.values() if len(g) == 1),
                          key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
         shared = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: -len(requests[g[0]][0]))
+        # choices of one token each (labels, most multiple choice): one row per context, batched,
+        # every choice read at the context's last position
+        one = [g for g in shared if all(len(requests[i][1]) == 1 for i in g)]
+        shared = [g for g in shared if not all(len(requests[i][1]) == 1 for i in g)]
         bar = tqdm(total=len(requests), desc="scoring", unit="request", disable=not self.progress, leave=False)
         for b in range(0, len(singles), self.batch_size):  # 3. single requests: sorted, batched
             idx = singles[b:b + self.batch_size]
             rows = [(requests[i][0][p:] + requests[i][1])[:-1] for i in idx]
             offs = [len(requests[i][0]) - p - 1 for i in idx]
             self._run(rows, offs, [requests[i][1] for i in idx], prefix_cache, prefix_lp, results, idx)
+            bar.update(len(idx))
+        for b in range(0, len(one), self.batch_size):
+            gs = one[b:b + self.batch_size]
+            idx = [i for g in gs for i in g]
+            row_of = [k for k, g in enumerate(gs) for _ in g]
+            offs = [len(requests[i][0]) - p - 1 for i in idx]
+            self._run([requests[g[0]][0][p:] for g in gs], offs, [requests[i][1] for i in idx], prefix_cache,
+                      prefix_lp, results, idx, row_of)
             bar.update(len(idx))
         for g in shared:  # 4. a context with several continuations: the context once, then the choices
             ctx = requests[g[0]][0]
