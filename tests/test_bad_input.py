@@ -291,6 +291,23 @@ CASES = [
     ("evaluate-unseen-label", lambda w, t: ["evaluate", "--run", str(w / "ft"), "--task",
                                             str(_file(t, "e.csv", "text,label\ngood,pos\nso so,meh\n"))],
      "label 'meh' was not seen in training"),
+    # -- evaluation without labels (evaluate --tasks, docs/evaluation.md)
+    ("eval-task-no-gold", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", "mc:" + str(_file(
+        t, "mc.jsonl", '{"context": "a", "choices": ["b", "c"], "gold": 0}\n{"context": "a", "choices": ["b", "c"]}\n'))],
+     "the example has no 'gold'"),
+    ("eval-gold-outside", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", "mc:" + str(_file(
+        t, "mc.jsonl", '{"context": "a", "choices": ["b", "c"], "gold": 2}\n'))], "the gold 2 is outside the 2 choices"),
+    ("eval-template-no-text", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", f"prompt:{w / 'task.csv'}",
+                                            "--tasks.template", str(_file(t, "tpl.json", '{"prompt": "Review:"}'))],
+     "the template has no {text} placeholder"),
+    ("eval-too-many-shots", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", f"prompt:{w / 'task.csv'}",
+                                          "--tasks.shots", "1000"], "the training split holds"),
+    ("eval-context-too-long", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", "mc:" + str(_file(
+        t, "mc.jsonl", json.dumps({"context": "the quick brown fox " * 20, "choices": ["b", "c"], "gold": 0}) + "\n"))],
+     "more than the model's window of 32"),
+    ("eval-encoder-perplexity", lambda w, t: ["evaluate", "--run", str(w / "bert"), "--tasks", f"perplexity:{w / 'corpus.txt'}"],
+     "needs a decoder"),
+    ("eval-unknown-task", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", "lambada-openai"], "unknown task"),
     # -- planning, import, export
     ("cost-model", lambda w, t: ["cost", "gpt5-ultra"], "gpt5-ultra"),
     ("cost-mfu", lambda w, t: ["cost", "gpt2", "--mfu", "1.5"], "mfu"),

@@ -168,7 +168,8 @@ def describe(r: dict) -> str:
     what = {"gpt_train": f"GPT train {r['shape']} {r.get('precision')}", "bert_mlm": f"BERT MLM {r['shape']}",
             "generate": f"generate {r['shape']} b{r.get('batch')} {r.get('weights', 'fp32')}",
             "compile": f"compiled/eager {r['shape']}", "bf16": f"bf16/fp32 pretune {r['shape']}", "tokenize": f"tokenize {r['shape']}",
-            "loader": f"loader {r['shape']}"}[r["bench"]]
+            "loader": f"loader {r['shape']}",
+            "harness_mc": f"lm-eval {r['shape']} {r.get('task')} {r.get('shots')}-shot"}[r["bench"]]
     pretty = unit.replace("_per_s", "/s").replace("mb", "MB")
     line = f"{what:<24} pretune {pt:>10,.1f} {pretty}  reference {ref:>10,.1f}  ratio {r['ratio']:5.2f}x"
     if r.get("target"):

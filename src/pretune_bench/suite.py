@@ -8,6 +8,7 @@ from typing import Callable
 from pretune.errors import PretuneError
 
 from .cases import bert_mlm, generation, gpt_train, loader, tokenization, variant_gain
+from .evaluation import harness_mc
 from .harness import describe
 
 
@@ -77,6 +78,7 @@ def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
             ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
             *[(f"generate gpt2 b1 {w}", generation, dict(shape="gpt2", batch=1, rounds=2, weights=w))
               for w in ("bf16", "int8", "int4")],
+            ("harness smollm2 4-shot", harness_mc, dict(model="smollm2", shots=4, limit=40, rounds=3)),
         ]
     return plan
 

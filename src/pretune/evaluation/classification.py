@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
@@ -17,6 +18,7 @@ from ..objectives.registry import body_objective
 from ..runs import checkpoint as ckpt
 from ..runs.layout import RunDir
 from .lm import _evaluate_lm
+from .tasks import TaskOptions, run_tasks
 
 
 # ---- evaluation -------------------------------------------------------------------
@@ -89,7 +91,8 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
 
 def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), task: str | None = None, split: str = "test", text_column: str | None = None,
                  label_column: str | None = None, data: Path | None = None, json_out: bool = False,
-                 weights: str = "fp32") -> dict:
+                 weights: str = "fp32", tasks: list[str] | None = None,
+                 options: Annotated[TaskOptions, "tasks"] = None) -> dict:
     """Evaluate a run: a fine-tuned one on a task (accuracy, macro-F1, confusion), a pre-trained LM on held-out text.
 
     Args:
@@ -101,11 +104,15 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
         data: for a pre-trained run: a folder made by `pretune prepare` (default: the run's own data)
         json_out: print JSON instead of a table
         weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
+        tasks: evaluate on these tasks instead (comma-separated): perplexity[:FILE|DATA], cloze, mc:FILE.jsonl, a built-in labelled task prompted (movie-sentiment, ...), prompt:FILE; options --tasks.* (docs/evaluation.md)
     """
     from ..models.quantize import check_weights
 
     run = Path(run)
     check_weights(weights, "pretune evaluate")
+    if tasks:  # evaluation without labels (issue 16): evaluation/tasks.py
+        return run_tasks(run, tasks, TaskOptions(**(options or {})) if not isinstance(options, TaskOptions) else options,
+                         weights=weights)
     d = ckpt.read_run_config(run)
     if "task" not in d:
         return _evaluate_lm(run, d, data, json_out, weights)
