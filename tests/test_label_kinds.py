@@ -199,3 +199,95 @@ def test_lora_fine_tuning_trains_only_adapters_and_head_and_its_adapter_refuses_
     assert _ft(other, task, bad, "--finetune.adapter", str(out / "adapter.safetensors")) == 2
     err = capsys.readouterr().err
     assert "another base" in err and "Traceback" not in err and not bad.exists()
+
+
+# ---- export of a fine-tuned classifier ------------------------------------------------------
+
+def _small(**kw):
+    return ModelConfig(**{**dict(name="small", vocab_size=300, max_seq_len=32, n_layer=2, n_head=4, d_model=32,
+                                 dropout=0.0, lm_head=False), **kw})
+
+
+_BERT = dict(causal=False, norm_placement="post", embedding_norm=True, mlp="gelu", type_vocab_size=2,
+             norm_eps=1e-12, tokenizer="bert-uncased")
+_LLAMA = dict(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_head=2, d_ff=48, rope_theta=500.0)
+EXPORTS = {  # name: (config, pool, head bias, kind, LoRA targets or None)
+    "bert": (_small(**_BERT), "cls", True, "single", None),
+    "bert-lora-regression": (_small(**_BERT), "cls", True, "regression", "q,v,up"),
+    "gpt2-multi": (_small(lm_head=True), "last", False, "multi", None),
+    "llama-lora": (_small(**_LLAMA), "last", False, "single", "q,k,v,o,gate,down"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_an_exported_classifier_gives_the_same_probabilities_in_transformers(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pretune.interop.hf_classifier import export_classifier
+    from pretune.models.heads import Classifier
+    from pretune.models.lora import apply_lora, lora_modules, merge_lora
+    c, pool, bias, kind, targets = EXPORTS[name]
+    torch.manual_seed(3)
+    labels = ["a", "b", "c"] if kind != "regression" else ["score"]
+    model = Classifier(Transformer(c), len(labels), pool=pool, kind=kind, bias=bias)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    if targets:
+        apply_lora(model.body, rank=2, alpha=4.0, dropout=0.0, targets=targets)
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                for t in m.lora_B:
+                    m.lora_B[t].normal_(0, 0.3, generator=g)
+    model.eval()
+    ids = torch.randint(1, c.vocab_size, (3, 11), generator=g)
+    lengths = torch.tensor([11, 11, 11])
+    with torch.no_grad():
+        seg = torch.zeros_like(ids) if not c.causal else None
+        ours = model.head.predictions(model(ids, torch.ones_like(ids, dtype=torch.bool), lengths, seg)[0])
+    merge_lora(model)
+    out = export_classifier(model, None, tmp_path / "hf", {"name": "t", "labels": labels, "kind": kind})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["problem_type"] == {"single": "single_label_classification", "regression": "regression",
+                                   "multi": "multi_label_classification"}[kind]
+    assert cfg["id2label"] == {str(i): n for i, n in enumerate(labels)} and (out / "README.md").is_file()
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert type(ref).__name__ == cfg["architectures"][0]
+    with torch.no_grad():  # no pad token without a tokenizer: one text at a time
+        theirs = torch.cat([ref(input_ids=ids[i:i + 1]).logits for i in range(3)])
+    theirs = {"single": theirs.softmax(-1), "multi": theirs.sigmoid(), "regression": theirs}[kind]
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_head_hugging_face_cannot_express_is_refused_in_one_line(tok, tmp_path, capsys):
+    init = make_run(tmp_path / "bert", tok)
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(120)]
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
+    out = tmp_path / "mean"
+    assert _ft(init, task, out, "--finetune.pool", "mean", "--finetune.epochs", "1") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "--finetune.pool cls" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+def test_a_lora_run_exports_merged_and_transformers_agrees_on_real_text(tok, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    init = make_run(tmp_path / "bert", tok)
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(120)]
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
+    out = tmp_path / "lora"
+    assert _ft(init, task, out, "--finetune.adapter", "lora", "--finetune.epochs", "1") == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    texts = ["great fun film", "the plot was dull and bad"]
+    assert main(["classify", "--run", str(out), *texts, "--json-out"]) == 0
+    ours = [json.loads(l)["probabilities"] for l in capsys.readouterr().out.splitlines()]
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    cfg = ref.config
+    assert cfg.id2label == {0: "neg", 1: "pos"} and cfg.pad_token_id == tok.pad_id
+    for text, p in zip(texts, ours):
+        ids = [tok.cls_id, *tok.encode(text, add_special_tokens=False), tok.sep_id]
+        with torch.no_grad():
+            q = ref(input_ids=torch.tensor([ids])).logits.softmax(-1)[0]
+        assert abs(q[1].item() - p["pos"]) <= 1e-4  # classify rounds to 4 places
