@@ -162,3 +162,10 @@ def test_moe_experts_are_refused_as_targets_but_attention_is_adapted():
     m = Transformer(c)
     apply_lora(m, targets="q,o")
     assert isinstance(m.blocks[0].attn.qkv, LoRALinear)
+
+
+def test_all_targets_every_matrix_of_a_block_and_only_attention_of_a_routed_one():
+    assert apply_lora(Transformer(_small(**_LLAMA)))["adapted"] == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert apply_lora(Transformer(_small(**_BERT)))["adapted"] == ["q", "k", "v", "o", "up", "down"]
+    m = Transformer(_small(n_expert=4, top_k=2))
+    assert apply_lora(m, targets="all")["adapted"] == ["q", "k", "v", "o"]

