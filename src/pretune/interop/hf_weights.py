@@ -414,11 +414,14 @@ def read_hf_tokenizer(folder: Path):
     return None
 
 
-def tensors_for_hf(model) -> tuple[dict[str, torch.Tensor], str]:
-    """(Hugging Face tensors, family): the rules run backwards; vocabulary padding removed."""
-    c = model.config
+def tensors_for_hf(model, c: ModelConfig | None = None, prefix: str | None = None
+                   ) -> tuple[dict[str, torch.Tensor], str]:
+    """(Hugging Face tensors, family): the rules run backwards; vocabulary padding removed.
+    `c`: the config to map by (default the model's; e.g. without its LM head), `prefix`: the
+    base model's key prefix (default: that of the class `c` maps to)."""
+    c = c or model.config
     fam = hf_family(c)
-    p = hf_prefix(c, fam)
+    p = hf_prefix(c, fam) if prefix is None else prefix
     sd = model.state_dict()
     out = {}
     for r in rules(c, fam, p):

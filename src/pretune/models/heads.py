@@ -124,27 +124,38 @@ def default_pooling(causal: bool, purpose: str) -> str:
 
 # ---- the classification head ---------------------------------------------------------
 
+# What a label is, and so what the head outputs and how it reads as a prediction:
+# single      one class of K: softmax over K logits (Radford et al. 2018, eq. 3)
+# regression  a number: one scalar output, read as it is (trained with MSE)
+# multi       any subset of K classes: K independent sigmoids (trained with binary cross-entropy)
+LABEL_KINDS = ("single", "regression", "multi")
+
+
 class ClassificationHead(nn.Module):
     """softmax(h_l^m W_y) over a summary of h_n (`pool`): the last real token (decoder), [CLS]
-    through BERT's tanh pooler (encoder), or the mean over the real tokens (either)."""
+    through BERT's tanh pooler (encoder), or the mean over the real tokens (either). `kind`
+    (LABEL_KINDS) makes it a scalar (regression) or sigmoid (multi-label) head; `bias`: whether
+    W_y has one (Hugging Face's decoder classes, GPT2/LlamaForSequenceClassification, have none)."""
 
     @staticmethod
     def has_pooler(pool_kind: str) -> bool:
         """BERT's pooler, tanh(h W_p + b_p), sits on [CLS] (Devlin et al. 2019, sec. 4.1) and only there."""
         return pool_kind == "cls"
 
-    def __init__(self, d_model: int, n_classes: int, pool: str, dropout: float = 0.1):
+    def __init__(self, d_model: int, n_classes: int, pool: str, dropout: float = 0.1, kind: str = "single",
+                 bias: bool = True):
         super().__init__()
-        if pool not in POOLINGS:
-            raise ValueError(pool)
-        self.pool = pool
+        if pool not in POOLINGS or kind not in LABEL_KINDS:
+            raise ValueError((pool, kind))
+        self.pool, self.kind = pool, kind
         self.pooler = nn.Linear(d_model, d_model) if self.has_pooler(pool) else None  # BERT's pooler, tanh
         self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(d_model, n_classes)  # W_y
+        self.out = nn.Linear(d_model, 1 if kind == "regression" else n_classes, bias=bias)  # W_y
         for m in (self.pooler, self.out):
             if m is not None:
                 nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def summary(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One vector per sequence: the pooling, then the pooler where there is one."""
@@ -152,8 +163,15 @@ class ClassificationHead(nn.Module):
         return torch.tanh(self.pooler(v)) if self.pooler is not None else v
 
     def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Class logits (B, n_classes); softmax of them is P(y | x)."""
+        """Class logits (B, n_classes) (regression: (B, 1)); `predictions` turns them into P(y | x)."""
         return self.out(self.drop(self.summary(h, lengths)))
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(y | x) (single: softmax; multi: one sigmoid per class) or the predicted number (regression)."""
+        logits = logits.float()
+        if self.kind == "regression":
+            return logits
+        return logits.sigmoid() if self.kind == "multi" else logits.softmax(-1)
 
 
 # ---- the heads, by name --------------------------------------------------------------
@@ -172,9 +190,16 @@ HEADS: dict[str, Callable] = {
     "next-token": _next_token,
     "mlm": MLMHead,
     "nsp": lambda c, tied=None: NSPHead(c),
-    "classification": lambda c, tied=None, n_classes=2, pool=None, dropout=0.1: ClassificationHead(
-        c.d_model, n_classes, pool or default_pooling(c.causal, "classify"), dropout),
+    "classification": lambda c, tied=None, n_classes=2, pool=None, dropout=0.1, bias=True: ClassificationHead(
+        c.d_model, n_classes, pool or default_pooling(c.causal, "classify"), dropout, "single", bias),
+    # a scalar head for a number (regression, MSE) and K sigmoids for a set of labels (multi-label, BCE)
+    "regression": lambda c, tied=None, n_classes=1, pool=None, dropout=0.1, bias=True: ClassificationHead(
+        c.d_model, 1, pool or default_pooling(c.causal, "classify"), dropout, "regression", bias),
+    "multi-label": lambda c, tied=None, n_classes=2, pool=None, dropout=0.1, bias=True: ClassificationHead(
+        c.d_model, n_classes, pool or default_pooling(c.causal, "classify"), dropout, "multi", bias),
 }
+
+HEAD_OF_KIND = {"single": "classification", "regression": "regression", "multi": "multi-label"}
 
 
 def register_head(name: str, build: Callable) -> None:
@@ -199,11 +224,12 @@ def build_head(name: str, c: ModelConfig, tied=None, **kw) -> nn.Module:
 class Classifier(nn.Module):
     """The Transformer (`body`) and its classification head; saved together as one safetensors file."""
 
-    def __init__(self, body: nn.Module, n_classes: int, head_dropout: float = 0.1, pool: str | None = None):
+    def __init__(self, body: nn.Module, n_classes: int, head_dropout: float = 0.1, pool: str | None = None,
+                 kind: str = "single", bias: bool = True):
         super().__init__()
         self.body = body
         c = body.config
-        self.head = build_head("classification", c, n_classes=n_classes, pool=pool, dropout=head_dropout)
+        self.head = build_head(HEAD_OF_KIND[kind], c, n_classes=n_classes, pool=pool, dropout=head_dropout, bias=bias)
 
     @property
     def config(self) -> ModelConfig:

@@ -82,9 +82,10 @@ def _best_checkpoint(rd: RunDir | str | Path) -> Path | None:
     return ckpt.latest_checkpoint(rd.root)
 
 
-def load_classifier(run_dir: str | Path, device: str = "cpu", weights: str = "fp32"):
+def load_classifier(run_dir: str | Path, device: str = "cpu", weights: str = "fp32", merge: bool = True):
     """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint
-    (or of one checkpoint folder of it), its weights in `weights` (see load_model)."""
+    (or of one checkpoint folder of it), its weights in `weights` (see load_model); a LoRA run's
+    adapters merged into the body unless `merge` is False (then only in fp32)."""
     from .quantize import check_weights
     from .transformer import Transformer
 
@@ -95,11 +96,23 @@ def load_classifier(run_dir: str | Path, device: str = "cpu", weights: str = "fp
         raise PretuneError(f"not a fine-tuned run (its {rd.config_file.name} has no task)", str(rd.root),
                            "fine-tune it first with `pretune finetune --init RUN`")
     cfg = resolve_model_config(rd.root)
-    model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=d.get("finetune", {}).get("head"))
+    ft = d.get("finetune", {})
+    model = Classifier(Transformer(cfg), len(d["task"]["labels"]), pool=ft.get("head"),
+                       kind=d["task"].get("kind", "single"), bias=ft.get("head_bias", True))
+    lora = ft.get("adapter")
+    if lora and not merge and weights != "fp32":
+        raise PretuneError(f"--weights {weights} needs the LoRA adapters merged", str(rd.root),
+                           "load with merge=True (the default), or use fp32 weights")
+    if lora:  # the checkpoint holds the base and its adapters under their own keys (models/lora.py)
+        from .lora import apply_lora
+        apply_lora(model.body, lora["rank"], lora["alpha"], lora["dropout"], lora["targets"])
     ck = _best_checkpoint(rd)
     if ck is None:
         raise ckpt.no_checkpoint_error(rd.root, "run the fine-tuning (again) to write one")
     ckpt.load_weights(model, ck)
+    if lora and merge:  # B A folded into W: plain Linears, as fast as the base (and what export writes)
+        from .lora import merge_lora
+        merge_lora(model)
     tok = rd.tokenizer()
     if tok is None:
         raise PretuneError("the run has no tokenizer.json", str(rd.root), "copy the pre-trained run's tokenizer.json")

@@ -121,6 +121,16 @@ def l2_loss(class_logits, labels) -> torch.Tensor:
     return F.cross_entropy(class_logits.float(), labels)
 
 
+def label_loss(kind: str, logits, labels) -> torch.Tensor:
+    """L2 for each kind of label (models/heads.py LABEL_KINDS): -log P(y | x) of one class (single),
+    the squared error of a number (regression), binary cross-entropy per class (multi-label)."""
+    if kind == "regression":
+        return F.mse_loss(logits.float().squeeze(-1), labels.float())
+    if kind == "multi":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+    return l2_loss(logits, labels)
+
+
 def l3_loss(l2: torch.Tensor, l1: torch.Tensor | float, lam: float) -> torch.Tensor:
     """L3 = L2 + lambda * L1."""
     return l2 + lam * l1

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import PretuneError
-from .losses import l1_loss, l2_loss, l3_loss, mlm_loss, mlm_nsp_loss, next_token_loss, shift_targets, weighted
+from .losses import l1_loss, l3_loss, label_loss, mlm_loss, mlm_nsp_loss, next_token_loss, shift_targets, weighted
 from .masking import MLM_P
 
 
@@ -155,7 +155,7 @@ def _finetune(with_lm: bool) -> Callable:
         def loss_fn(model, batch):
             logits, h = model(batch["input_ids"], batch["attention_mask"], batch["lengths"], batch.get("segment_ids"),
                               padded=batch.get("padded"))
-            l2 = weighted(batch, "l2", l2_loss(logits, batch["labels"]))
+            l2 = weighted(batch, "l2", label_loss(getattr(model.head, "kind", "single"), logits, batch["labels"]))
             parts = {"l2": l2}
             loss = l2
             aux = model.moe_losses()

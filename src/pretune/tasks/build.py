@@ -12,6 +12,10 @@ from ..config.model import ModelConfig
 from ..errors import PretuneError
 from ..models.heads import Classifier
 from ..models.load import _check_tokenizer, load_classifier, load_model
+from ..models.lora import apply_lora, check_base, load_adapter, parse_targets, read_adapter
+
+
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA fine-tuned run's adapters and head, beside its checkpoints
 from ..runs.layout import RunDir
 from ..runs.resolve import resolve_model_config
 
@@ -51,7 +55,8 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
 
 
 def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None = None,
-                     dropout: float | None = None, pool: str | None = None) -> Classifier:
+                     dropout: float | None = None, pool: str | None = None, kind: str = "single",
+                     bias: bool = True) -> Classifier:
     """The body without its NSP head (its pooler, if any, initialises the head's) plus W_y."""
     body.train()
     if getattr(body, "nsp_head", None) is not None:
@@ -63,7 +68,7 @@ def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None
                 m.p = dropout
         for b in body.blocks:
             b.attn.dropout = dropout
-    clf = Classifier(body, n_classes, pool=pool)
+    clf = Classifier(body, n_classes, pool=pool, kind=kind, bias=bias)
     if pooler is not None and clf.head.pooler is not None:
         clf.head.pooler.load_state_dict(pooler)
     return clf
@@ -92,3 +97,34 @@ def freeze(model: Classifier, what: str | None) -> str:
         for prm in m.parameters():
             prm.requires_grad_(False)
     return desc
+
+
+def _is_file(adapter: str) -> bool:
+    return adapter != "lora"
+
+
+def check_lora_spec(spec, init) -> None:
+    """The LoRA options, refused in one line before anything is loaded: the adapter's kind or file,
+    its base (by checksum), the targets."""
+    if _is_file(spec.adapter):
+        if not str(spec.adapter).endswith(".safetensors"):
+            raise PretuneError(f"unknown adapter '{spec.adapter}'", None,
+                               "use --finetune.adapter lora, or an adapter.safetensors file to continue from")
+        _, settings = read_adapter(spec.adapter)
+        check_base(settings, RunDir(init).weights_sha256(), str(spec.adapter))
+    else:
+        parse_targets(spec.lora_targets)
+        if not isinstance(spec.lora_rank, int) or spec.lora_rank <= 0:
+            raise PretuneError(f"--finetune.lora-rank {spec.lora_rank} must be a positive integer", None,
+                               "e.g. --finetune.lora-rank 8")
+
+
+def attach_lora(model: Classifier, spec, init_sha: str | None) -> dict:
+    """LoRA adapters on the body (new, or an adapter file's on its own base); the head stays trainable."""
+    if _is_file(spec.adapter):
+        tensors, settings = read_adapter(spec.adapter)
+        check_base(settings, init_sha, str(spec.adapter))
+        s = apply_lora(model.body, settings["rank"], settings["alpha"], settings["dropout"], settings["targets"])
+        load_adapter(model, tensors)
+        return s
+    return apply_lora(model.body, spec.lora_rank, spec.lora_alpha, spec.lora_dropout, spec.lora_targets)

@@ -34,6 +34,16 @@ class FinetuneConfig:
     pool: str | None = None  # what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
     text_column: str = "text"  # a user file's text column, or two comma-separated for text pairs
     label_column: str = "label"  # a user file's label column
+    label_kind: str | None = None  # single (one class), regression (a number: MSE) or multi (classes 'a|b': BCE); default: the task's, else single
+    val: str | None = None  # the user's own validation file (with --test): used as given, no automatic split
+    test: str | None = None  # the user's own test file (with --val)
+    split_column: str | None = None  # a column of the task file naming each row's split (train, val, test)
+    head_bias: bool | None = None  # a bias in W_y (default yes); false for a decoder that is to export to HF's *ForSequenceClassification (no bias in score)
+    adapter: str | None = None  # 'lora' (train low-rank adapters and the head only), or an adapter.safetensors to continue from
+    lora_rank: int = 8  # LoRA's rank r (Hu et al. 2021 use 8)
+    lora_alpha: float = 16.0  # LoRA's alpha: the update is scaled by alpha / r
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_targets: str = "all"  # all (every matrix of a block), or comma-separated: q, k, v, o (attention), gate, up, down (the MLP)
 
     @classmethod
     def from_overrides(cls, d: dict | None, **given) -> "FinetuneConfig":

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 from ..data.encoding import ClassificationBatches, Encoded, TextEncoder
 from ..data.labelled import Task, load_task, subsample
 from ..errors import PretuneError
-from ..evaluation.classification import classification_metrics, format_confusion, plot_confusion, predict
+from ..evaluation.classification import (choose_threshold, format_confusion, kind_metrics, metrics_line,
+                                         plot_confusion, predict)
 from ..fileio import make_dir
 from ..models.heads import check_pooling
 from ..objectives.finetuning import finetune_loss
@@ -59,7 +60,8 @@ from ..training.config import TrainConfig
 from ..training.hooks import Hook, KeepBest, default_hooks
 from ..training.loop import Trainer
 from ..training.resume import check_resume
-from .build import build_classifier, freeze, load_init
+from .build import ADAPTER_FILE, attach_lora, build_classifier, check_lora_spec, freeze, load_init
+from ..models.lora import DEFAULT_LR, save_adapter
 from .config import FINETUNE_SEED, FinetuneConfig, finetune_train_defaults
 
 
@@ -90,7 +92,17 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     if train_examples is not None and train_examples <= 0:
         raise PretuneError(f"--finetune.train-examples {train_examples} must be positive", None, "e.g. 100 or 1000")
     seed = train.get("seed", FINETUNE_SEED)
-    t = task if isinstance(task, Task) else load_task(task, spec.text_column, spec.label_column)
+    t = task if isinstance(task, Task) else load_task(task, spec.text_column, spec.label_column, spec.label_kind,
+                                                      spec.val, spec.test, spec.split_column)
+    kind = t.kind
+    if spec.label_kind is not None and spec.label_kind != kind:
+        raise PretuneError(f"--finetune.label-kind {spec.label_kind} does not fit the task '{t.name}' ({kind})",
+                           None, f"leave it out, or give a task of {spec.label_kind} labels")
+    if spec.adapter is not None and not RunDir(init).exists():
+        raise PretuneError("LoRA adapts pre-trained weights; a preset is a random init", str(init),
+                           "give --init a run directory (pretrain, import or finetune)")
+    if spec.adapter is not None:  # before the body is read: a bad setting is one line either way
+        check_lora_spec(spec, init)
     body, cfg, tok, pooler, origin = load_init(init, spec.scratch, spec.tokenizer, seed)
     pre = body_objective(cfg, RunDir(init).read_config() if RunDir(init).exists() else None)
     from ..config.training_recipes import recipe_for
@@ -107,13 +119,14 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
                            "use --finetune.objective L2")
     window = body.max_positions
     max_len = min(max_len or window, window)
-    train_set = t.train
+    train_set, single = t.train, kind == "single"
+    n_strata = len(t.labels) if single else 1  # regression, multi-label: subsets by the hash alone
     if train_examples is not None:
-        if train_examples < len(t.labels):
+        if single and train_examples < len(t.labels):
             raise PretuneError(f"--finetune.train-examples {train_examples} is fewer than the {len(t.labels)} classes",
                                None, f"use at least {len(t.labels)}")
-        train_set = subsample(t.train, train_examples, len(t.labels), seed)
-    val_set = subsample(t.val, spec.eval_examples, len(t.labels), 0) if spec.eval_examples else t.val
+        train_set = subsample(t.train, train_examples, n_strata, seed, stratify=single)
+    val_set = subsample(t.val, spec.eval_examples, n_strata, 0, stratify=single) if spec.eval_examples else t.val
     if not val_set or not t.test:
         raise PretuneError("the task is too small to hold validation and test examples", t.name,
                            "give at least 10 examples per class")
@@ -129,8 +142,15 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
               f"test {enc_test.truncated:,})", file=sys.stderr)
 
     torch.manual_seed(seed)  # W_y's initialisation
-    model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool)
+    head_bias = spec.head_bias is not False
+    model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool, kind, head_bias)
     frozen = freeze(model, spec.freeze)
+    init_sha = RunDir(init).weights_sha256() if RunDir(init).exists() else None
+    lora = None
+    if spec.adapter is not None:
+        lora = attach_lora(model, spec, init_sha)
+        frozen = f"the body, but for LoRA adapters on {','.join(lora['adapted'])} (rank {lora['rank']})"
+        train.setdefault("lr", DEFAULT_LR)
     # an epoch is counted in global batches: micro-batch x accumulation x world (training/distributed.py)
     per_step = train.get("global_batch") or batch_size * train.get("grad_accum", 1) * distributed.env_world()
     steps_per_epoch = math.ceil(len(enc_train) / per_step)
@@ -151,7 +171,8 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
           "epochs": epochs, "aux_lm": pre.aux_name if objective == "L3" else None,
           "body_objective": pre.name,
           "examples_sha256": examples_fingerprint(enc_train),
-          "init_sha256": RunDir(init).weights_sha256() if RunDir(init).exists() else None}
+          "init_sha256": init_sha, "kind": kind, "head_bias": head_bias,
+          "adapter": None if lora is None else {"kind": "lora", "file": ADAPTER_FILE, **lora}}
     rd = RunDir(out)  # paths (the init, a task file) stored relative to the run directory
     run_config = rd.portable({"model": model.config.to_dict(), "train": asdict(tc), "objective": objective,
                               "finetune": ft, "task": t.info()})
@@ -169,16 +190,24 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     loss_fn = finetune_loss(objective, lam, pre)
 
     def eval_fn():
-        probs = predict(model, enc_val, te.pad_id)
+        out = predict(model, enc_val, te.pad_id)
         y = torch.tensor(enc_val.labels)
-        return {"val_loss": F.nll_loss(probs.clamp_min(1e-12).log(), y).item(),
-                "val_acc": (probs.argmax(-1) == y).float().mean().item()}
+        if kind == "regression":
+            return {"val_loss": F.mse_loss(out[:, 0], y.float()).item()}
+        if kind == "multi":
+            return {"val_loss": F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), y.float()).item()}
+        return {"val_loss": F.nll_loss(out.clamp_min(1e-12).log(), y).item(),
+                "val_acc": (out.argmax(-1) == y).float().mean().item()}
 
     aux_note = f" (lambda {lam}, auxiliary {ft['aux_lm']})" if objective == "L3" else ""
-    say(f"fine-tuning {origin} on {t.name} ({len(t.labels)} classes; {len(enc_train):,} train / "
-        f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}{aux_note}, {steps} steps, frozen: {frozen}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = {"single": f"{len(t.labels)} classes", "regression": "regression",
+            "multi": f"multi-label, {len(t.labels)} labels"}[kind]
+    say(f"fine-tuning {origin} on {t.name} ({what}; {len(enc_train):,} train / "
+        f"{len(enc_val):,} val / {len(enc_test):,} test), {objective}{aux_note}, {steps} steps, frozen: {frozen}; {trainable:,} trainable parameters")
     # early stopping, MoE statistics, the guard (floor ln K), then the caller's (e.g. a KeepBest)
-    hooks = default_hooks(cfg, tc, "finetune", extra=hooks, patience=spec.patience, n_labels=len(t.labels))
+    hooks = default_hooks(cfg, tc, "finetune", extra=hooks, patience=spec.patience,
+                          n_labels=len(t.labels) if single else None)
     keep = next((h for h in hooks if isinstance(h, KeepBest)), None)
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
@@ -191,10 +220,14 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
         ckpt.load_weights(model, ck)
     else:
         best = trainer.step
-    probs = predict(model, enc_test, te.pad_id)
-    test = classification_metrics(enc_test.labels, probs.argmax(-1).tolist(), len(t.labels))
+    threshold = choose_threshold(enc_val.labels, predict(model, enc_val, te.pad_id).numpy()) \
+        if kind == "multi" else None  # chosen on validation, applied to test
+    test = kind_metrics(kind, enc_test.labels, predict(model, enc_test, te.pad_id), len(t.labels), threshold)
     maj_label, maj_acc = t.majority_baseline("test")
-    res = {"task": t.name, "labels": t.labels, "test": test, "best_step": best, "steps": trainer.step,
+    if lora is not None:
+        save_adapter(model, out / ADAPTER_FILE, lora, init_sha, {"labels": t.labels, "kind": kind})
+    res = {"task": t.name, "labels": t.labels, "kind": kind, "test": test, "best_step": best, "steps": trainer.step,
+           "trainable_params": trainable, "threshold": threshold,
            "best_val_loss": trainer.best_val if math.isfinite(trainer.best_val) else None,
            "majority_baseline": {"label": maj_label, "accuracy": maj_acc},
            "train_examples": len(enc_train), "truncated": cut,
@@ -202,13 +235,15 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     if not dp.main:
         return res
     rd.write_results(res)
+    say(f"test {metrics_line(kind, test)}  ({test['n']:,} examples"
+        + (f"; majority class '{maj_label}' {maj_acc:.1%}" if single else "") + f"); best step {best} of {trainer.step}")
+    if not single:
+        return res
     try:
         plot_confusion(test["confusion"], t.labels, out / "confusion.png",
                        f"{t.name}: test accuracy {test['accuracy']:.1%}, macro-F1 {test['macro_f1']:.3f}")
     except Exception as e:  # a plot must never lose a run
         print(f"note: could not draw the confusion matrix: {e}", file=sys.stderr)
-    say(f"test accuracy {test['accuracy']:.1%}  macro-F1 {test['macro_f1']:.3f}  ({test['n']:,} examples; "
-        f"majority class '{maj_label}' {maj_acc:.1%}); best step {best} of {trainer.step}")
     say(format_confusion(test["confusion"], t.labels))
     return res
 
@@ -227,7 +262,8 @@ _FT_OPTIONS = {("task", "name"): "task", ("task", "labels"): "labels", ("task", 
                ("finetune", "scratch"): "scratch",
                ("finetune", "train_examples"): "train_examples", ("finetune", "max_len"): "max_len",
                ("finetune", "freeze"): "freeze", ("finetune", "head"): "pool",
-               ("finetune", "examples_sha256"): "examples_sha256"}
+               ("finetune", "examples_sha256"): "examples_sha256", ("finetune", "kind"): "label_kind",
+               ("finetune", "adapter"): "adapter", ("finetune", "head_bias"): "head_bias"}
 
 
 def finetune_options(run_config: dict) -> dict:
@@ -251,7 +287,8 @@ def finetune_options(run_config: dict) -> dict:
 
 
 def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", finetune: FinetuneConfig = None,
-                 train: TrainConfig = None, out: Path | None = None) -> dict:
+                 train: TrainConfig = None, out: Path | None = None, val: str | None = None,
+                 test: str | None = None) -> dict:
     """Fine-tune a pre-trained run on a labelled task (L2 or L3) and report test accuracy, macro-F1, confusion.
 
     The optimiser and schedule are the body's fine-tuning recipe (GPT-1's for a decoder: lr 6.25e-5,
@@ -261,10 +298,12 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", fin
     Args:
         init: the run directory (pretrain, import, finetune) or the preset (random init: the baseline) whose
             weights start the fine-tuning
-        task: movie-sentiment, tweet-sentiment, sms-spam, trec, or a .csv/.tsv/.jsonl file
+        task: movie-sentiment, movie-scores (regression), tweet-sentiment, sms-spam, trec, or a .csv/.tsv/.jsonl file
+        val: the user's own validation file (with --test; the task file is then the training set, used as given)
+        test: the user's own test file (with --val)
         out: the run directory (default: runs/finetune/<task>-<init name>)
     """
-    spec = FinetuneConfig.from_overrides(finetune, task=task)
+    spec = FinetuneConfig.from_overrides(finetune, task=task, val=val, test=test)
     if out is None:
         tname = Path(task).stem if Path(task).suffix else task
         out = Path("runs/finetune") / f"{tname}-{Path(str(init)).name}{'-scratch' if spec.scratch else ''}"

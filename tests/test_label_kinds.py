@@ -1,0 +1,293 @@
+"""The user's own splits, regression and multi-label heads, LoRA fine-tuning end to end.
+Metrics against scipy / scikit-learn (test-time references) and hand-computed values."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pretune import fileio
+from pretune.cli import main
+from pretune.config.model import ModelConfig
+from pretune.data.labelled import load_task
+from pretune.errors import PretuneError
+from pretune.evaluation.classification import choose_threshold, multilabel_metrics, regression_metrics
+from pretune.models.transformer import Transformer
+from pretune.runs import checkpoint as ckpt
+from pretune.tokenizer.vocabularies import train_tokenizer
+
+POS, NEG = ["great", "fun", "superb", "moving"], ["awful", "dull", "boring", "bad"]
+NEUTRAL = ["the", "film", "plot", "actor", "scene", "story", "was", "a", "and", "it"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rows(n=200, seed=0):
+    """(text, #positive - #negative words, the set of word groups present) per row."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, q = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+        words = list(rng.choice(NEUTRAL, size=3)) + list(rng.choice(POS, size=p)) + list(rng.choice(NEG, size=q))
+        rng.shuffle(words)
+        groups = [g for g, k in (("pos", p), ("neg", q)) if k] or ["none"]
+        out.append((" ".join(words) + f" {i}", p - q, "|".join(groups)))
+    return out
+
+
+def write_csv(path, header, data):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(data)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer("wordpiece", 120, [t for t, _, _ in rows()])
+
+
+def make_run(path, tok, seed=1):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(name="tiny", causal=False, vocab_size=tok.vocab_size, vocab_multiple=8, max_seq_len=32,
+                      n_layer=2, n_head=2, d_model=32, dropout=0.0, type_vocab_size=2, nsp_head=False,
+                      embedding_norm=True, norm_placement="post", mlp="gelu", tokenizer="run")
+    path.mkdir(parents=True)
+    fileio.atomic_write_json(path / "config.json", {"model": cfg.to_dict()})
+    tok.save(path)
+    ckpt.save_checkpoint(path, 0, Transformer(cfg))
+    return path
+
+
+# ---- metrics against the references --------------------------------------------------
+
+def test_regression_metrics_match_scipy_and_by_hand():
+    from scipy.stats import pearsonr, spearmanr
+    t = [1.0, 2.0, 2.0, 3.5, -1.0, 0.0]
+    p = [0.5, 2.5, 1.0, 3.0, -0.5, 0.0]
+    m = regression_metrics(t, p)
+    assert m["mse"] == pytest.approx((0.25 + 0.25 + 1 + 0.25 + 0.25 + 0) / 6)
+    assert m["pearson"] == pytest.approx(pearsonr(t, p)[0])
+    assert m["spearman"] == pytest.approx(spearmanr(t, p)[0])  # with a tie in t
+
+
+def test_multilabel_metrics_match_sklearn_and_the_threshold_is_chosen_on_validation():
+    from sklearn.metrics import f1_score
+    Y = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [0, 0, 0]])
+    P = np.array([[.9, .2, .6], [.3, .7, .1], [.6, .4, .2], [.1, .2, .45], [.2, .1, .3]])
+    for th in (0.3, 0.5, 0.65):
+        m = multilabel_metrics(Y, P, th)
+        assert m["micro_f1"] == pytest.approx(f1_score(Y, P >= th, average="micro", zero_division=0))
+        assert m["macro_f1"] == pytest.approx(f1_score(Y, P >= th, average="macro", zero_division=0))
+    # by hand at 0.5: TP 4 (0,0 0,2 1,1 2,0), FP 0, FN 2 (2,1 3,2): micro-F1 = 8 / 10
+    assert multilabel_metrics(Y, P, 0.5)["micro_f1"] == pytest.approx(0.8)
+    # 0.4 recovers (2,1) and (3,2) with no false positive: the best micro-F1 (1.0), nearest 0.5 among ties
+    assert choose_threshold(Y, P) == 0.4
+
+
+# ---- the user's own splits -------------------------------------------------------------
+
+def test_the_users_splits_are_used_as_given_and_an_unseen_label_is_refused(tmp_path):
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(60)]
+    tr = write_csv(tmp_path / "train.csv", ("text", "label"), data[:40] + data[:2])  # a duplicate kept
+    va = write_csv(tmp_path / "val.csv", ("text", "label"), data[40:50])
+    te = write_csv(tmp_path / "test.csv", ("text", "label"), data[50:])
+    t = load_task(tr, val=va, test=te)
+    assert [len(t.train), len(t.val), len(t.test)] == [42, 10, 10]
+    assert [e.text for e in t.test] == [r[0] for r in data[50:]]  # in the file's order
+    assert t.labels == ["neg", "pos"]
+    write_csv(tmp_path / "bad.csv", ("text", "label"), data[50:59] + [("another text", "meh")])
+    with pytest.raises(PretuneError, match="test label 'meh' was not seen in training"):
+        load_task(tr, val=va, test=tmp_path / "bad.csv")
+    with pytest.raises(PretuneError, match="go together"):
+        load_task(tr, val=va)
+    both = write_csv(tmp_path / "all.csv", ("text", "label", "split"),
+                     [(a, y, "train") for a, y in data[:40]] + [(a, y, "validation") for a, y in data[40:50]]
+                     + [(a, y, "test") for a, y in data[50:]])
+    t2 = load_task(both, split_column="split")
+    assert [len(t2.train), len(t2.val), len(t2.test)] == [40, 10, 10]
+
+
+def test_the_builtin_regression_task_holds_the_real_scores():
+    t = load_task("movie-scores")
+    ys = [e.label for s in ("train", "val", "test") for e in t.split(s)]
+    assert t.kind == "regression" and t.labels == ["score"]
+    assert len(ys) == 10_601 and -4 <= min(ys) < -3 and 3 < max(ys) <= 4  # 10,605 rows, 2 texts rated twice
+    assert sum(abs(y) < 0.5 for y in ys) > 500  # the neutral snippets the binary task drops are here
+
+
+def test_regression_on_labels_that_are_not_numbers_is_one_line(tmp_path):
+    f = write_csv(tmp_path / "t.csv", ("text", "label"), [(t, "pos") for t, _, _ in rows(20)])
+    with pytest.raises(PretuneError, match="regression needs numbers"):
+        load_task(f, kind="regression")
+
+
+# ---- end to end ----------------------------------------------------------------------------
+
+def _ft(init, task, out, *more):
+    return main(["finetune", "--init", str(init), "--task", str(task), "--out", str(out), "--train.lr", "3e-3",
+                 "--train.batch-size", "16", "--train.device", "cpu", *more])
+
+
+def test_regression_and_multi_label_fine_tune_with_l2_and_l3_and_evaluate(tok, tmp_path, capsys):
+    init = make_run(tmp_path / "bert", tok)
+    data = rows(240)
+    reg = write_csv(tmp_path / "reg.csv", ("text", "label"), [(t, y) for t, y, _ in data])
+    multi = write_csv(tmp_path / "multi.csv", ("text", "label"), [(t, g) for t, _, g in data])
+    for objective in ("L2", "L3"):
+        out = tmp_path / f"reg-{objective}"
+        assert _ft(init, reg, out, "--finetune.label-kind", "regression", "--finetune.objective", objective,
+                   "--finetune.epochs", "3" if objective == "L2" else "1") == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["kind"] == "regression" and set(res["test"]) >= {"mse", "pearson", "spearman"}
+        if objective == "L2":  # the score is a word count: learnt well above chance
+            assert res["test"]["pearson"] > 0.5, res["test"]
+        capsys.readouterr()
+        assert main(["evaluate", "--run", str(out), "--json-out"]) == 0
+        ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert ev["mse"] == pytest.approx(res["test"]["mse"], rel=1e-5)
+        out = tmp_path / f"multi-{objective}"
+        assert _ft(init, multi, out, "--finetune.label-kind", "multi", "--finetune.objective", objective,
+                   "--finetune.epochs", "3" if objective == "L2" else "1") == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["labels"] == ["neg", "none", "pos"] and 0.05 <= res["threshold"] <= 0.95
+        assert set(res["test"]) >= {"micro_f1", "macro_f1"}
+        capsys.readouterr()
+        assert main(["classify", "--run", str(out), "great fun film", "--json-out"]) == 0
+        rec = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert set(rec["probabilities"]) == {"neg", "none", "pos"}
+
+
+def test_lora_fine_tuning_trains_only_adapters_and_head_and_its_adapter_refuses_another_base(tok, tmp_path, capsys):
+    init = make_run(tmp_path / "bert", tok)
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(240) if y != 0]
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
+    out = tmp_path / "lora"
+    assert _ft(init, task, out, "--finetune.adapter", "lora", "--finetune.lora-rank", "4",
+               "--finetune.lora-targets", "q,k,v,o", "--finetune.epochs", "2", "--train.lr", "1e-2") == 0
+    res = json.loads((out / "results.json").read_text())
+    d = 32
+    # per block: q, k, v, o each r (d + d); the head: pooler d*d + d, W_y 2d + 2
+    assert res["trainable_params"] == 2 * 4 * 4 * (d + d) + (d * d + d) + (2 * d + 2)
+    # the base is untouched: the best checkpoint's body weights are the init's, bit for bit
+    from safetensors.torch import load_file
+    base = load_file(str(init / "checkpoints" / "step-000000" / "model.safetensors"))
+    tuned = load_file(str(out / "checkpoints" / f"step-{res['best_step']:06d}" / "model.safetensors"))
+    assert all(torch.equal(tuned[f"body.{k}"], v) for k, v in base.items() if f"body.{k}" in tuned)
+    assert any(k.endswith("lora_B.q") and tuned[k].abs().sum() > 0 for k in tuned)  # B moved off 0
+    from pretune.models.lora import read_adapter
+    tensors, meta = read_adapter(out / "adapter.safetensors")
+    from pretune.runs.layout import RunDir
+    assert meta["base_sha256"] == RunDir(init).weights_sha256() and meta["rank"] == 4
+    assert (out / "adapter.safetensors").stat().st_size < 100_000
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(out), "--json-out"]) == 0  # the adapters merged on load
+    ev = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert ev["accuracy"] == pytest.approx(res["test"]["accuracy"])
+    # continuing from the adapter on its own base works; on another base: one line, exit 2, nothing written
+    other = make_run(tmp_path / "other", tok, seed=2)
+    bad = tmp_path / "bad"
+    assert _ft(other, task, bad, "--finetune.adapter", str(out / "adapter.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert "another base" in err and "Traceback" not in err and not bad.exists()
+
+
+# ---- export of a fine-tuned classifier ------------------------------------------------------
+
+def _small(**kw):
+    return ModelConfig(**{**dict(name="small", vocab_size=300, max_seq_len=32, n_layer=2, n_head=4, d_model=32,
+                                 dropout=0.0, lm_head=False), **kw})
+
+
+_BERT = dict(causal=False, norm_placement="post", embedding_norm=True, mlp="gelu", type_vocab_size=2,
+             norm_eps=1e-12, tokenizer="bert-uncased")
+_LLAMA = dict(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_head=2, d_ff=48, rope_theta=500.0)
+EXPORTS = {  # name: (config, pool, head bias, kind, LoRA targets or None)
+    "bert": (_small(**_BERT), "cls", True, "single", None),
+    "bert-lora-regression": (_small(**_BERT), "cls", True, "regression", "q,v,up"),
+    "gpt2-multi": (_small(lm_head=True), "last", False, "multi", None),
+    "llama-lora": (_small(**_LLAMA), "last", False, "single", "q,k,v,o,gate,down"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_an_exported_classifier_gives_the_same_probabilities_in_transformers(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from pretune.interop.hf_classifier import export_classifier
+    from pretune.models.heads import Classifier
+    from pretune.models.lora import apply_lora, lora_modules, merge_lora
+    c, pool, bias, kind, targets = EXPORTS[name]
+    torch.manual_seed(3)
+    labels = ["a", "b", "c"] if kind != "regression" else ["score"]
+    model = Classifier(Transformer(c), len(labels), pool=pool, kind=kind, bias=bias)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    if targets:
+        apply_lora(model.body, rank=2, alpha=4.0, dropout=0.0, targets=targets)
+        with torch.no_grad():
+            for _, m in lora_modules(model):
+                for t in m.lora_B:
+                    m.lora_B[t].normal_(0, 0.3, generator=g)
+    model.eval()
+    ids = torch.randint(1, c.vocab_size, (3, 11), generator=g)
+    lengths = torch.tensor([11, 11, 11])
+    with torch.no_grad():
+        seg = torch.zeros_like(ids) if not c.causal else None
+        ours = model.head.predictions(model(ids, torch.ones_like(ids, dtype=torch.bool), lengths, seg)[0])
+    merge_lora(model)
+    out = export_classifier(model, None, tmp_path / "hf", {"name": "t", "labels": labels, "kind": kind})
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["problem_type"] == {"single": "single_label_classification", "regression": "regression",
+                                   "multi": "multi_label_classification"}[kind]
+    assert cfg["id2label"] == {str(i): n for i, n in enumerate(labels)} and (out / "README.md").is_file()
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    assert type(ref).__name__ == cfg["architectures"][0]
+    with torch.no_grad():  # no pad token without a tokenizer: one text at a time
+        theirs = torch.cat([ref(input_ids=ids[i:i + 1]).logits for i in range(3)])
+    theirs = {"single": theirs.softmax(-1), "multi": theirs.sigmoid(), "regression": theirs}[kind]
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_head_hugging_face_cannot_express_is_refused_in_one_line(tok, tmp_path, capsys):
+    init = make_run(tmp_path / "bert", tok)
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(120)]
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
+    out = tmp_path / "mean"
+    assert _ft(init, task, out, "--finetune.pool", "mean", "--finetune.epochs", "1") == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "--finetune.pool cls" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "hf").exists()
+
+
+def test_a_lora_run_exports_merged_and_transformers_agrees_on_real_text(tok, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    init = make_run(tmp_path / "bert", tok)
+    data = [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(120)]
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
+    out = tmp_path / "lora"
+    assert _ft(init, task, out, "--finetune.adapter", "lora", "--finetune.epochs", "1") == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    texts = ["great fun film", "the plot was dull and bad"]
+    assert main(["classify", "--run", str(out), *texts, "--json-out"]) == 0
+    ours = [json.loads(l)["probabilities"] for l in capsys.readouterr().out.splitlines()]
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    cfg = ref.config
+    assert cfg.id2label == {0: "neg", 1: "pos"} and cfg.pad_token_id == tok.pad_id
+    for text, p in zip(texts, ours):
+        ids = [tok.cls_id, *tok.encode(text, add_special_tokens=False), tok.sep_id]
+        with torch.no_grad():
+            q = ref(input_ids=torch.tensor([ids])).logits.softmax(-1)[0]
+        assert abs(q[1].item() - p["pos"]) <= 1e-4  # classify rounds to 4 places
