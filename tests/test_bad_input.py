@@ -294,6 +294,7 @@ CASES = [
     ("bench-dtype", lambda w, t: ["bench", "--peak", "--dtypes", "fp7", "--seconds", "0.1"], "unknown dtype 'fp7'"),
     ("bench-device", lambda w, t: ["bench", "--peak", "--device", "cuda", "--seconds", "0.1"], "no CUDA device"),
     ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "--gpt-steps -5 must be a positive"),
+    ("demo-seeds", lambda w, t: ["demo", "--seeds", "0", "--out", str(t / "demo")], "--seeds 0 must be a positive count"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
     ("recipe-unknown", lambda w, t: _gpt(w, t, "--model.recipe", "gpt5"), "recipe='gpt5' is unknown"),
