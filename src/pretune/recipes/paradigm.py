@@ -29,7 +29,7 @@ def baseline_rows(sizes, seeds, task: str = TASK) -> list[dict]:
 
 
 def run_paradigm(runs: dict, out: Path, smol=None, full: bool = False, sizes=(100, 1000), seeds=(0,),
-                 minilm: bool = True) -> dict:
+                 minilm: bool = True, task: str = TASK, progress: bool = True) -> dict:
     """The transfer grid (the minis, all-MiniLM-L6 beside them), the baseline, SmolLM2 prompted;
     the one table. `full`: sizes (100, 1,000, all), seeds (0, 1, 2), as the transfer experiment."""
     out = Path(out)
@@ -38,14 +38,15 @@ def run_paradigm(runs: dict, out: Path, smol=None, full: bool = False, sizes=(10
         m = minilm_run(out / "real")
         if m is not None:
             grid["all-MiniLM-L6-v2"] = m
-    transfer = run_transfer_experiment(grid, out / "transfer", sizes=sizes, seeds=seeds, full=full)
-    t = load_task(TASK)
+    transfer = run_transfer_experiment(grid, out / "transfer", sizes=sizes, seeds=seeds, full=full, task=task,
+                                       progress=progress)
+    t = load_task(task)
     if full:
         sizes, seeds = (100, 1000, None), (0, 1, 2)
     print("== the bag-of-words baseline (the bar a pre-trained model must clear)")
-    rows = baseline_rows(sizes, seeds) + transfer_rows(transfer["rows"])
+    rows = baseline_rows(sizes, seeds, task) + transfer_rows(transfer["rows"])
     pending = {}
-    prompted = prompted_rows(smol, TASK, seeds=seeds) if smol is not None else None
+    prompted = prompted_rows(smol, task, seeds=seeds) if smol is not None else None
     if prompted is None:
         why = PENDING if smol is not None else "(SmolLM2 not installed)"
         pending = {"SmolLM2-135M prompted, zero-shot": why, "SmolLM2-135M prompted, 4-shot": why}
@@ -56,11 +57,11 @@ def run_paradigm(runs: dict, out: Path, smol=None, full: bool = False, sizes=(10
              "SmolLM2-135M prompted, 4-shot": f"4 labelled reviews in the prompt; {PROMPT_LIMIT} test reviews"}
     maj = transfer["majority_baseline"]
     table = format_paradigm_table(rows, maj, columns, pending, notes)
-    print(f"\n== pre-train, fine-tune, prompt: test accuracy on {TASK} ({len(t.test):,} test reviews)")
+    print(f"\n== pre-train, fine-tune, prompt: test accuracy on {t.name} ({len(t.test):,} test examples)")
     print(table)
     make_dir(out, "the demo folder")
     atomic_write_text(out / "paradigm.md", table + "\n")
-    atomic_write_json(out / "paradigm.json", {"task": TASK, "rows": rows, "columns": list(columns),
+    atomic_write_json(out / "paradigm.json", {"task": t.name, "rows": rows, "columns": list(columns),
                                               "majority_baseline": maj, "pending": pending})
     try:
         plot_paradigm(rows, maj, out / "paradigm.png", columns)
