@@ -299,6 +299,7 @@ def test_gpt3_figures_by_hand():
     assert g["usd_at_paper_pf_days_dense_35_mfu"] == pytest.approx(3640 / 1.0 / 0.35 * 240)  # $2.496M
     assert g["energy_usd"] == pytest.approx(41_800)  # 190,000 kWh x $0.22
     assert g["kwh_per_instance_hour"] == pytest.approx(190e3 / (1500 * 24))
+    assert g["planner_kwh_dense_35_mfu"] == pytest.approx(3640 / 0.35 * 24 * 8 * 0.150 * 1.1)  # 329,472 kWh
 
 
 def test_gpt4_figures_by_hand():

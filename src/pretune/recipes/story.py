@@ -113,14 +113,16 @@ def cost_lines(demo: dict | None = None) -> list[str]:
         f"({g3['instance_pf_sparse']:.0f} PF/s per 8-GPU instance) and 100% utilisation; at the paper's PF-days, "
         f"the dense peak ({g3['instance_pf_dense']:.0f} PF/s) and 35% MFU it is "
         f"${g3['usd_at_paper_pf_days_dense_35_mfu'] / 1e6:.1f}M. '190K kWh, $42K at $0.22': "
-        f"190,000 x 0.22 = ${g3['energy_usd'] / 1e3:.1f}K.",
+        f"190,000 x 0.22 = ${g3['energy_usd'] / 1e3:.1f}K; over the 1,500 instance-days the $360K buys, "
+        f"{g3['kwh_per_instance_hour']:.1f} kW per instance (its 8 A10G draw 1.2 kW); pretune's energy at the "
+        f"paper's PF-days, dense peak, 35% MFU, 150 W a GPU, PUE 1.1: {g3['planner_kwh_dense_35_mfu'] / 1e3:,.0f}K kWh.",
         f"GPT-4 (estimate): 25,000 A100 x 90-100 days x $1/h = ${g4['usd'][0] / 1e6:.0f}M-"
         f"${g4['usd'][1] / 1e6:.0f}M; at 32-36% MFU that is {_e(g4['flops'][0])}-{_e(g4['flops'][1])} FLOPs "
         f"({g4['pf_days'][0]:,.0f}-{g4['pf_days'][1]:,.0f} PF-days); the gpt4-moe preset's 6ND at 13T tokens "
         f"{_e(g4['planner_flops'])} (MFU {g4['planner_mfu'][1]:.0%}-{g4['planner_mfu'][0]:.0%}).",
     ]
     if demo:
-        out.append(f"this demo: {_e(demo['flops'])} FLOPs = {demo['pf_days']:.1e} PF-days in "
-                   f"{demo['seconds'] / 60:.1f} min of training, ~{demo['kwh'] * 1000:.0f} Wh at ~15 W; GPT-3 "
-                   f"is {demo['gpt3_ratio']:.1e} times more compute.")
+        out.append(f"this demo's pre-training (6ND + attention): {_e(demo['flops'])} FLOPs = {demo['pf_days']:.1e} "
+                   f"PF-days in {demo['seconds'] / 60:.1f} min on this CPU, ~{demo['kwh'] * 1000:.0f} Wh at ~15 W "
+                   f"(an estimate: no power meter); GPT-3 took {demo['gpt3_ratio']:.1e} times more compute.")
     return out
