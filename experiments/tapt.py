@@ -6,7 +6,7 @@
   C  the reviews alone, from random weights, the demo's budget
   scratch  random weights
 
-usage: nice -n 10 python experiments/tapt.py gpt-mini|bert-mini [tapt_steps] [seeds, e.g. 0,1,2] [C: 1 to run it]
+usage: nice -n 10 python experiments/tapt.py gpt-mini|bert-mini [tapt_steps] [seeds, e.g. 0,1,2] [C: 1 to run it] [sizes, e.g. 100,1000]
 """
 import json, sys, time
 from pathlib import Path
@@ -35,7 +35,7 @@ class InitFrom(Hook):
             load_weights(trainer.model, require_checkpoint(self.run, "pre-train it first"))
 
 
-def main(name, tapt_steps=None, seeds="0,1,2", with_c="0"):
+def main(name, tapt_steps=None, seeds="0,1,2", with_c="0", sizes="100,1000"):
     root = Path("runs/exp-tapt")
     cfg = preset(name)
     kw = GPT_TRAIN if cfg.causal else BERT_TRAIN
@@ -56,17 +56,21 @@ def main(name, tapt_steps=None, seeds="0,1,2", with_c="0"):
     A = root / name / "A-builtin"
     log["A"] = pretrain(cfg, TrainConfig.for_model(cfg, None, **kw), data, A, progress=False)
     log["A_s"] = time.time() - t; t = time.time()
+    print(json.dumps(log, default=str), flush=True)
+    seeds = tuple(int(x) for x in seeds.split(","))
+    sizes = tuple(int(x) for x in sizes.split(","))
+    res = {}
+    res["A"] = run_transfer_experiment({name: A}, root / name / "ft-A", seeds=seeds, sizes=sizes,
+                                       variants=("pretrained", "scratch"), progress=False)["summary"]
+    json.dump({"log": log, "res": res}, open(root / name / "summary.json", "w"), indent=1, default=str)
+    print(json.dumps(res["A"]), flush=True)
     B = root / name / f"B-tapt{tapt_steps}"
     bkw = {**kw, "steps": tapt_steps, "warmup": max(1, tapt_steps // 10),
            "eval_every": tapt_steps, "ckpt_every": tapt_steps}
     log["B"] = pretrain(cfg, TrainConfig.for_model(cfg, None, **bkw), rev, B, progress=False, hooks=[InitFrom(A)])
     log["B_s"] = time.time() - t; t = time.time()
     print(json.dumps(log, default=str), flush=True)
-    seeds = tuple(int(x) for x in seeds.split(","))
-    res = {}
-    res["A"] = run_transfer_experiment({name: A}, root / name / "ft-A", seeds=seeds,
-                                       variants=("pretrained", "scratch"), progress=False)["summary"]
-    res["B"] = run_transfer_experiment({name: B}, root / name / "ft-B", seeds=seeds,
+    res["B"] = run_transfer_experiment({name: B}, root / name / "ft-B", seeds=seeds, sizes=sizes,
                                        variants=("pretrained",), progress=False)["summary"]
     log["ftAB_s"] = time.time() - t; t = time.time()
     json.dump({"log": log, "res": res}, open(root / name / "summary.json", "w"), indent=1, default=str)
@@ -76,7 +80,7 @@ def main(name, tapt_steps=None, seeds="0,1,2", with_c="0"):
     C = root / name / "C-reviews"
     log["C"] = pretrain(cfg, TrainConfig.for_model(cfg, None, **kw), rev, C, progress=False)
     log["C_s"] = time.time() - t; t = time.time()
-    res["C"] = run_transfer_experiment({name: C}, root / name / "ft-C", seeds=seeds,
+    res["C"] = run_transfer_experiment({name: C}, root / name / "ft-C", seeds=seeds, sizes=sizes,
                                        variants=("pretrained",), progress=False)["summary"]
     log["ftC_s"] = time.time() - t
     json.dump({"log": log, "res": res}, open(root / name / "summary.json", "w"), indent=1, default=str)
