@@ -121,6 +121,9 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     for line in cost_lines(report["cost"]):
         print(line)
     report["minutes"] = (time.time() - t0) / 60
+    if "paradigm" in report:  # the argument, last, where the reader looks
+        print(f"\n== the table (also {out / 'paradigm.md'}, plotted in {out / 'paradigm.png'})")
+        print(report["paradigm"]["table"])
     print(f"\ndemo finished in {report['minutes']:.1f} minutes; runs in {out}")
     from .next_steps import next_commands, print_next
 
