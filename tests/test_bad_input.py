@@ -295,6 +295,8 @@ CASES = [
     ("bench-device", lambda w, t: ["bench", "--peak", "--device", "cuda", "--seconds", "0.1"], "no CUDA device"),
     ("demo-steps", lambda w, t: ["demo", "--gpt-steps", "-5", "--out", str(t / "demo")], "--gpt-steps -5 must be a positive"),
     ("demo-seeds", lambda w, t: ["demo", "--seeds", "0", "--out", str(t / "demo")], "--seeds 0 must be a positive count"),
+    ("demo-tapt-steps", lambda w, t: ["demo", "--gpt-tapt-steps", "-1", "--out", str(t / "demo")],
+     "--gpt-tapt-steps -1 must be 0 (none)"),
     ("export-format", lambda w, t: ["export", str(w / "gpt"), "--out", str(t / "x"), "--format", "onnx"],
      "unknown export format"),
     ("recipe-unknown", lambda w, t: _gpt(w, t, "--model.recipe", "gpt5"), "recipe='gpt5' is unknown"),

@@ -369,3 +369,38 @@ def test_smollm2_knows_washington_is_the_capital():
     ranked = [w for w, _ in others.blank_scores(*smol, "Washington is the [MASK] of the US.")]
     assert "capital" in ranked[:2]
     assert [w for w, _ in others.next_tokens(*smol, "The capital of France is", 1)] == [" Paris"]
+
+
+def test_task_adaptive_pretraining_starts_from_the_run_and_reads_only_training_texts(tmp_path):
+    """recipes/tapt.py: the continued run starts from the base run's weights (InitFrom), and its data
+    is the task's training split without labels: no validation or test text."""
+    import types
+
+    from pretune.data.labelled import load_task
+    from pretune.models.load import load_model
+    from pretune.recipes import tapt
+
+    torch.set_num_threads(1)
+    (tmp_path / "c.txt").write_text(NEXT_TEXT)
+    assert main(["prepare", "--corpus", str(tmp_path / "c.txt"), "--tokenizer", "gpt2", "--out", str(tmp_path / "d"),
+                 "--val-fraction", "0.1"]) == 0
+    base = tmp_path / "base"
+    assert main(["pretrain", "--model", "gpt-mini", "--model.n-layer", "1", "--model.d-model", "16", "--model.n-head",
+                 "2", "--model.max-seq-len", "32", "--model.vocab-size", "50257", "--train.steps", "2",
+                 "--train.batch-size", "2", "--train.seq-len", "32", "--train.eval-every", "0", "--train.warmup", "1",
+                 "--data", str(tmp_path / "d"), "--out", str(base)]) == 0
+    want, cfg, _ = load_model(base)
+    fresh = Transformer(cfg)
+    tapt.InitFrom(base).on_start(types.SimpleNamespace(step=0, model=fresh))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), want.state_dict().values()))
+    rows = [(f"review number {i} was {'fine' if i % 2 else 'poor'}", "pos" if i % 2 else "neg") for i in range(400)]
+    with open(tmp_path / "task.csv", "w", newline="") as h:
+        w = csv.writer(h)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    t = load_task(str(tmp_path / "task.csv"))
+    final = tapt.continue_on_task(base, str(tmp_path / "task.csv"), 2, tmp_path / "tapt",
+                                  dict(batch_size=2, seq_len=4, lr=1e-3, eval_batches=1, log_every=1))
+    assert math.isfinite(final["val_loss"])
+    text = next(tmp_path.glob("data-*.txt")).read_text()
+    assert all(e.text in text for e in t.train) and not any(e.text in text for e in t.val + t.test)

@@ -52,7 +52,7 @@ BERT_TRAIN = dict(steps=1000, batch_size=8, seq_len=128, lr=5e-4, warmup=100, mi
 
 def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
              bert_steps: int = BERT_TRAIN["steps"], finetune: bool = True, full: bool = False,
-             seeds: int = 1) -> dict:
+             seeds: int = 1, gpt_tapt_steps: int = 0, bert_tapt_steps: int = 0) -> dict:
     """Pre-train gpt-mini and bert-mini on the built-in corpus, show what they learned, then fine-tune.
 
     Args:
@@ -62,10 +62,17 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         finetune: run the transfer-learning experiment after pre-training
         full: the whole fine-tuning grid (100, 1,000, all labels; 3 seeds) and the real-weights runs
         seeds: fine-tuning seeds of every cell of the table (1 fits the 15-minute budget on 2 cores)
+        gpt_tapt_steps: then continue gpt-mini's pre-training this many steps on the task's unlabelled
+            training reviews (task-adaptive pre-training, Gururangan et al. 2020; docs/finetuning.md)
+        bert_tapt_steps: the same for bert-mini
     """
     from ..data.prepare import prepare
     from ..data.loaders import unigram_entropy
 
+    for flag, v in (("--gpt-tapt-steps", gpt_tapt_steps), ("--bert-tapt-steps", bert_tapt_steps)):
+        if v < 0:
+            raise PretuneError(f"{flag} {v} must be 0 (none) or a positive number of steps", "pretune demo",
+                               f"e.g. {flag} 60")
     for flag, v, what, eg in (("--gpt-steps", gpt_steps, "number of steps", 100),
                               ("--bert-steps", bert_steps, "number of steps", 100), ("--seeds", seeds, "count", 3)):
         if v <= 0:
@@ -103,6 +110,17 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print(f"{name}: validation MLM loss {final['val_mlm']:.3f} nats/masked token (unigram entropy of "
                   f"the split's ordinary tokens {h:.3f}: {h - final['val_mlm']:+.3f} below it); "
                   f"NSP {final.get('val_nsp', float('nan')):.3f} (chance ln 2 = 0.693)")
+    for name, extra in (("gpt-mini", gpt_tapt_steps), ("bert-mini", bert_tapt_steps)):
+        if extra:  # the last stage on the task's own texts: the fine-tuning starts from it
+            from .tapt import continue_on_task
+
+            print(f"== continuing {name}'s pre-training on the task's unlabelled training reviews ({extra} steps)")
+            kw = GPT_TRAIN if name == "gpt-mini" else BERT_TRAIN
+            t1 = time.time()
+            continue_on_task(runs[name], "movie-sentiment", extra, out / f"{name}-tapt", kw)
+            trained.append({"model": name, "tokens": extra * kw["batch_size"] * kw["seq_len"], "seq_len": kw["seq_len"],
+                            "seconds": time.time() - t1})
+            runs[name] = out / f"{name}-tapt"
     from .others import smollm2
 
     smol = smollm2()
