@@ -697,36 +697,40 @@ def test_the_transfer_experiment_keeps_a_classifier_that_classify_can_use(toks, 
 
 
 def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, toy_csv, monkeypatch, capsys):
-    """`pretune demo` (pre-training stubbed with tiny random runs, the grid shrunk to the toy task)
-    ends by naming a fine-tuned run per model; `classify` works on each."""
+    """`pretune demo` (pre-training stubbed with tiny random runs, the grid shrunk to the toy task,
+    no MiniLM or SmolLM2) prints its one table and ends with the commands that use its runs: the
+    classify command names a fine-tuned run that `classify` can use."""
+    import shlex
+
     import pretune.data.loaders as shards
     import pretune.recipes.demo as demo
-    import pretune.recipes.transfer as transfer
+    import pretune.recipes.others as others
+    import pretune.recipes.paradigm as paradigm
 
     def fake_pretrain(cfg, tc, data, out):
         make_run(out, cfg.causal, toks[cfg.causal])
         return {"val_loss": 5.0}
-    real = transfer.run_transfer_experiment
+    real = paradigm.run_paradigm
     monkeypatch.setattr(demo, "pretrain", fake_pretrain)
     monkeypatch.setattr(demo, "default_data_dir", lambda tok: tmp_path / "data")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text("{}")
     monkeypatch.setattr(shards, "unigram_entropy", lambda *a, **k: 6.0)
-    monkeypatch.setattr(demo, "_show", lambda runs: None)
-    monkeypatch.setattr(transfer, "run_transfer_experiment",
-                        lambda runs, out, full=False: real(runs, out, sizes=(16,), task=str(toy_csv), progress=False))
+    monkeypatch.setattr(demo, "_show", lambda runs, smol=None: None)
+    monkeypatch.setattr(others, "smollm2", lambda: None)
+    monkeypatch.setattr(paradigm, "run_paradigm", lambda runs, out, smol, full=False, seeds=(0,): real(
+        runs, out, smol, sizes=(16,), seeds=seeds, minilm=False, task=str(toy_csv), progress=False))
     demo.demo_cmd(out=tmp_path / "demo")
-    lines = capsys.readouterr().out.strip().splitlines()
-    last, serve = lines[-3:-1], lines[-1]
-    assert [l.split(" to try:")[0] for l in last] == ["a fine-tuned gpt-mini", "a fine-tuned bert-mini"]
-    # and the closing line: the pretune serve command for all of its runs (docs/serve.md)
-    assert serve.startswith(f"try them in a browser: pretune serve {tmp_path / 'demo' / 'gpt-mini'} "
-                            f"{tmp_path / 'demo' / 'bert-mini'} ")
-    for line in last:
-        run = line.split("--run ")[1].split(" ")[0]
-        assert run == str(tmp_path / "demo" / "transfer" / line.split()[2] / "pretrained" / "n16-s0")
-        assert main(["classify", "--run", run, "a great film"]) == 0
-        assert run in serve
+    out = capsys.readouterr().out
+    assert "| bag-of-words logistic regression |" in out and "| bert-mini pre-trained here |" in out
+    assert "(SmolLM2 not installed)" in out and "GPT-3 175B: 3,640 PF-days" in out
+    cmds = out.split("== what to try next\n")[1].strip().splitlines()
+    classify = shlex.split(cmds[0])
+    assert classify[:3] == ["pretune", "classify", "--run"]
+    assert classify[3] == str(tmp_path / "demo" / "transfer" / "bert-mini" / "pretrained" / "n16-s0")
+    assert main(classify[1:]) == 0
+    serve = [c for c in cmds if c.startswith("pretune serve ")]  # the serving issue's closing line
+    assert len(serve) == 1 and str(tmp_path / "demo" / "gpt-mini") in serve[0] and classify[3] in serve[0]
 
 
 def test_transfer_experiment_leaves_l3_out_for_an_encoder_without_lm_head(toks, tmp_path, toy_csv, capsys):

@@ -1,12 +1,14 @@
-"""`pretune demo`: the whole paradigm on a laptop CPU, in about ten minutes.
+"""`pretune demo`: the paradigm's story on a laptop CPU, with measured numbers (<= 15 minutes).
 
 1. prepare the built-in corpus (movie dialogs, Wikipedia, the King James Bible)
    for each tokenizer;
 2. pre-train gpt-mini (L1) and bert-mini (MLM + NSP) from scratch;
-3. show that gpt-mini learned: its validation loss against the unigram
-   entropy of the same validation split, samples, and bert-mini's fill-mask;
-4. fine-tune both on movie-review sentiment, pre-trained against scratch, keeping one
-   fine-tuned classifier per model for `pretune classify` (its path is printed last).
+3. show what they learned (validation loss against the unigram entropy, samples, fill-mask)
+   beside what a model pre-trained on trillions of tokens knows (SmolLM2's next tokens);
+4. one table: a bag-of-words baseline, the minis pre-trained / from scratch / L3, all-MiniLM-L6
+   pre-trained by others / from scratch, SmolLM2 prompted, at 0, 100 and 1,000 labels;
+5. what it cost, beside the published figures of GPT-1, GPT-3 and GPT-4 (recipes/story.py);
+6. the commands that use its runs (recipes/next_steps.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from ..training.pretrain import default_data_dir, pretrain
 
 
 PROMPTS = ["It is a truth universally acknowledged", "And God said", "I don't know what you"]
+
+
+# The blank asked of a model pre-trained at scale as its next token (a decoder reads left to right).
+SCALE_PROMPTS = {"Washington is the [MASK] of the US.": "Washington is the"}
 
 
 MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [MASK] .",
@@ -45,7 +51,8 @@ BERT_TRAIN = dict(steps=1000, batch_size=8, seq_len=128, lr=5e-4, warmup=100, mi
 
 
 def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
-             bert_steps: int = BERT_TRAIN["steps"], finetune: bool = True, full: bool = False) -> dict:
+             bert_steps: int = BERT_TRAIN["steps"], finetune: bool = True, full: bool = False,
+             seeds: int = 1, gpt_tapt_steps: int = 0, bert_tapt_steps: int = 0) -> dict:
     """Pre-train gpt-mini and bert-mini on the built-in corpus, show what they learned, then fine-tune.
 
     Args:
@@ -54,17 +61,27 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         bert_steps: pre-training steps of bert-mini
         finetune: run the transfer-learning experiment after pre-training
         full: the whole fine-tuning grid (100, 1,000, all labels; 3 seeds) and the real-weights runs
+        seeds: fine-tuning seeds of every cell of the table (1 fits the 15-minute budget on 2 cores)
+        gpt_tapt_steps: then continue gpt-mini's pre-training this many steps on the task's unlabelled
+            training reviews (task-adaptive pre-training, Gururangan et al. 2020; docs/finetuning.md)
+        bert_tapt_steps: the same for bert-mini
     """
     from ..data.prepare import prepare
     from ..data.loaders import unigram_entropy
 
-    for flag, v in (("--gpt-steps", gpt_steps), ("--bert-steps", bert_steps)):
+    for flag, v in (("--gpt-tapt-steps", gpt_tapt_steps), ("--bert-tapt-steps", bert_tapt_steps)):
+        if v < 0:
+            raise PretuneError(f"{flag} {v} must be 0 (none) or a positive number of steps", "pretune demo",
+                               f"e.g. {flag} 60")
+    for flag, v, what, eg in (("--gpt-steps", gpt_steps, "number of steps", 100),
+                              ("--bert-steps", bert_steps, "number of steps", 100), ("--seeds", seeds, "count", 3)):
         if v <= 0:
-            raise PretuneError(f"{flag} {v} must be a positive number of steps", "pretune demo", f"e.g. {flag} 100")
+            raise PretuneError(f"{flag} {v} must be a positive {what}", "pretune demo", f"e.g. {flag} {eg}")
     check_creatable(out, "the demo folder")  # before the corpus is prepared and the models trained
     t0 = time.time()
     report: dict = {}
     runs = {}
+    trained = []  # what the cost lines count: {model, tokens, seq_len, seconds}
     for name, train_kw, steps in (("gpt-mini", GPT_TRAIN, gpt_steps), ("bert-mini", BERT_TRAIN, bert_steps)):
         cfg = preset(name)
         data = default_data_dir(cfg.tokenizer)
@@ -73,7 +90,11 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             prepare(["builtin"], cfg.tokenizer, data)
         print(f"== pre-training {name} ({steps} steps)")
         tc = TrainConfig.for_model(cfg, None, **{**train_kw, "steps": steps})  # the recipe under the budget
+        t1 = time.time()
         final = pretrain(cfg, tc, data, out / name)
+        tokens = steps * tc.batch_size * tc.seq_len
+        trained.append({"model": name, "tokens": tokens, "seq_len": tc.seq_len,
+                        "seconds": _train_seconds(out / name, tokens, time.time() - t1)})
         runs[name] = out / name
         report[name] = {"val_loss": final.get("val_loss"), "steps": steps}
         if pretraining_objective(cfg).perplexity:  # a loss over every token: against the unigram entropy
@@ -89,24 +110,61 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             print(f"{name}: validation MLM loss {final['val_mlm']:.3f} nats/masked token (unigram entropy of "
                   f"the split's ordinary tokens {h:.3f}: {h - final['val_mlm']:+.3f} below it); "
                   f"NSP {final.get('val_nsp', float('nan')):.3f} (chance ln 2 = 0.693)")
-    _show(runs)
+    for name, extra in (("gpt-mini", gpt_tapt_steps), ("bert-mini", bert_tapt_steps)):
+        if extra:  # the last stage on the task's own texts: the fine-tuning starts from it
+            from .tapt import continue_on_task
+
+            print(f"== continuing {name}'s pre-training on the task's unlabelled training reviews ({extra} steps)")
+            kw = GPT_TRAIN if name == "gpt-mini" else BERT_TRAIN
+            t1 = time.time()
+            continue_on_task(runs[name], "movie-sentiment", extra, out / f"{name}-tapt", kw)
+            trained.append({"model": name, "tokens": extra * kw["batch_size"] * kw["seq_len"], "seq_len": kw["seq_len"],
+                            "seconds": time.time() - t1})
+            runs[name] = out / f"{name}-tapt"
+    from .others import smollm2
+
+    smol = smollm2()
+    _show(runs, smol)
     if finetune:
-        try:
-            from .transfer import run_transfer_experiment
-        except ImportError:
-            print("(fine-tuning experiment not available in this build)")
-        else:
-            report["transfer"] = run_transfer_experiment(runs, out / "transfer", full=full)
-            note = transfer_caveat(report, full)
-            if note:
-                print(note)
+        from .paradigm import run_paradigm
+
+        report.update(run_paradigm(runs, out, smol, full=full, seeds=tuple(range(seeds))))
+        note = transfer_caveat(report, full)
+        if note:
+            print(note)
+    from .story import cost_lines, demo_figures
+
+    report["cost"] = demo_figures(trained)
+    print()
+    for line in cost_lines(report["cost"]):
+        print(line)
     report["minutes"] = (time.time() - t0) / 60
-    print(f"demo finished in {report['minutes']:.1f} minutes; runs in {out}")
-    for m, run in report.get("transfer", {}).get("classifiers", {}).items():  # kept by the experiment
-        print(f"a fine-tuned {m} to try: pretune classify --run {run} \"a gorgeous, witty film\"")
-    served = [str(p) for p in runs.values()] + [str(p) for p in report.get("transfer", {}).get("classifiers", {}).values()]
-    print(f"try them in a browser: pretune serve {' '.join(served)}   (needs pip install 'pretune[serve]'; docs/serve.md)")
+    if "paradigm" in report:  # the argument, last, where the reader looks
+        print(f"\n== the table (also {out / 'paradigm.md'}, plotted in {out / 'paradigm.png'})")
+        print(report["paradigm"]["table"])
+    print(f"\ndemo finished in {report['minutes']:.1f} minutes; runs in {out}")
+    from .next_steps import next_commands, print_next
+
+    kept = report.get("transfer", {}).get("classifiers", {})
+    clf = kept.get("bert-mini") or next(iter(kept.values()), None)
+    report["next"] = next_commands(runs["gpt-mini"], runs["bert-mini"], clf, trained[0]["tokens"])
+    print_next(report["next"])
     return report
+
+
+def _train_seconds(run: Path, tokens: int, fallback: float) -> float:
+    """A run's training seconds: its tokens at the last logged throughput (tok_per_s), so a run
+    reused from an earlier demo still counts its time; the measured seconds when nothing is logged."""
+    import json
+
+    try:
+        for line in reversed((run / "metrics.jsonl").read_text().splitlines()):
+            rate = json.loads(line).get("tok_per_s")
+            if rate:
+                return tokens / float(rate)
+    except (OSError, ValueError):
+        pass
+    return fallback
 
 
 def transfer_caveat(report: dict, full: bool) -> str | None:
@@ -127,14 +185,15 @@ def transfer_caveat(report: dict, full: bool) -> str | None:
             f"The pre-training here is a few minutes on about 1M tokens"
             + (f" ({'; '.join(how)})" if how else "")
             + ", and each cell is one seed of 50-130 fine-tuning steps, which moves by several points. "
-            "`pretune demo --full` runs three seeds and adds the packaged all-MiniLM-L6 and SmolLM2 "
-            "checkpoints, pre-trained on billions of tokens; docs/finetuning.md sets MiniLM against the same "
-            "architecture trained from scratch.")
+            "all-MiniLM-L6's rows above are what a real pre-training budget buys over the same architecture "
+            "from scratch; `pretune demo --full` runs three seeds and all labels; docs/finetuning.md "
+            "reports what was tried to make the minis' own pre-training pay.")
 
 
-def _show(runs: dict) -> None:
+def _show(runs: dict, smol=None) -> None:
     from ..models.load import load_model
     from ..inference.generate import fill_mask, generate
+    from .others import blank_scores, next_tokens
 
     import torch
 
@@ -149,4 +208,11 @@ def _show(runs: dict) -> None:
     for t in MASKED:
         ans = fill_mask(model, tok, t, top_k=5)
         print(f"  {t}  ->  " + "; ".join(", ".join(f"{w} {p:.2f}" for w, p in a[:5]) for a in ans))
+        if smol is not None and t in SCALE_PROMPTS:  # the same question to a model pre-trained at scale
+            prompt = SCALE_PROMPTS[t]
+            top = next_tokens(*smol, prompt, 5)
+            print(f"  SmolLM2-135M (pre-trained on ~2T tokens), next tokens after '{prompt}':  "
+                  + ", ".join(f"{w!r} {p:.2f}" for w, p in top))
+            print(f"  SmolLM2-135M, the blank's candidates scored in the whole sentence:  "
+                  + ", ".join(f"{w} {p:.2f}" for w, p in blank_scores(*smol, t)))
     print()
