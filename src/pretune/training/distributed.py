@@ -224,13 +224,30 @@ def setup(tc) -> Dist:
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # one process asked for ddp/fsdp without torchrun: a group of one
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-        dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("PRETUNE_DIST_TIMEOUT",
-                                                                                        "600"))))
+        timeout = timedelta(seconds=int(os.environ.get("PRETUNE_DIST_TIMEOUT", "600")))
+        dist.init_process_group(backend, timeout=timeout, **_attempt_store(timeout))
         cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     else:  # the group is running (another parallel mode in the same process: scripts/gpu_check.py)
         cpu_group = _CURRENT.cpu_group
     _CURRENT = Dist(rank, dist.get_world_size(), local_rank, parallel, device, cpu_group)
     return _CURRENT
+
+
+def _attempt_store(timeout) -> dict:
+    """torchrun's agent store, its keys under this restart attempt's own prefix. With a static
+    rendezvous (`--master-addr/--master-port`) the agent keeps one store across restarts, so a
+    restarted rank could read the gloo address a dead rank of the previous attempt published and wait
+    on it forever (seen under `--max-restarts`); a prefix per TORCHELASTIC_RESTART_COUNT keeps each
+    attempt's rendezvous its own. Elsewhere: {} (init_process_group's env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return {}
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                        timeout=timeout)
+    store = dist.PrefixStore(f"pretune/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", tcp)
+    return {"store": store, "rank": int(os.environ["RANK"]), "world_size": world}
 
 
 def teardown() -> None:
