@@ -729,7 +729,7 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
     assert classify[:3] == ["pretune", "classify", "--run"]
     assert classify[3] == str(tmp_path / "demo" / "transfer" / "bert-mini" / "pretrained" / "n16-s0")
     assert main(classify[1:]) == 0
-    serve = [c for c in cmds if c.startswith("pretune serve ")]  # the serving issue's closing line
+    serve = [c.strip() for c in cmds if c.strip().startswith("pretune serve ")]  # the serving issue's closing line
     assert len(serve) == 1 and str(tmp_path / "demo" / "gpt-mini") in serve[0] and classify[3] in serve[0]
 
 
