@@ -367,4 +367,5 @@ def test_quantized_server_answers_as_the_command_line(serve_runs, capsys, weight
         assert [[[m["token"], m["probability"]] for m in ms] for ms in masks] == fm
         s = c.post("/api/similarity", json={"run": "gpt", "a": "the film was good", "b": "the film was bad"}).json()
         assert -1.0 <= s["similarity"] <= 1.0
-    assert asyncio.run(both()) == want  # concurrent requests: the batched decoder, on quantized weights
+        # concurrent requests, while the app (and its batcher) runs: the batched decoder on quantized weights
+        assert asyncio.run(both()) == want
