@@ -140,18 +140,8 @@ def make_task(name: str, rows: list[tuple[str, str | None, str]], labels: list[s
     if kind != "single":
         return _make_kind_task(name, rows, source, stats, where, kind, label_name)
     stats = dict(stats or {})
-    by_key: dict[str, tuple[str, str | None, str]] = {}
-    conflicting: set[str] = set()
-    for a, b, y in rows:
-        k = _key(a, b)
-        if k in by_key:
-            if by_key[k][2] != y:
-                conflicting.add(k)
-            continue
-        by_key[k] = (a, b, y)
-    for k in conflicting:
-        del by_key[k]
-    stats.update(duplicates=len(rows) - len(by_key) - len(conflicting), conflicting_labels=len(conflicting),
+    by_key, n_conflicting = _dedupe(rows)
+    stats.update(duplicates=len(rows) - len(by_key) - n_conflicting, conflicting_labels=n_conflicting,
                  examples=len(by_key))
     found = sorted({y for _, _, y in by_key.values()}, key=_label_sort_key)
     if labels is None:
