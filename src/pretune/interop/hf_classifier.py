@@ -97,10 +97,8 @@ def classifier_config(model, fam: str, labels: list[str], kind: str, tok=None) -
 def export_classifier(model, tok, out_dir: str | Path, info: dict, results: dict | None = None,
                       source: dict | None = None) -> Path:
     """Write `model` (a Classifier, adapters merged) as a *ForSequenceClassification folder, atomically."""
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_dir, atomic_write_json, atomic_write_text
     from ..models.lora import lora_modules
+    from .hf_weights import write_hf_folder
     if lora_modules(model):
         raise PretuneError("the model still carries LoRA adapters", None, "merge them first (models.lora.merge_lora)")
     fam = check_exportable(model.body.config, {"head": model.head.pool, "head_bias": model.head.out.bias is not None},
@@ -108,20 +106,8 @@ def export_classifier(model, tok, out_dir: str | Path, info: dict, results: dict
     kind = info.get("kind", "single")
     tensors = classifier_tensors(model, fam)
     cfg = classifier_config(model, fam, info["labels"], kind, tok)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise PretuneError("the output folder exists and is not empty", str(out_dir),
-                           "choose a new --out, or delete the folder")
-    with atomic_dir(out_dir, replace=False, what="the export folder") as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        atomic_write_json(tmp / "config.json", cfg)
-        if tok is not None:
-            tok.save(tmp / "tokenizer.json")
-            atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, fam))
-        if source:
-            atomic_write_json(tmp / "pretune.json", source)
-        atomic_write_text(tmp / "README.md", model_card(cfg, info, results or {}, source or {}))
-    return out_dir
+    return write_hf_folder(out_dir, tensors, cfg, tok, fam, source,
+                           {"README.md": model_card(cfg, info, results or {}, source or {})})
 
 
 def model_card(cfg: dict, info: dict, results: dict, source: dict) -> str:

@@ -445,15 +445,21 @@ def tensors_for_hf(model, c: ModelConfig | None = None, prefix: str | None = Non
 def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically:
     everything goes to a temporary sibling folder, renamed into place at the end."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from ..fileio import atomic_dir, atomic_write_json
-
     c = model.config
     tensors, fam = tensors_for_hf(model)
     cfg = hf_config(c, fam, tok)
     cfg["vocab_size"] = c.vocab_size
+    return write_hf_folder(out_dir, tensors, cfg, tok, fam, source)
+
+
+def write_hf_folder(out_dir, tensors: dict, cfg: dict, tok, fam, source: dict | None = None,
+                    texts: dict[str, str] | None = None) -> Path:
+    """A Hugging Face folder, built aside and swapped in: model.safetensors, config.json, the
+    tokenizer, pretune.json (where it came from) and `texts` (e.g. a model card README.md)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    from ..fileio import atomic_dir, atomic_write_json, atomic_write_text
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PretuneError("the output folder exists and is not empty", str(out_dir),
@@ -467,6 +473,8 @@ def export_hf(model, tok, out_dir: str | Path, source: dict | None = None) -> Pa
                 atomic_write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok, fam))
             if source:
                 atomic_write_json(tmp / "pretune.json", source)
+            for name, text in (texts or {}).items():
+                atomic_write_text(tmp / name, text)
     except SafetensorError as e:
         raise PretuneError(f"cannot write the export: {e}", str(out_dir), "check free space and permissions") from e
     return out_dir
