@@ -254,27 +254,57 @@ def test_kill_9_of_one_rank_restarts_the_group_from_the_last_checkpoint(tmp_path
     assert_same_run(runs("gpt-1"), tmp_path / "run")
 
 
+RANK_EXIT = """import os, signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *a: None)  # torchrun signals this process group; the rank decides
+code = subprocess.run(sys.argv[2:]).returncode
+with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:
+    f.write(str(code))
+sys.exit(code)
+"""
+
+
 def test_sigterm_to_the_launcher_checkpoints_every_rank_together(tmp_path, data):
+    """SIGTERM to torchrun, which forwards it to every rank, at the worst moment: rank 0 has logged
+    step 3 and is between steps (PRETUNE_FAULT_PAUSE holds it there) while rank 1 already waits in
+    the next collective. The ranks agree on the stop at the step boundary (one all-reduce), write
+    the checkpoint together, and each exits 143, as a wrapper around each rank sees; rank 0 says the
+    one line; the run resumes. PRETUNE_TEST_SIGTERM_DELAY=s: the signal comes instead s seconds
+    after the 3rd logged step, whatever the ranks are doing (scripts/stress_sigterm.sh)."""
     import signal
     import time
-    run = tmp_path / "run"
+    run, wrapper, status = tmp_path / "run", tmp_path / "rank_exit.py", tmp_path / "exit"
+    wrapper.write_text(RANK_EXIT)
     args = command("gpt", data, run, 400, 4, "--train.ckpt-every", "1000")
-    p = subprocess.Popen(torchrun(2) + args, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    delay = os.environ.get("PRETUNE_TEST_SIGTERM_DELAY")
+    env, marker = _env(), tmp_path / "rank0-between-steps"
+    if delay is None:
+        env.update(PRETUNE_FAULT="between_steps:3", PRETUNE_FAULT_RANK="0", PRETUNE_FAULT_PAUSE=str(marker))
+    cmd = torchrun(2)[:-2] + [str(wrapper), str(status), sys.executable, "-m", "pretune", *args]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run / "metrics.jsonl"
     t0 = time.time()
-    while time.time() - t0 < 120 and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the ranks
+    if delay is None:
+        while time.time() - t0 < 120 and not marker.exists() and p.poll() is None:
+            time.sleep(0.01)
+    else:
+        while time.time() - t0 < 120 and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.01)
+        time.sleep(float(delay))
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to each rank's process group
     out, err = p.communicate(timeout=120)
-    assert "pretune: stopped by SIGTERM" in err, err[-3000:]
+    assert err.count("pretune: stopped by SIGTERM") == 1, err[-3000:]  # only rank 0 talks
+    codes = {r: (tmp_path / f"exit.{r}").read_text() for r in (0, 1)}
+    assert codes == {0: "143", 1: "143"}, (codes, err[-3000:])  # 128 + SIGTERM on every rank
     from pretune.runs.checkpoint import latest_checkpoint, verify
     ck = latest_checkpoint(run)
     step = int(ck.name.split("-")[1])
     assert 0 < step < 400 and verify(ck) is None
+    if delay is None:
+        assert step == 3  # the step both ranks had finished when they agreed
     assert len(list((ck / "dcp").glob("shard-*.safetensors"))) == 2  # both ranks wrote, together
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
     # torchrun's own exit status is its own business (docs/distributed.md); the run resumes
-    r = ok(pretune(command("gpt", data, run, step + 2, 4, "--train.ckpt-every", "1000"), nproc=2))
+    r = ok(pretune(command("gpt", data, run, step + 1, 4, "--train.ckpt-every", "1000"), nproc=2))
     assert f"resuming {run} from step {step}" in r.stdout
 
 

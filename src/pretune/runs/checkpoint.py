@@ -75,11 +75,14 @@ def fault_point(name: str) -> None:
     """A named place where a test can make the process die (PRETUNE_FAULT=name[:count]):
     at the count-th time the process passes `name` it sends itself SIGKILL, which
     nothing can catch, as a power cut or an out-of-memory kill would. Points:
-    after_forward, in_optimizer_step (gradients ready, weights not yet updated),
+    after_forward, in_optimizer_step (gradients ready, weights not yet updated), between_steps
+    (a step's logging, evaluation and checkpoint done, the next step's stop agreement not yet),
     after_weights (a checkpoint's weights written, nothing else), before_manifest
     (all files written and fsynced), before_rename (manifest written, folder not
     yet in place). PRETUNE_FAULT_RANK=r: only rank r (torchrun's RANK); PRETUNE_FAULT_ONCE=file:
-    only if that file does not exist yet (it is made first), so a restarted group runs through."""
+    only if that file does not exist yet (it is made first), so a restarted group runs through.
+    PRETUNE_FAULT_PAUSE=file: instead of dying, make that file and sleep PRETUNE_FAULT_PAUSE_S seconds
+    (default 2), so a test can send a signal while this process is at exactly this point."""
     spec = os.environ.get("PRETUNE_FAULT")
     if not spec:
         return
@@ -97,6 +100,13 @@ def fault_point(name: str) -> None:
     os.environ[key] = str(n)
     if n >= int(count or 1):
         import signal
+        pause = os.environ.get("PRETUNE_FAULT_PAUSE")
+        if pause:
+            if not os.path.exists(pause):
+                import time
+                open(pause, "w").close()
+                time.sleep(float(os.environ.get("PRETUNE_FAULT_PAUSE_S", "2")))
+            return
         if once:
             open(once, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -69,11 +69,17 @@ class Dist:
             t /= self.world
         return t
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on one (a SIGTERM seen by some ranks only)."""
+    def agree_stop(self, requested: bool, signum: int | None) -> tuple[bool, int | None]:
+        """The stop every rank takes at a step boundary: stop if any rank asked (a hook, a signal),
+        with the signal one of them got (the largest number). One gloo all-reduce (MAX) of two
+        numbers; whatever a signal handler sets after it counts at the next boundary, so every
+        rank leaves the loop at the same step and enters the checkpoint's collectives together."""
         if not (self.active and self.world > 1):
-            return flag
-        return bool(self.sum_cpu(torch.tensor([float(flag)])).item() > 0)
+            return bool(requested or signum is not None), signum
+        import torch.distributed as dist
+        t = torch.tensor([float(bool(requested or signum is not None)), float(signum or 0)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(t[0].item() > 0), (int(t[1].item()) or None)
 
     def broadcast_json(self, obj):
         """Rank 0's JSON-able object on every rank (bytes in a uint8 tensor: no pickle on the wire)."""

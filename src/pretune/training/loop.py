@@ -57,7 +57,9 @@ class Trainer:
         self.skipped_steps = 0  # fp16 steps GradScaler skipped; counted on the device (see the property)
         self.found_inf: torch.Tensor | None = None  # fp16: this step's overflow flag, 1.0 or 0.0 on the device
         self.stop_requested = False
-        self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop after this step
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT received: stop at the next step boundary
+        self.stopped_by: int | None = None  # the signal the ranks agreed to stop on (_loop)
+        self._signals = 0  # signals this process's handler has seen
         self.rolled_back = False  # set by rollback(): the rest of this step's bookkeeping is skipped
         self.last_eval: dict = {}
         self._forward = torch.compile(forward) if tc.compile else forward
@@ -302,40 +304,79 @@ class Trainer:
         old_handlers = self._catch_signals()
         try:
             final = self._loop(bar)
+        except BaseException as e:
+            if not self._peers_left(e):
+                raise
+            self._stopped_alone(e)
         finally:
             self._restore_signals(old_handlers)
             if self.board is not None:
                 self.board.close()
-        if self.stop_signal is not None and self.step < tc.steps:
+        if self.stopped_by is not None and self.step < tc.steps:
             import signal
-            name = signal.Signals(self.stop_signal).name
+            name = signal.Signals(self.stopped_by).name
             if self.dp.main:
                 print(f"pretune: stopped by {name} at step {self.step}/{tc.steps}; checkpoint "
                       f"{RunDir(self.run_dir).checkpoint(self.step)} written; "
                       "resume with the same command", file=sys.stderr, flush=True)
-            raise Preempted(128 + self.stop_signal)
+            raise Preempted(128 + self.stopped_by)
         return final
+
+    def _peers_left(self, e: BaseException) -> bool:
+        """A collective failed (gloo: "Connection closed by peer"; DCP's CheckpointException) after
+        a stop signal reached this rank: a peer was killed (the launcher's SIGKILL at the end of its
+        grace period) or died. Not a new error to report: the stop the user asked for."""
+        if isinstance(e, (SystemExit, KeyboardInterrupt)) or self.dp.world == 1 or self.stop_signal is None:
+            return False
+        return isinstance(e, RuntimeError) or type(e).__name__ == "CheckpointException"
+
+    def _stopped_alone(self, e: BaseException) -> None:
+        """The one line and 128 + the signal, as a stop that went as planned would exit; the
+        checkpoint this stop was writing has no manifest, so the last complete one is used."""
+        import signal
+        name = signal.Signals(self.stop_signal).name
+        ck = ckpt.latest_checkpoint(self.run_dir)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"pretune: stopped by {name} at step {self.step}/{self.tc.steps}; rank {self.dp.rank} lost its peers "
+              f"before the checkpoint was written together ({why}); the last complete checkpoint is "
+              f"{ck if ck is not None else 'none'}; resume with the same command", file=sys.stderr, flush=True)
+        raise Preempted(128 + self.stop_signal) from None
 
     def _catch_signals(self) -> dict:
         """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C): finish the step,
-        checkpoint, stop. A second signal stops at once, with the same exit status (the
-        checkpoints already written stay good). After the last step a signal changes nothing:
-        the final evaluation and checkpoint are written and the run ends as finished."""
+        checkpoint, stop. The handler only notes the signal: the loop decides at the next step
+        boundary, where the ranks agree (_loop), so no rank leaves the loop while another is in a
+        collective of the next step. A second signal stops one process at once, with the same
+        exit status (the checkpoints already written stay good); in a group it changes nothing,
+        since a rank leaving alone would strand the others mid-collective (torchrun's SIGKILL at the
+        end of its grace period is the "at once"; docs/distributed.md). After the last step a
+        signal changes nothing: the final evaluation and checkpoint are written and the run ends
+        as finished."""
         import signal
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             return {}
         old = {}
+        group = self.dp.world > 1
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self.stop_signal is not None:
+            self._signals += 1
+            if self._signals > 1 and group:
+                if self.dp.main:
+                    print(f"\npretune: {name} again: the ranks are already stopping together at a step boundary",
+                          file=sys.stderr, flush=True)
+                return
+            if self._signals > 1:
                 print(f"\npretune: {name} again: stopped at once at step {self.step}/{self.tc.steps}, no "
                       "checkpoint written for it; the checkpoints already written are intact; resume with "
                       "the same command", file=sys.stderr, flush=True)
                 raise Preempted(128 + signum)
-            self.stop_signal, self.stop_requested = signum, True
+            if self.stop_signal is None:  # (in a group it may already be the one the ranks agreed on)
+                self.stop_signal = signum
+            if not self.dp.main:  # only rank 0 talks
+                return
             if self.step >= self.tc.steps:
                 print(f"\npretune: {name}: all {self.tc.steps} steps are done; writing the final checkpoint "
                       "(send it again to stop at once)", file=sys.stderr, flush=True)
@@ -356,12 +397,18 @@ class Trainer:
     def _loop(self, bar) -> dict:
         tc = self.tc
         t0, tok0, last = time.perf_counter(), self.tokens, None
-        while self.step < tc.steps and not self.stop_requested:
+        while self.step < tc.steps:
+            # The one place the loop stops early, the same on every rank: a hook's request or a
+            # signal any rank got before this boundary (one all-reduce); a signal that comes later
+            # counts at the next one (training/distributed.py: agree_stop).
+            stop, sig = self.dp.agree_stop(self.stop_requested, self.stop_signal)
+            if stop:
+                self.stop_requested, self.stop_signal, self.stopped_by = True, sig, sig
+                break
             for h in self.hooks:
                 h.before_step(self)
             loss, parts = self.train_step()
             self.step += 1
-            self.stop_requested = self.dp.any(self.stop_requested)  # a signal some ranks saw stops all
             for h in self.hooks:
                 h.after_step(self, loss, parts)
             if self.rolled_back:  # a hook (the guard) went back to a checkpoint: this step never happened
@@ -393,6 +440,7 @@ class Trainer:
                     self.log({"step": self.step, **m})
             if self.step % tc.ckpt_every == 0 and self.step < tc.steps:
                 self.save()
+            ckpt.fault_point("between_steps")
         bar.close()
         final = {}
         if self.step >= tc.steps:
