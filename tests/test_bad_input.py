@@ -298,6 +298,7 @@ CASES = [
     ("finetune-objective", lambda w, t: _ft(w, t, "--finetune.objective", "L4"), "unknown objective 'L4'"),
     ("finetune-init", lambda w, t: _ft(w, t, "--init", str(t / "nope")), "neither a run directory nor a preset"),
     ("finetune-lam", lambda w, t: _ft(w, t, "--finetune.lam", "-1"), "negative"),
+    ("finetune-head-dropout", lambda w, t: _ft(w, t, "--finetune.head-dropout", "1.5"), "not in [0, 1)"),
     ("finetune-freeze", lambda w, t: _ft(w, t, "--finetune.freeze", "everything"), "--finetune.freeze"),
     ("classify-pretrained-run", lambda w, t: ["classify", "nice", "--run", str(w / "gpt")], "not a fine-tuned run"),
     ("classify-texts-file", lambda w, t: ["classify", f"@{t / 'nope.txt'}", "--run", str(w / "ft")], "cannot read the texts file"),

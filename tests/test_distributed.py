@@ -215,29 +215,51 @@ def test_ranks_started_with_different_configs_fail_in_one_line(tmp_path, data):
     assert not (tmp_path / "bad").exists()
 
 
-def test_two_process_finetuning_equals_one_process(tmp_path, data, runs):
-    """L3 on the GPT run (L2 + lambda L1, its token count varying with each rank's padding) under
-    torchrun: the same steps per epoch (global batches), one results.json."""
+@pytest.fixture(scope="module")
+def task_csv(tmp_path_factory):
     import csv
+    path = tmp_path_factory.mktemp("task") / "task.csv"
     words = ["good", "bad", "fine", "awful", "great", "poor"]
-    with open(tmp_path / "task.csv", "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["text", "label"])
         for i in range(90):
             w.writerow([" ".join(words[(i * j) % 6] for j in range(1 + i % 5)), ["pos", "neg"][i % 2]])
-    ft = ["finetune", "--init", str(runs("gpt-1")), "--task", str(tmp_path / "task.csv"),
-          "--finetune.objective", "L3", "--finetune.epochs", "1", "--finetune.dropout", "0",
-          "--train.device", "cpu", "--train.log-every", "1"]
+    return path
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert-moe"], ids=["gpt-dense-L3", "bert-MoE-L3-MLM"])
+def test_two_process_finetuning_equals_one_process(tmp_path, data, runs, task_csv, family):
+    """Fine-tuning L3 with every dropout off (--finetune.head-dropout 0 too): 2 ranks x 4 equal 1 x 8
+    at every step, allclose 1e-5: the loss and each term (L2; L1 on the decoder, its token count
+    varying with each rank's padding; MLM on the encoder, its masks drawn per example; the MoE
+    balancing loss over the global batch, its coefficient 1 so a per-rank one would show), every
+    validation, the test metrics. 17 training examples: each epoch's last global batch has 1
+    row, so rank 1 gets a stand-in micro-batch that weighs nothing."""
+    if family == "gpt":
+        init = runs("gpt-1")
+    else:  # a tiny BERT whose one block is a mixture of 4 experts (dropless), one pre-training step
+        init = tmp_path / "moe"
+        ok(pretune(command("bert", data, init, 1, 8, "--model.n-expert", "4", "--model.aux-loss-coef", "1")))
+    ft = ["finetune", "--init", str(init), "--task", str(task_csv), "--finetune.objective", "L3",
+          "--finetune.epochs", "2", "--finetune.train-examples", "17", "--finetune.dropout", "0",
+          "--finetune.head-dropout", "0", "--train.device", "cpu", "--train.log-every", "1"]
     ok(pretune([*ft, "--out", str(tmp_path / "one"), "--train.batch-size", "8"]))
     ok(pretune([*ft, "--out", str(tmp_path / "two"), "--train.batch-size", "4"], nproc=2))
-    rows = [[json.loads(l) for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    rows = [[json.loads(line) for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("one", "two")]
-    assert len(rows[0]) == len(rows[1]) >= 3
-    # step 1's L1 term (the weights still equal; the head's dropout 0.1, which no option turns off,
-    # draws per rank, so L2 and later steps differ): the token count normalised over the ranks
-    assert abs(rows[0][0]["l1"] - rows[1][0]["l1"]) < 1e-5
+    steps = [[r for r in rs if "loss" in r] for rs in rows]
+    assert len(steps[0]) == len(steps[1]) == 6  # ceil(17 / 8) = 3 global batches per epoch, at any world size
+    terms = ["loss", "l2", "l1", "grad_norm"] if family == "gpt" else ["loss", "l2", "mlm", "moe_aux", "grad_norm"]
+    for k in terms:
+        torch.testing.assert_close(torch.tensor([r[k] for r in steps[0]]), torch.tensor([r[k] for r in steps[1]]),
+                                   rtol=1e-5, atol=1e-5, msg=k)
+    vals = [[(r["step"], r["val_loss"], r["val_acc"]) for r in rs if "val_loss" in r] for rs in rows]
+    assert [v[0] for v in vals[0]] == [v[0] for v in vals[1]] == [3, 6]
+    torch.testing.assert_close(torch.tensor(vals[0])[:, 1:], torch.tensor(vals[1])[:, 1:], rtol=1e-5, atol=1e-5)
     ra, rb = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
-    assert ra["steps"] == rb["steps"] and ra["test"]["n"] == rb["test"]["n"]
+    assert ra["steps"] == rb["steps"] == 6 and ra["test"]["n"] == rb["test"]["n"]
+    assert abs(ra["test"]["accuracy"] - rb["test"]["accuracy"]) < 1e-9
 
 
 def test_kill_9_of_one_rank_restarts_the_group_from_the_last_checkpoint(tmp_path, data, runs):

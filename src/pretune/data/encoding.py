@@ -160,9 +160,7 @@ class ClassificationBatches:
         if self.parts > len(self.enc):
             raise PretuneError(f"{len(self.enc)} training examples cannot fill {self.parts} micro-batches",
                                None, "use fewer processes or a smaller --train.grad-accum")
-        n, size = len(self.enc), self.global_size
-        short = n > size and 0 < n % size < self.parts  # epoch_plan merges that last batch into the one before
-        self.per_epoch = math.ceil(n / size) - int(short)
+        self.per_epoch = math.ceil(len(self.enc) / self.global_size)  # the last batch may be short
 
     def epoch_plan(self, e: int) -> list[np.ndarray]:
         """The batches of epoch e, as arrays of example indices."""
@@ -178,8 +176,6 @@ class ClassificationBatches:
             part = perm[s:s + chunk]
             part = part[np.argsort(lengths[part], kind="stable")]
             batches += [part[j:j + size] for j in range(0, len(part), size)]
-        if len(batches) > 1 and len(batches[-1]) < self.parts:  # too few to give every micro-batch one
-            batches[-2:] = [np.concatenate(batches[-2:])]
         plan = [batches[i] for i in rng.permutation(len(batches))]
         self._plan = (e, plan)
         return plan
@@ -194,19 +190,37 @@ class ClassificationBatches:
             self.micro, self.batch = 0, self.batch + 1
         e, j = divmod(k, self.per_epoch)
         idx = self.epoch_plan(e)[j]
+        void = False
         if self.parts > 1:
-            idx = np.array_split(idx, self.parts)[part]
+            whole, idx = idx, np.array_split(idx, self.parts)[part]
+            if len(idx) == 0:  # a short last batch leaves this micro-batch no example: one stand-in row
+                idx, void = whole[:1], True  # that every loss term weighs 0 (objectives.losses.loss_counts)
         batch = collate(self.enc, idx, self.pad_id)
+        if void:
+            batch["void"] = True
         if self.mlm is not None:
-            from ..objectives.masking import mlm_mask, mlm_rows
-            g = torch.Generator()
-            g.manual_seed(int(_rng(self.seed, 1, k).integers(1 << 62)))
-            special = torch.isin(batch["input_ids"], torch.tensor(sorted(self.mlm["special_ids"])))
-            special |= ~batch["attention_mask"]
-            # every text has a token (empty ones are refused), and mlm_mask predicts one at least per row
-            x, y = mlm_mask(batch["input_ids"], special, self.mlm["mask_id"], self.mlm["vocab_size"], g)
+            from ..objectives.masking import mlm_rows
+            x, y = self._masked(batch, idx, k)
             batch["mlm_input_ids"], batch["mlm_labels"], batch["mlm_rows"] = x, y, mlm_rows(y)
         return batch
+
+    def _masked(self, batch: dict, idx, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT's masks, each row's drawn from (seed, step k, its example) over its own tokens
+        only: the same masks whichever rank, micro-batch and padded length the row lands in."""
+        from ..objectives.linear_cross_entropy import IGNORE
+        from ..objectives.masking import mlm_mask
+        ids, x = batch["input_ids"], batch["input_ids"].clone()
+        y = torch.full_like(ids, IGNORE)
+        special_ids = torch.tensor(sorted(self.mlm["special_ids"]))
+        for r, i in enumerate(idx):
+            n = len(self.enc.ids[int(i)])
+            row = ids[r:r + 1, :n]
+            g = torch.Generator()
+            g.manual_seed(int(_rng(self.seed, 1, k, int(i)).integers(1 << 62)))
+            # every text has a token (empty ones are refused), and mlm_mask predicts one at least per row
+            x[r:r + 1, :n], y[r:r + 1, :n] = mlm_mask(row, torch.isin(row, special_ids), self.mlm["mask_id"],
+                                                      self.mlm["vocab_size"], g)
+        return x, y
 
     def state_dict(self) -> dict:
         return {"batch": self.batch, "micro": self.micro, "unit": "step", "seed": self.seed,

@@ -118,6 +118,11 @@ class MoE(nn.Module):
         self.shared = MLP(c) if c.shared_expert else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: dict[str, torch.Tensor] = {}
+        # Data parallelism (training/loop.py sets them): group_sum all-reduces a device tensor over
+        # the ranks, so the balancing loss is over the group's micro-batch; group_weight 0 keeps a
+        # stand-in micro-batch's tokens out of the counts.
+        self.group_sum = None
+        self.group_weight = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -203,7 +208,10 @@ class MoE(nn.Module):
         d = xf.shape[1]
         E, k = self.n_expert, self.top_k
         N = xf.shape[0]
+        grouped_stats = self.group_sum is not None and self.training
         if N == 0:  # nothing but padding
+            if grouped_stats:  # the other ranks' all-reduce still needs this one
+                self.group_sum(torch.zeros(E + 1, device=xf.device))
             self.aux_loss = self.router.weight.sum() * 0.0
             zero = torch.zeros((), device=xf.device)
             self.stats = {"expert_fraction": torch.zeros(E, device=xf.device), "dropped": zero, "entropy": zero}
@@ -251,9 +259,21 @@ class MoE(nn.Module):
 
         # Training signals (Switch eq. 4; ST-MoE eq. 5) and the statistics the loop logs.
         f = counts.to(probs.dtype) / (N * k)  # in the router's precision (float32 at least)
-        P = probs.mean(dim=0)
-        balance = E * (f * P).sum()
-        z = torch.logsumexp(logits, dim=-1).square().mean()
+        lse2 = torch.logsumexp(logits, dim=-1).square()
+        if grouped_stats:
+            # Over the group's micro-batch (every rank's micro-batch a together: the rows one process
+            # would route at once): f_i from the all-reduced counts and token total, and this rank's
+            # share E * sum_i f_i * sum_x p_i(x) / N_group, which sums over the ranks to eq. 4 (P_i's
+            # all-reduce is that sum: DDP's mean of W x the shares); the z-loss likewise.
+            tot = self.group_sum(torch.cat([counts.to(probs.dtype), probs.new_tensor([N])]).detach()
+                                 * self.group_weight)
+            n_group = tot[E].clamp_min(1)
+            f = tot[:E] / (n_group * k)
+            balance = E * (f * probs.sum(dim=0)).sum() / n_group
+            z = lse2.sum() / n_group
+        else:
+            balance = E * (f * probs.mean(dim=0)).sum()
+            z = lse2.mean()
         self.aux_loss = self.c.aux_loss_coef * balance + self.c.z_loss_coef * z
         entropy = -(probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
         self.stats = {"expert_fraction": f.detach(), "dropped": dropped.detach(),

@@ -37,6 +37,8 @@ def loss_counts(batch: dict) -> dict[str, torch.Tensor]:
 
     def n(t):
         return torch.tensor(t.numel())
+    if "lengths" in batch and batch.get("void"):  # a stand-in row (data/encoding.py): it predicts nothing
+        return {k: torch.tensor(0) for k in ("l2", "l1", *(("mlm",) if "mlm_labels" in batch else ()))}
     if "lengths" in batch:  # a classification batch (data/encoding.py)
         out["l2"] = n(batch["labels"])
         out["l1"] = (shift_targets(batch["input_ids"], batch["attention_mask"]) != IGNORE).sum()

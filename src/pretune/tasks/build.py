@@ -56,7 +56,7 @@ def load_init(init: str | Path, scratch: bool = False, tokenizer: str | None = N
 
 def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None = None,
                      dropout: float | None = None, pool: str | None = None, kind: str = "single",
-                     bias: bool = True) -> Classifier:
+                     bias: bool = True, head_dropout: float = 0.1) -> Classifier:
     """The body without its NSP head (its pooler, if any, initialises the head's) plus W_y."""
     body.train()
     if getattr(body, "nsp_head", None) is not None:
@@ -68,7 +68,7 @@ def build_classifier(body, cfg: ModelConfig, n_classes: int, pooler: dict | None
                 m.p = dropout
         for b in body.blocks:
             b.attn.dropout = dropout
-    clf = Classifier(body, n_classes, pool=pool, kind=kind, bias=bias)
+    clf = Classifier(body, n_classes, head_dropout=head_dropout, pool=pool, kind=kind, bias=bias)
     if pooler is not None and clf.head.pooler is not None:
         clf.head.pooler.load_state_dict(pooler)
     return clf

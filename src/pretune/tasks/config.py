@@ -31,6 +31,7 @@ class FinetuneConfig:
     scratch: bool = False  # keep the init run's architecture and tokenizer but start from random weights
     tokenizer: str | None = None  # a tokenizer name or path (default: the init run's own; must match its vocabulary)
     dropout: float | None = None  # dropout in the body while fine-tuning (default: the checkpoint's)
+    head_dropout: float = 0.1  # dropout before W_y (0.1 in both papers); 0 turns it off (runs compared across world sizes)
     pool: str | None = None  # what W_y reads: last (decoder default), cls (encoder default) or mean (over the real tokens)
     text_column: str = "text"  # a user file's text column, or two comma-separated for text pairs
     label_column: str = "label"  # a user file's label column

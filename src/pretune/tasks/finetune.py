@@ -143,7 +143,11 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
 
     torch.manual_seed(seed)  # W_y's initialisation
     head_bias = spec.head_bias is not False
-    model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool, kind, head_bias)
+    if not 0 <= spec.head_dropout < 1:
+        raise PretuneError(f"--finetune.head-dropout {spec.head_dropout} is not in [0, 1)", None,
+                           "use 0.1 (the papers') or 0 (off)")
+    model = build_classifier(body, cfg, len(t.labels), pooler, spec.dropout, pool, kind, head_bias,
+                             spec.head_dropout)
     frozen = freeze(model, spec.freeze)
     init_sha = RunDir(init).weights_sha256() if RunDir(init).exists() else None
     lora = None

@@ -69,6 +69,13 @@ class Dist:
             t /= self.world
         return t
 
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) a device tensor over the group, in place (a MoE layer's routing counts)."""
+        if self.active and self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t)
+        return t
+
     def agree_stop(self, requested: bool, signum: int | None) -> tuple[bool, int | None]:
         """The stop every rank takes at a step boundary: stop if any rank asked (a hook, a signal),
         with the signal one of them got (the largest number). One gloo all-reduce (MAX) of two
@@ -139,10 +146,12 @@ class Dist:
         return contextlib.nullcontext()
 
     def loss_scales(self, micro: list[dict]) -> list[dict] | None:
-        """Each micro-batch's `loss_scale` {term: n_local * W / N_global, "moe_aux": 1 / A} with the
+        """Each micro-batch's `loss_scale` {term: n_local * W / N_global, "moe_aux": W / A} with the
         counts of objectives.losses.loss_counts summed over the step's micro-batches and all-reduced
         (one gloo all-reduce of a few numbers per step). None at one process, one micro-batch: the
-        plain means, unchanged."""
+        plain means, unchanged. A MoE layer's auxiliary loss is this rank's share of the loss over
+        the group's micro-batch (models/moe.py: group_sum), so W of it, averaged by DDP, is that
+        loss; a stand-in micro-batch of a short last batch ("void") weighs 0 in every term."""
         from ..objectives.losses import loss_counts
 
         A = len(micro)
@@ -154,7 +163,8 @@ class Dist:
         local = torch.stack([torch.stack([c.get(k, zero) for k in names]) for c in counts]).double()
         total = self.sum_cpu(local.sum(0)).clamp_min(1)  # a count of 0 everywhere: its term is 0 anyway
         share = (local * self.world / total).float()  # n_local * W / N, per micro-batch and term
-        return [{**{k: share[a, i] for i, k in enumerate(names)}, "moe_aux": 1.0 / A} for a in range(A)]
+        return [{**{k: share[a, i] for i, k in enumerate(names)},
+                 "moe_aux": 0.0 if micro[a].get("void") else self.world / A} for a in range(A)]
 
 
 class CollectiveError(PretuneError):

@@ -43,6 +43,10 @@ class Trainer:
             from .memory import checkpoint_blocks
             checkpoint_blocks(self.model)
         forward = self.dp.wrap(self.model, tc)  # before the optimizer: FSDP2 swaps the parameters for shards
+        from ..models.moe import moe_layers
+        self._moe = moe_layers(self.model) if self.dp.world > 1 else []
+        for m in self._moe:  # the balancing loss over the global micro-batch (models/moe.py)
+            m.group_sum = self.dp.sum
         self.batches, self.loss_fn, self.eval_fn = batches, loss_fn, eval_fn
         self.hooks = list(hooks or [])
         self.run_config = run_config or {}
@@ -246,6 +250,8 @@ class Trainer:
         for a, batch in enumerate(micro):
             if scales:
                 batch["loss_scale"] = scales[a]
+            for m in self._moe:  # a stand-in micro-batch (a short last batch) routes, but counts nothing
+                m.group_weight = 0.0 if batch.get("void") else 1.0
             batch = self._to_device(batch)
             with self.dp.no_sync(self._forward, last=a == len(micro) - 1):
                 with self.autocast():
@@ -444,7 +450,8 @@ class Trainer:
         bar.close()
         final = {}
         if self.step >= tc.steps:
-            m = self._logged_eval()  # killed after the final evaluation was logged: not again
+            # killed after the final evaluation was logged: not again (rank 0's file decides for all)
+            m = self.dp.broadcast_json(self._logged_eval() if self.dp.main else None)
             if m is None:
                 m = self.evaluate()
                 if m:

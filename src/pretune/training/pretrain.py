@@ -37,33 +37,61 @@ def build_pretraining(model_cfg, tc: TrainConfig, data_dir: Path, seq_len: int, 
 
     def eval_fn_for(model):
         def eval_fn():
-            # the one-process micro-batch of the same run: the same validation set at any world size
-            return validation_loss(model, obj, data_dir, tc.batch_size * current().world, seq_len, tc.eval_batches)
+            # batches of the global batch, split as training splits it: the same at any world size
+            G = tc.global_batch or tc.batch_size * tc.grad_accum * current().world
+            return validation_loss(model, obj, data_dir, G, seq_len, tc.eval_batches, tc.grad_accum)
         return eval_fn
 
     return train, eval_fn_for, obj.loss
 
 
-def validation_loss(model, objective, data_dir: Path, batch_size: int, seq_len: int, n_batches: int) -> dict:
-    """{"val_loss", "val_<part>" ...} of `objective` on its fixed validation batches. val_loss is the
-    task loss alone (L1, MLM + NSP): a router's auxiliary losses are no part of the model's
-    likelihood; they are logged apart, as val_moe_aux."""
-    from ..data.loaders import validation_batches
+def validation_loss(model, objective, data_dir: Path, batch_size: int, seq_len: int, n_batches: int,
+                    accum: int = 1) -> dict:
+    """{"val_loss", "val_<part>" ...} of `objective` on its fixed validation batches of `batch_size`
+    rows (the run's global batch: the same set at every world size and micro-batch). val_loss is
+    the task loss alone (L1, MLM + NSP): a router's auxiliary losses are no part of the model's
+    likelihood; they are logged apart, as val_moe_aux. Each rank evaluates its micro-batch-sized
+    slices of each batch (part a W + r of A W, as training splits a global batch) and each term's
+    mean over the batch is put together from the slices' counts (objectives.losses.loss_counts),
+    all-reduced once: the one-process numbers, at a micro-batch's memory."""
+    import numpy as np
 
-    losses, parts_sum, n = 0.0, {}, 0
+    from ..data.loaders import validation_batches
+    from ..objectives.losses import loss_counts
+    from .distributed import current
+
+    dp = current()
+    P, dev = dp.world * accum, next(model.parameters()).device
+    names: list[str] = []
+    rows = []  # per batch: {term: [sum of n * mean, n]}
     for batch in validation_batches(objective.batches, data_dir, "val", batch_size, seq_len, n_batches=n_batches):
-        batch = {k: v.to(next(model.parameters()).device) if torch.is_tensor(v) else v
-                 for k, v in batch.items()}
-        loss, parts = objective.task_loss(model, batch)
-        aux = model.moe_losses()
-        if torch.is_tensor(aux):
-            parts["moe_aux"] = aux
-        losses += loss.item()
-        for k, v in parts.items():
-            parts_sum[k] = parts_sum.get(k, 0.0) + float(v)
-        n += 1
-    out = {"val_loss": losses / max(n, 1)}
-    out.update({f"val_{k}": v / max(n, 1) for k, v in parts_sum.items()})
+        G, acc = batch["input_ids"].shape[0], {}
+        cuts = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(G), P)])
+        for a in range(accum):
+            lo, hi = int(cuts[a * dp.world + dp.rank]), int(cuts[a * dp.world + dp.rank + 1])
+            b = {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() and v.shape[0] == G else v)
+                 for k, v in batch.items() if k != "mlm_rows"}  # mlm_rows index the whole batch
+            counts = loss_counts(b)
+            b = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
+            loss, parts = objective.task_loss(model, b)
+            aux = model.moe_losses()
+            if torch.is_tensor(aux):
+                parts["moe_aux"] = aux
+                counts["moe_aux"] = torch.tensor(hi - lo)  # per row: an approximation beyond one process
+            for k, v in parts.items():
+                n = float(counts.get(k, hi - lo))
+                s = acc.setdefault(k, [0.0, 0.0])
+                s[0], s[1] = s[0] + float(v) * n, s[1] + n
+                if k not in names:
+                    names.append(k)
+        rows.append(acc)
+    names = sorted(names)
+    t = torch.tensor([[r.get(k, [0.0, 0.0])[i] for k in names for i in (0, 1)] for r in rows],
+                     dtype=torch.float64).reshape(len(rows), len(names), 2)
+    t = dp.sum_cpu(t)
+    means = t[..., 0] / t[..., 1].clamp_min(1)  # (batches, terms): each term's mean over each batch
+    out = {f"val_{k}": float(means[:, i].mean()) for i, k in enumerate(names)}
+    out["val_loss"] = float(sum(means[:, i] for i, k in enumerate(names) if k != "moe_aux").mean())
     return out
 
 
