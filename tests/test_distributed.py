@@ -97,6 +97,12 @@ def assert_same_run(a, b, step=6):
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == step
     torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-5, atol=1e-5)
+    # the final validation (fixed batches of the global batch, at any micro-batch x world)
+    va, vb = ([r for r in map(json.loads, (x / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+              for x in (a, b))
+    assert len(va) == len(vb) >= 1 and sorted(va[-1]) == sorted(vb[-1])
+    for k in va[-1]:
+        assert abs(va[-1][k] - vb[-1][k]) < 1e-5, (k, va[-1], vb[-1])
     wa, wb = weights(a, step), weights(b, step)
     assert sorted(wa) == sorted(wb)
     for k in wa:
@@ -165,6 +171,45 @@ def test_the_union_of_the_ranks_batches_is_the_one_process_batch(data):
             assert not torch.equal(parts[0]["input_ids"], parts[1]["input_ids"])
         st = ranks[0].state_dict()
         assert st["batch"] == 3 and st["micro"] == 0
+
+
+def test_fine_tuning_batches_of_the_ranks_are_the_one_process_batch():
+    """ClassificationBatches: 2 ranks x 2 rows x accumulation 2 = 1 x 8 at every step of an epoch
+    of 17 examples (its last batch: 1 row, so three micro-batches are stand-ins that predict
+    nothing), the MLM masks of each example the same wherever it lands."""
+    import random
+    from pretune.data.encoding import ClassificationBatches, Encoded
+    from pretune.objectives.linear_cross_entropy import IGNORE
+    from pretune.objectives.losses import loss_counts
+    rnd = random.Random(0)
+    ids = [[1] + [rnd.randrange(5, 50) for _ in range(rnd.randint(2, 12))] + [2] for _ in range(17)]
+    enc = Encoded(ids, None, [i % 2 for i in range(17)])
+    mlm = {"mask_id": 3, "vocab_size": 50, "special_ids": [0, 1, 2, 3]}
+    one = ClassificationBatches(enc, 8, 5, 0, mlm=mlm)
+    ranks = [ClassificationBatches(enc, 2, 5, 0, mlm=mlm).partition(r, 2, 2) for r in range(2)]
+    assert one.per_epoch == ranks[0].per_epoch == 3
+
+    def rows(b):  # example -> (its tokens, masked input, labels), padding cut off
+        return {tuple(b["input_ids"][i, :n].tolist()): (b["mlm_input_ids"][i, :n].tolist(), b["mlm_labels"][i, :n].tolist())
+                for i, n in enumerate(b["lengths"].tolist())}
+    short = []
+    for step in range(4):  # an epoch and the first step of the next
+        full = next(one)
+        parts = [next(ranks[r]) for a in range(2) for r in range(2)]  # micro-batch a of rank r: part a W + r
+        real = [p for p in parts if not p.get("void")]
+        assert sum(len(p["labels"]) for p in real) == len(full["labels"])
+        got = {}
+        for p in real:
+            got.update(rows(p))
+        assert got == rows(full)  # the same examples, the same masks
+        for p in parts:
+            if p.get("void"):
+                assert all(int(v) == 0 for v in loss_counts(p).values())
+        if len(full["labels"]) == 1:  # the epoch's short batch (its place in the epoch is shuffled)
+            short.append(step)
+            assert len(real) == 1
+        assert all((p["mlm_labels"] != IGNORE).any() for p in real)
+    assert len([s for s in short if s < 3]) == 1
 
 
 def _at_step_3(run, dest):
