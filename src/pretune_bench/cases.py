@@ -207,7 +207,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     the memory-bandwidth roofline of pretune's variant: a token at batch 1 reads every weight
     byte once (and the KV cache), so tokens/s <= bandwidth / bytes per token."""
     from pretune.inference.generate import generate
-    from pretune.models.quantize import quantize_model, resident_bytes
+    from pretune.models.quantize import cache_dtype, quantize_model, resident_bytes
     from pretune.models.transformer import Transformer
 
     set_threads(threads)
@@ -236,7 +236,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     agree = float((a == b).float().mean()) if a.shape == b.shape else 0.0
     # bytes a token reads: the weights (the position table and one embedding row aside, all of them)
     # and, on average over the decode, half the KV cache of prompt + new_tokens positions
-    act = 2 if weights != "fp32" else 4
+    act = torch.empty(0, dtype=cache_dtype(model)).element_size()  # the cache's (quantize.cache_dtype)
     kv = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * (prompt + new_tokens / 2) * act * batch
     pe = model.position_module if cfg.position == "learned" else None  # one row of W_p read per token
     per_token = resident_bytes(model) - (resident_bytes(pe) if pe is not None else 0) + kv
