@@ -145,6 +145,25 @@ def test_smollm2_int4_is_the_files_own_q4_1_blocks(smollm2):
 
 
 @pytest.mark.slow
+def test_smollm2_int4_straight_from_the_file_is_the_same_model(smollm2):
+    """interop/gguf_int4.py packs the file's blocks without an fp32 model: every tensor of it
+    equals, bit for bit, quantize_model's int4 of the dequantized import (the first round's)."""
+    from pretune.interop.gguf_int4 import load_gguf_int4
+    model, tok, ids, path = smollm2
+    direct, tok2, info = load_gguf_int4(path)
+    ref = Q.quantize_model(copy.deepcopy(model), "int4")
+    a, b = direct.state_dict(), ref.state_dict()
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert Q.weights_of(direct) == "int4" and info["weights"] == "int4"
+    assert Q.resident_bytes(direct) <= 0.35 * Q.resident_bytes(model)
+    assert tok2.encode("The capital of France is") == tok.encode("The capital of France is")
+    with torch.inference_mode():
+        assert torch.equal(direct(ids[:, :64]), ref(ids[:, :64]))
+
+
+@pytest.mark.slow
 def test_smollm2_quantized_perplexity_tokens_and_bytes(smollm2):
     from pretune.inference.generate import generate
     model, tok, ids, _ = smollm2
