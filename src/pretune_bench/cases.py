@@ -62,10 +62,11 @@ def _copy_weights(model, hf, allowed_missing: set[str]) -> None:
 # The benchmarks
 # ---------------------------------------------------------------------------
 
-def _peak_fn(n: int = 1024):
-    """One timed fp32 matmul rate, for the alternation: the peak measured under the same load."""
+def _peak_fn(n: int = 1024, dtype: torch.dtype = torch.float32):
+    """One timed matmul rate in `dtype` (the training's: fp32, or bf16 under autocast), for the
+    alternation: the peak measured under the same load."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     rates: list[float] = []
 
     def run():
@@ -110,7 +111,7 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
     peak = shape == "gpt2" if peak is None else peak
     rates: list[float] = []
     if peak:
-        fns["peak"], rates = _peak_fn()
+        fns["peak"], rates = _peak_fn(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     t0 = time.perf_counter()
     tr.train_step()  # the first step (compiles, when asked); timed apart
     first_step_s = time.perf_counter() - t0
@@ -122,9 +123,9 @@ def gpt_train(shape: str = "mini", precision: str = "fp32", rounds: int = 5, war
                   first_step_s=first_step_s, initial_loss={"pretune": same_loss[0], "reference": same_loss[1]})
     if rates:
         pk = statistics.median(rates)
-        res["fp32_matmul_peak_gflops"] = pk / 1e9
+        res["fp32_matmul_peak_gflops" if precision == "fp32" else "bf16_matmul_peak_gflops"] = pk / 1e9
         res["fraction_of_peak"] = res["pretune"]["gflops"] * 1e9 / pk
-        res["fraction_of_peak_target"] = PEAK_FRACTION_TARGET if precision == "fp32" else None
+        res["fraction_of_peak_target"] = PEAK_FRACTION_TARGET.get(precision)
     return res
 
 
@@ -207,7 +208,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     the memory-bandwidth roofline of pretune's variant: a token at batch 1 reads every weight
     byte once (and the KV cache), so tokens/s <= bandwidth / bytes per token."""
     from pretune.inference.generate import generate
-    from pretune.models.quantize import quantize_model, resident_bytes
+    from pretune.models.quantize import cache_dtype, quantize_model, resident_bytes
     from pretune.models.transformer import Transformer
 
     set_threads(threads)
@@ -236,7 +237,7 @@ def generation(shape: str = "mini", batch: int = 1, new_tokens: int = 256, promp
     agree = float((a == b).float().mean()) if a.shape == b.shape else 0.0
     # bytes a token reads: the weights (the position table and one embedding row aside, all of them)
     # and, on average over the decode, half the KV cache of prompt + new_tokens positions
-    act = 2 if weights != "fp32" else 4
+    act = torch.empty(0, dtype=cache_dtype(model)).element_size()  # the cache's (quantize.cache_dtype)
     kv = 2 * cfg.n_layer * cfg.kv_heads * cfg.head_dim * (prompt + new_tokens / 2) * act * batch
     pe = model.position_module if cfg.position == "learned" else None  # one row of W_p read per token
     per_token = resident_bytes(model) - (resident_bytes(pe) if pe is not None else 0) + kv

@@ -55,7 +55,7 @@ def _what(r: dict) -> str:
 def _extra(r: dict) -> str:
     parts = []
     if r.get("fraction_of_peak") is not None:
-        parts.append(f"{r['fraction_of_peak']:.0%} of the fp32 matmul peak")
+        parts.append(f"{r['fraction_of_peak']:.0%} of the {'bf16' if r.get('precision') == 'bf16' else 'fp32'} matmul peak")
     if r.get("roofline_tokens_per_s"):
         parts.append(f"{r['fraction_of_roofline']:.0%} of its roofline ({r['roofline_tokens_per_s']:,.0f} tok/s: "
                      f"{r['bytes_per_token'] / 1e6:,.0f} MB/token at {r['bandwidth_gb_s']:.1f} GB/s)")

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import PretuneError
 from ..models.layers import KVCache
-from ..models.quantize import activation_dtype
+from ..models.quantize import cache_dtype
 from .generate import check_sampling, next_token_probs
 
 
@@ -108,7 +108,7 @@ def generate_ragged(model, prompts: list[list[int]], opts: list[Sampling], eos_i
     P = max(lens)
     p = next(model.parameters())
     dev = p.device
-    cache = KVCache(c, B, P + max(budget), dev, activation_dtype(model))  # bf16 for quantized weights
+    cache = KVCache(c, B, P + max(budget), dev, cache_dtype(model, dev))  # fp32 on the CPU: quantize.cache_dtype
     ids = torch.zeros(B, P, dtype=torch.long, device=dev)
     keys = torch.zeros(B, P + max(budget), dtype=torch.bool, device=dev)
     for b, pr in enumerate(prompts):

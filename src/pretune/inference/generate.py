@@ -72,10 +72,10 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
         raise PretuneError(f"the prompt has {T0} tokens, more than the model's window of {model.max_positions}",
                            None, "shorten the prompt")
     max_new_tokens = min(max_new_tokens, model.max_positions - T0)
-    from ..models.quantize import activation_dtype
+    from ..models.quantize import cache_dtype
 
     p = next(model.parameters())
-    cache = KVCache(c, B, T0 + max_new_tokens, p.device, activation_dtype(model))  # bf16 for quantized weights
+    cache = KVCache(c, B, T0 + max_new_tokens, p.device, cache_dtype(model, p.device))  # fp32 on the CPU: quantize.cache_dtype
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     model.eval()
     V = c.vocab_size

@@ -96,19 +96,13 @@ def gguf_tokenizer(reader, where: str):
     return Tokenizer(tok, f"gguf:{Path(where).name}")
 
 
-def load_gguf(path: str | Path):
-    """(model, tokenizer, info) from a Llama-architecture GGUF file, dequantized to float32."""
+def open_gguf(path: str | Path):
+    """(reader, {name: tensor}, ModelConfig) of a Llama-architecture GGUF file, checked; no tensor read."""
     try:
         import gguf
-        from gguf.quants import dequantize
     except ImportError as e:
         raise PretuneError("reading GGUF files needs the 'gguf' package", str(path),
                            "pip install 'pretune[gguf]'") from e
-    from tqdm import tqdm
-
-    from ..models.transformer import Transformer
-    from .hf_weights import load_state
-
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -147,19 +141,40 @@ def load_gguf(path: str | Path):
         rope_theta=float(m("rope.freq_base", 10000.0)),
         rope_scaling=float(m("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
         mlp="swiglu", bias=False, tie_embeddings=tied, dropout=0.0, tokenizer="run")
+    return reader, tensors, c
+
+
+def dequantized(t, where: str) -> torch.Tensor:
+    """One GGUF tensor in float32, shaped as PyTorch lists it (outermost first)."""
+    from gguf.quants import dequantize
+
+    try:
+        x = dequantize(t.data, t.tensor_type)
+    except (NotImplementedError, KeyError, ValueError) as e:
+        raise PretuneError(f"tensor '{t.name}' has quantization type {t.tensor_type.name}, which is not "
+                           f"supported", where, "re-quantize the file (e.g. Q4_K, Q8_0, F16)") from e
+    shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGML lists dimensions innermost first
+    return torch.from_numpy(np.array(x, dtype=np.float32).reshape(shape))  # a writable copy
+
+
+def load_gguf(path: str | Path):
+    """(model, tokenizer, info) from a Llama-architecture GGUF file, dequantized to float32."""
+    from tqdm import tqdm
+
+    from ..models.transformer import Transformer
+    from .hf_weights import load_state
+
+    path = Path(path)
+    where = str(path)
+    reader, tensors, c = open_gguf(path)
+    nh, nkv, tied, arch = c.n_head, c.kv_heads, c.tie_embeddings, "llama"
 
     def get(name: str) -> torch.Tensor:
         t = tensors.get(name)
         if t is None:
             raise PretuneError(f"missing tensor '{name}'", where, "the file is not a complete Llama model")
-        try:
-            x = dequantize(t.data, t.tensor_type)
-        except (NotImplementedError, KeyError, ValueError) as e:
-            raise PretuneError(f"tensor '{name}' has quantization type {t.tensor_type.name}, which is not "
-                               f"supported", where, "re-quantize the file (e.g. Q4_K, Q8_0, F16)") from e
         used.add(name)
-        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGML lists dimensions innermost first
-        return torch.from_numpy(np.array(x, dtype=np.float32).reshape(shape))  # a writable copy
+        return dequantized(t, where)
 
     used: set[str] = set()
     state = {}

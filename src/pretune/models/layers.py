@@ -83,8 +83,11 @@ class Attention(nn.Module):
         if rotate is not None:
             q, k = rotate(q, k, pos)
         is_causal = c.causal and mask is None
+        out_dtype = q.dtype
         if cache is not None:
             start = cache.pos
+            if cache.k[layer].dtype != q.dtype:  # an fp32 cache under bf16 weights (quantize.cache_dtype)
+                q = q.to(cache.k[layer].dtype)
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
@@ -103,7 +106,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=c.kv_heads != c.n_head)
-        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+        return self.proj(y.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim).to(out_dtype))
 
 
 class MLP(nn.Module):

@@ -53,13 +53,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], rows):
             hc, yc, vc = h[s:s + rows], yv[s:s + rows], valid[s:s + rows]
-            z = hc @ W.t()                                   # the chunk's logits
-            if half:
-                z = z.float()                                # softmax and loss in fp32
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            total += ((lse - z.gather(1, yc)).squeeze(1) * vc).sum()
+            # the chunk's logits, then log softmax in fp32 in PyTorch's one fused, vectorized kernel
+            # (it reads bf16 logits directly): against logsumexp, the cast and sub_/exp_ it saves a
+            # copy and two passes over (rows, V) (gpt-mini, bf16: 95 against 116 ms a chunk of 1,024)
+            z = torch.log_softmax(hc @ W.t(), -1, dtype=torch.float32)
+            total -= (z.gather(1, yc).squeeze(1) * vc).sum()
             if want_grad:
-                z.sub_(lse).exp_()                           # softmax(z), in place
+                z.exp_()                                     # softmax(z), in place
                 z.scatter_add_(1, yc, -vc[:, None].to(z.dtype))  # - onehot(y) at counted rows
                 z.mul_(vc[:, None] / n)                      # ignored rows: 0; mean over n
                 if half:
@@ -83,5 +83,5 @@ def linear_cross_entropy(h: torch.Tensor, W: torch.Tensor, y: torch.Tensor) -> t
     """cross_entropy(h @ W.T, y, ignore_index=IGNORE) over rows of h (..., d), without the logits.
     h and W in fp32, or both in bf16 (the loss in fp32 either way)."""
     h2, y1 = h.reshape(-1, h.shape[-1]), y.reshape(-1)
-    rows = chunk_rows(W.shape[0]) * (4 if h.dtype != torch.float32 else 1)  # fewer, larger bf16 chunks
+    rows = chunk_rows(W.shape[0])  # bf16 too: 4x larger chunks left cache (gpt-mini: 1.4-1.7 s against 0.7-0.95 s)
     return LinearCrossEntropy.apply(h2, W, y1, rows)

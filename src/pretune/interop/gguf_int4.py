@@ -1,0 +1,115 @@
+"""A GGUF file's Q4_1 blocks straight into int4 packs: no fp32 model on the way.
+
+`load_gguf` dequantizes every tensor to float32 (SmolLM2-135M: 540 MB) and
+`quantize_model(..., "int4")` re-finds the 4-bit groups from those floats. Here each
+Q4_1 tensor's raw blocks (ggml's block_q4_1: fp16 d, fp16 m, 16 bytes of nibbles, the low
+nibbles weights 0..15 of the block, the high ones 16..31; x = d q + m) become the
+(q, d, m) that `models.quantize.Int4Linear` packs, tensor by tensor, so the load holds one
+tensor in float32 at most (the token embedding, row chunks of it, into int8 per channel as
+`quantize_model` does). A matrix in another format is dequantized alone and grouped as
+`quantize_model` groups it, so the packs are those of `quantize_model(load_gguf(path), "int4")`
+(tests/test_quantize.py checks them equal).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .gguf import dequantized, gguf_tokenizer, open_gguf, unpermute
+
+CHUNK_ROWS = 8192  # the embedding's float32 rows held at once
+
+
+def q4_1_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K), d (N, K/32), m (N, K/32)) fp32 from a Q4_1 tensor's raw bytes."""
+    K = int(t.shape[0])  # innermost first
+    raw = np.asarray(t.data).reshape(-1, K // 32, 20)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = raw[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], K)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def _groups(t, where: str):
+    from ..models.quantize import int4_groups
+
+    return q4_1_blocks(t) if t.tensor_type.name == "Q4_1" else int4_groups(dequantized(t, where))
+
+
+def _int8_rows(t, pad: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 per channel of a (vocab, d) table plus `pad` zero rows, a chunk of rows at a time
+    (the rows are independent: the same values as quantizing it whole)."""
+    from gguf.quants import dequantize
+
+    from ..models.quantize import int8_per_channel
+
+    d = int(t.shape[0])
+    rows = np.asarray(t.data).reshape(int(t.shape[1]), -1)  # one row of raw blocks (or floats) a token
+    qs, ss = [], []
+    for i in range(0, rows.shape[0], CHUNK_ROWS):
+        w = torch.from_numpy(np.array(dequantize(rows[i:i + CHUNK_ROWS], t.tensor_type), dtype=np.float32).reshape(-1, d))
+        q, s = int8_per_channel(w)
+        qs.append(q)
+        ss.append(s)
+    if pad:
+        q, s = int8_per_channel(torch.zeros(pad, d))
+        qs.append(q)
+        ss.append(s)
+    return torch.cat(qs), torch.cat(ss)
+
+
+def load_gguf_int4(path: str | Path):
+    """(model, tokenizer, info) from a Llama GGUF file, its block matrices int4 from the file's
+    blocks, the embedding and head int8 per channel, the norms bf16 (quantize_model's "int4")."""
+    from ..models.quantize import ACT, Int4Linear, Int8Embedding, Int8Linear, _int4_ok
+    from ..models.transformer import Transformer
+
+    path = Path(path)
+    where = str(path)
+    reader, tensors, c = open_gguf(path)
+    with torch.device("meta"):
+        model = Transformer(c)
+    pad = c.padded_vocab_size - c.vocab_size
+    emb = _int8_rows(tensors["token_embd.weight"], pad, where)
+    model.wte = Int8Embedding(*emb)
+    model.lm_head = Int8Linear(*(emb if c.tie_embeddings else _int8_rows(tensors["output.weight"], pad, where)), None)
+
+    def norm(mod, name):
+        mod.weight = nn.Parameter(dequantized(tensors[name], where).to(ACT))
+
+    def linear(names, heads=None):
+        parts = []
+        for i, n in enumerate(names):
+            g = _groups(tensors[n], where)
+            parts.append(tuple(unpermute(x, heads[i]) for x in g) if heads and heads[i] else g)
+        q, d, m = (torch.cat(x) for x in zip(*parts))
+        probe = nn.Linear(q.shape[1], q.shape[0], bias=False, device="meta")
+        if not _int4_ok(probe):  # the CPU pack's constraints; quantize_model keeps such a matrix int8
+            from ..models.quantize import dequantize_int4, int8_per_channel
+            return Int8Linear(*int8_per_channel(dequantize_int4(q, d, m)), None)
+        return Int4Linear(q, d, m, None)
+
+    norm(model.norm_f, "output_norm.weight")
+    for i, blk in enumerate(model.blocks):
+        b = f"blk.{i}"
+        blk.attn.qkv = linear([f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight"],
+                              [c.n_head, c.kv_heads, None])
+        blk.attn.proj = linear([f"{b}.attn_output.weight"])
+        blk.mlp.fc = linear([f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight"])
+        blk.mlp.proj = linear([f"{b}.ffn_down.weight"])
+        norm(blk.norm1, f"{b}.attn_norm.weight")
+        norm(blk.norm2, f"{b}.ffn_norm.weight")
+    if model.position.attribute:  # the rotary tables: computed, not read
+        setattr(model, model.position.attribute, model.position.build(c))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"not filled from the file: {left[:4]}")
+    model.weights_kind = "int4"
+    info = {"format": "gguf", "path": str(path.resolve()), "architecture": "llama", "weights": "int4",
+            "quantization": sorted({t.tensor_type.name for t in reader.tensors}), "ignored": []}
+    return model.eval(), gguf_tokenizer(reader, where), info
