@@ -724,6 +724,7 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
     out = capsys.readouterr().out
     assert "| bag-of-words logistic regression |" in out and "| bert-mini pre-trained here |" in out
     assert "(SmolLM2 not installed)" in out and "GPT-3 175B: 3,640 PF-days" in out
+    assert "time per phase: pre-training gpt-mini " in out and ", fine-tuning grid " in out  # where the 15 min go
     cmds = out.split("== what to try next\n")[1].strip().splitlines()
     classify = shlex.split(cmds[0])
     assert classify[:3] == ["pretune", "classify", "--run"]
