@@ -624,6 +624,29 @@ def test_transfer_experiment_grid_table_and_plot(toks, tmp_path, toy_csv, capsys
     assert json.loads(old.read_text())["finetune"]["head"] == "mean"
 
 
+def test_the_grid_tests_the_final_weights_and_skips_the_cells_it_is_told(toks, tmp_path, toy_csv, capsys):
+    """Each cell is validated once, at its final step, and those weights are tested (issue 20: the
+    best of four by validation loss picked undertrained weights at 100 labels); a cell left by the
+    earlier four-evaluation recipe is run again; `skip` leaves (model, variant, labels) cells out."""
+    from pretune.recipes.transfer import run_transfer_experiment
+    runs = {"tiny-gpt": make_run(tmp_path / "gpt", True, toks[True])}
+    res = run_transfer_experiment(runs, tmp_path / "t", sizes=(16, 32), task=str(toy_csv), progress=False,
+                                  variants=("pretrained", "scratch"), skip={("tiny-gpt", "scratch", 32)})
+    assert sorted((r["variant"], r["labels"]) for r in res["rows"]) == [
+        ("pretrained", 16), ("pretrained", 32), ("scratch", 16)]
+    cell = tmp_path / "t" / "tiny-gpt" / "pretrained" / "n16-s0"
+    vals = [json.loads(l)["step"] for l in (cell / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    done = json.loads((cell / "results.json").read_text())
+    assert vals == [done["steps"]] and done["best_step"] == done["steps"]
+    cfg = json.loads((cell / "run.json").read_text())
+    cfg["train"]["eval_every"] = 1  # as an earlier recipe left it
+    (cell / "run.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    run_transfer_experiment(runs, tmp_path / "t", sizes=(16, 32), task=str(toy_csv), progress=False,
+                            variants=("pretrained", "scratch"), skip={("tiny-gpt", "scratch", 32)})
+    assert "(1 to do;" in capsys.readouterr().out
+
+
 def _by_hand(run, text):
     """P(y | text) from the run's saved weights, read by hand: the safetensors tensors, a fresh
     Transformer for h_n, then the summary (h at the last token for a decoder, the mean over the
@@ -724,6 +747,7 @@ def test_the_demo_ends_with_a_classifier_that_classify_can_use(toks, tmp_path, t
     out = capsys.readouterr().out
     assert "| bag-of-words logistic regression |" in out and "| bert-mini pre-trained here |" in out
     assert "(SmolLM2 not installed)" in out and "GPT-3 175B: 3,640 PF-days" in out
+    assert "time per phase: pre-training gpt-mini " in out and ", fine-tuning grid " in out  # where the 15 min go
     cmds = out.split("== what to try next\n")[1].strip().splitlines()
     classify = shlex.split(cmds[0])
     assert classify[:3] == ["pretune", "classify", "--run"]

@@ -80,6 +80,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     check_creatable(out, "the demo folder")  # before the corpus is prepared and the models trained
     t0 = time.time()
     report: dict = {}
+    phases: dict[str, float] = {}  # seconds per phase, printed at the end (where the 15 minutes go)
     runs = {}
     trained = []  # what the cost lines count: {model, tokens, seq_len, seconds}
     for name, train_kw, steps in (("gpt-mini", GPT_TRAIN, gpt_steps), ("bert-mini", BERT_TRAIN, bert_steps)):
@@ -87,7 +88,9 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         data = default_data_dir(cfg.tokenizer)
         if not (data / "meta.json").exists():
             print(f"== preparing the built-in corpus for {cfg.tokenizer}")
+            t1 = time.time()
             prepare(["builtin"], cfg.tokenizer, data)
+            phases[f"preparing the corpus ({cfg.tokenizer})"] = time.time() - t1
         print(f"== pre-training {name} ({steps} steps)")
         tc = TrainConfig.for_model(cfg, None, **{**train_kw, "steps": steps})  # the recipe under the budget
         t1 = time.time()
@@ -96,6 +99,7 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
         trained.append({"model": name, "tokens": tokens, "seq_len": tc.seq_len,
                         "seconds": _train_seconds(out / name, tokens, time.time() - t1)})
         runs[name] = out / name
+        phases[f"pre-training {name}"] = time.time() - t1
         report[name] = {"val_loss": final.get("val_loss"), "steps": steps}
         if pretraining_objective(cfg).perplexity:  # a loss over every token: against the unigram entropy
             h = unigram_entropy(data, "val")
@@ -121,14 +125,18 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
             trained.append({"model": name, "tokens": extra * kw["batch_size"] * kw["seq_len"], "seq_len": kw["seq_len"],
                             "seconds": time.time() - t1})
             runs[name] = out / f"{name}-tapt"
+            phases[f"continued pre-training {name}"] = time.time() - t1
     from .others import smollm2
 
+    t1 = time.time()
     smol = smollm2()
     _show(runs, smol)
+    phases["samples and fill-mask"] = time.time() - t1
     if finetune:
         from .paradigm import run_paradigm
 
         report.update(run_paradigm(runs, out, smol, full=full, seeds=tuple(range(seeds))))
+        phases.update(report["paradigm"].get("seconds", {}))
         note = transfer_caveat(report, full)
         if note:
             print(note)
@@ -142,7 +150,9 @@ def demo_cmd(out: Path = Path("runs/demo"), gpt_steps: int = GPT_TRAIN["steps"],
     if "paradigm" in report:  # the argument, last, where the reader looks
         print(f"\n== the table (also {out / 'paradigm.md'}, plotted in {out / 'paradigm.png'})")
         print(report["paradigm"]["table"])
+    report["phases"] = phases
     print(f"\ndemo finished in {report['minutes']:.1f} minutes; runs in {out}")
+    print("   time per phase: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()))
     from .next_steps import next_commands, print_next
 
     kept = report.get("transfer", {}).get("classifiers", {})
