@@ -139,7 +139,7 @@ class LoRALinear(nn.Module):
             at = e
         if at < self.out_features:
             pieces.append(h.new_zeros(*h.shape[:-1], self.out_features - at))
-        return y + (torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]) * self.scale
+        return y + (torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]).mul_(self.scale)
 
     @torch.no_grad()
     def merge(self) -> None:
