@@ -169,3 +169,41 @@ def test_all_targets_every_matrix_of_a_block_and_only_attention_of_a_routed_one(
     assert apply_lora(Transformer(_small(**_BERT)))["adapted"] == ["q", "k", "v", "o", "up", "down"]
     m = Transformer(_small(n_expert=4, top_k=2))
     assert apply_lora(m, targets="all")["adapted"] == ["q", "k", "v", "o"]
+
+
+def test_dropout_adapter_gradients_match_finite_differences():
+    """The adapter's dropout path (a hand-written backward that draws its mask again from a seed)
+    against torch.autograd.gradcheck's finite differences, in float64, and the mask is dropout's."""
+    from pretune.models.lora import _DropProject
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A: _DropProject.apply(x, A, 0.3, 1234), (x, A))
+    h = _DropProject.apply(x, A, 0.5, 7)
+    # each x element is either dropped or scaled by 2: recover the mask from one-hot A rows
+    xd = _DropProject.apply(x, torch.eye(6, dtype=torch.float64), 0.5, 7)
+    assert set(torch.unique((xd / x).round(decimals=6)).tolist()) <= {0.0, 2.0}
+    assert torch.allclose(h, xd @ A.t())
+
+
+def test_an_adapted_matrix_saves_one_copy_of_its_input_for_backward():
+    """Peak memory: with the base frozen and dropout on, backward keeps x itself (and the small
+    rank-r projections), not dropout's float mask and a dropped copy besides (docs/finetuning.md)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    lin.requires_grad_(False)
+    m = LoRALinear(lin, {"q": (0, 32), "k": (32, 64), "v": (64, 96)}, rank=4, alpha=8.0, dropout=0.1)
+    x = torch.randn(8, 16, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = m(x)
+    small = 8 * 16 * 12 * 4 + 12 * 64 * 4  # the (tokens, 3r) projection and q,k,v's A stacked
+    assert sum(saved.values()) <= x.numel() * 4 + small
+    y.square().sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in m.lora_A.values())

@@ -50,6 +50,40 @@ DEFAULT_LR = 5e-4
 FORMAT = "pretune-lora"
 
 
+def _keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout's keep-mask (bool), drawn from its own seed: the same in forward and backward."""
+    g = torch.Generator(device=x.device)
+    g.manual_seed(seed)
+    return torch.empty(x.shape, device=x.device, dtype=torch.bool).bernoulli_(1 - p, generator=g)
+
+
+class _DropProject(torch.autograd.Function):
+    """h = dropout(x) A^T, saving only x and a seed for backward. Autograd's own composition saves
+    dropout's float mask and the dropped copy of x besides (8 bytes per element of x, against 4
+    here, and x is often saved by its neighbours already); with the base frozen, those were a
+    third of LoRA's activation memory (docs/finetuning.md, "Peak memory"). The mask is drawn
+    again in backward from the seed."""
+
+    @staticmethod
+    def forward(ctx, x, A, p: float, seed: int):
+        ctx.save_for_backward(x, A)
+        ctx.p, ctx.seed = p, seed
+        return F.linear((x * _keep(x, p, seed)).mul_(1 / (1 - p)), A)
+
+    @staticmethod
+    def backward(ctx, gh):
+        x, A = ctx.saved_tensors
+        keep, k = _keep(x, ctx.p, ctx.seed), 1 / (1 - ctx.p)
+        gx = gA = None
+        if ctx.needs_input_grad[1]:  # dA = gh^T dropout(x); the dropped copy lives only here
+            xd = (x * keep).mul_(k).reshape(-1, x.shape[-1])
+            gA = (gh.reshape(-1, gh.shape[-1]).to(xd.dtype).t() @ xd).to(A.dtype)
+            del xd
+        if ctx.needs_input_grad[0]:  # dx = (gh A) * keep / (1 - p)
+            gx = (gh.to(A.dtype) @ A).mul_(keep).mul_(k).to(x.dtype)
+        return gx, gA, None, None
+
+
 class LoRALinear(nn.Module):
     """nn.Linear's y = x W^T + b plus one low-rank update per segment of the output rows."""
 
@@ -72,7 +106,7 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's (and peft's) init of A
             self.lora_A[name] = nn.Parameter(A)
             self.lora_B[name] = nn.Parameter(torch.zeros(e - s, rank, device=dev, dtype=dt))
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.p = float(dropout)
         self.merged = False
 
     def delta(self) -> torch.Tensor:
@@ -86,11 +120,26 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        xd = self.drop(x)
-        for name, (s, e) in self.segments.items():
-            u = F.linear(F.linear(xd, self.lora_A[name]), self.lora_B[name]) * self.scale
-            y = y + F.pad(u, (s, self.out_features - e))
-        return y
+        names = list(self.segments)
+        A = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
+        p = self.p if self.training else 0.0
+        if p > 0 and torch.is_grad_enabled():
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # from torch's generator: a seeded run repeats
+            h = _DropProject.apply(x, A, p, seed)
+        else:
+            h = F.linear(F.dropout(x, p, True) if p > 0 else x, A)
+        # the update as one tensor over all output rows (zeros between the segments), added once:
+        # slicing y in place would make backward clone its gradient per adapted matrix
+        pieces, at = [], 0
+        for i, n in sorted(enumerate(names), key=lambda t: self.segments[t[1]][0]):
+            s, e = self.segments[n]
+            if s > at:
+                pieces.append(h.new_zeros(*h.shape[:-1], s - at))
+            pieces.append(F.linear(h[..., i * self.rank:(i + 1) * self.rank], self.lora_B[n]))
+            at = e
+        if at < self.out_features:
+            pieces.append(h.new_zeros(*h.shape[:-1], self.out_features - at))
+        return y + (torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]).mul_(self.scale)
 
     @torch.no_grad()
     def merge(self) -> None:

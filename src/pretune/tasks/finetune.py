@@ -60,6 +60,7 @@ from ..training.config import TrainConfig
 from ..training.hooks import Hook, KeepBest, default_hooks
 from ..training.loop import Trainer
 from ..training.resume import check_resume
+from .heap import return_freed_memory
 from .build import ADAPTER_FILE, attach_lora, build_classifier, check_lora_spec, freeze, load_init
 from ..models.lora import DEFAULT_LR, save_adapter
 from .config import FINETUNE_SEED, FinetuneConfig, finetune_train_defaults
@@ -215,6 +216,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     keep = next((h for h in hooks if isinstance(h, KeepBest)), None)
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
                       run_config=run_config, progress=progress)
+    return_freed_memory()  # the peak RSS is then what the step holds, not glibc's kept heap (tasks/heap.py)
     trainer.fit()
     best = trainer.best_step
     ck = rd.checkpoint(best) if best is not None else None
