@@ -140,11 +140,13 @@ class Scorer:
         return torch.cat(out) if out else h.new_zeros(0, self.V)
 
     def _batches(self, items, width):
-        """Consecutive chunks of `items` (sorted widest first) within the token and row limits."""
+        """Consecutive chunks of `items` (sorted widest first) within the token and row limits; a
+        row shorter than 3/4 of its chunk's widest starts a new one (padding at most a quarter)."""
         out, cur, w = [], [], 0
         for it in items:
             wi = max(w, width(it), 1)
-            if cur and ((len(cur) + 1) * wi > self.budget or len(cur) >= 4 * self.batch_size):
+            if cur and ((len(cur) + 1) * wi > self.budget or len(cur) >= 4 * self.batch_size
+                        or 4 * width(it) < 3 * wi):
                 out.append(cur)
                 cur, wi = [], max(width(it), 1)
             cur.append(it)
