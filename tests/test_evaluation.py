@@ -67,6 +67,41 @@ def test_scorer_matches_a_full_forward_per_request(kind):
         assert abs(s.loglik - _full(m, ctx, cont)[0]) <= 1e-5
 
 
+def _by_hand(m, ctx, cont):
+    """The hand reference: sum over the continuation's tokens of log-softmax(logits)[token], each
+    from its own plain forward of everything before it (no cache, no batch, no padding)."""
+    total = 0.0
+    with torch.no_grad():
+        for j, t in enumerate(cont):
+            lg = m.logits(m(torch.tensor([ctx + cont[:j]])))[0, -1, :m.config.vocab_size].double()
+            total += float(lg.log_softmax(-1)[t])
+    return total
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_scorer_multi_token_choices_match_sums_of_log_softmax(kind):
+    """Choices of several tokens (e.g. " a city in Germany"): contexts batched, each one's K/V
+    expanded to its choices, contexts of one length sharing the choices' forward; with a shared
+    k-shot prefix and without, contexts equal to the prefix, choices of 1 to 5 tokens mixed."""
+    from pretune.evaluation.loglikelihood import Scorer
+    kw = dict(position="rotary", norm="rmsnorm", mlp="swiglu", norm_placement="pre") if kind == "rotary" else {}
+    m = _model(**kw)
+    g = torch.Generator().manual_seed(2)
+    R = lambda n: torch.randint(0, 320, (n,), generator=g).tolist()  # noqa: E731
+    for demos in (R(10), []):
+        reqs = []
+        for k, n in enumerate((3, 5, 5, 5, 2, 7, 3)):  # three contexts of one length, others apart
+            ctx = demos + R(n) if demos or k else R(n)
+            reqs += [(ctx, R(1 + (k + c) % 5)) for c in range(2 + k % 3)]
+        if demos:
+            reqs += [(demos, R(3)), (demos, R(1)), (demos, R(2))]  # the prefix itself, with choices
+        for bs in (1, 2, 16):
+            got = Scorer(m, batch_size=bs, progress=False).loglikelihood(reqs)
+            for (ctx, cont), s in zip(reqs, got):
+                assert abs(s.loglik - _by_hand(m, ctx, cont)) <= 1e-5
+                assert s.greedy == _full(m, ctx, cont)[1] and s.n_tokens == len(cont)
+
+
 def test_requests_follow_the_harness_conventions(bpe):
     from pretune.evaluation.loglikelihood import encode_pair, fit_window
     ctx, cont = encode_pair(bpe, "The quick brown ", "fox")  # the trailing space moves to the continuation

@@ -28,8 +28,10 @@ def _load(model: str):
 
 def harness_mc(model: str = "smollm2", task: str = "movie-sentiment", shots: int = 4, limit: int = 50,
                batch_size: int = 8, rounds: int = 3, warmup: int = 0, threads: int | None = None,
-               progress: bool = False) -> dict:
-    """Seconds to score `limit` test examples of `task` (k-shot, seed 0) on both sides."""
+               progress: bool = False, phrase: str | None = None) -> dict:
+    """Seconds to score `limit` test examples of `task` (k-shot, seed 0) on both sides. `phrase`
+    (e.g. "a {} review") answers each label with a phrase of several tokens instead of a word,
+    the multi-token choices' path of the scorer."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -43,6 +45,9 @@ def harness_mc(model: str = "smollm2", task: str = "movie-sentiment", shots: int
     m, tok = _load(model)
     t = load_task(task)
     tpl = load_template(None, t.name, t.labels)
+    if phrase:
+        from dataclasses import replace
+        tpl = replace(tpl, answers={y: phrase.format(a) for y, a in tpl.answers.items()})
     demos = demonstrations(tpl, draw_shots(t.train, shots, len(t.labels), 0), t.labels)
     import random
     ex = random.Random(1234).sample(t.test, min(limit, len(t.test)))
@@ -67,6 +72,8 @@ def harness_mc(model: str = "smollm2", task: str = "movie-sentiment", shots: int
     acc = [sum(max(range(C), key=lambda c: (x[i * C + c], -c)) == e.label for i, e in enumerate(ex)) / len(ex)
            for x in (a, b)]
     return _result("harness_mc", model if model == "smollm2" else Path(model).name,
-                   {"task": task, "shots": shots, "examples": len(ex), "requests": len(pairs), "batch": batch_size},
+                   {"task": task, "shots": shots, "phrase": phrase, "examples": len(ex), "requests": len(pairs), "batch": batch_size},
                    times, len(pairs), "requests_per_s", rounds, warmup, target=2.0,
-                   max_loglik_diff=max(abs(x - y) for x, y in zip(a, b)), acc_pretune=acc[0], acc_reference=acc[1])
+                   max_loglik_diff=max(abs(x - y) for x, y in zip(a, b)),
+                   choice_tokens=sorted({len(tok.encode(" " + tpl.answers[y], add_special_tokens=False))
+                                         for y in t.labels}), acc_pretune=acc[0], acc_reference=acc[1])

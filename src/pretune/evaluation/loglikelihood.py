@@ -94,19 +94,34 @@ def _common_prefix(seqs) -> int:
     return n
 
 
-def _expand(cache: KVCache | None, c, rows: int, length: int, device, dtype) -> KVCache | None:
-    """A cache of `rows` rows holding the prefix of `cache` (its row 0), room for `length` tokens."""
-    if cache is None or cache.pos == 0:
-        return None
-    new = KVCache(c, rows, length, device, dtype)
-    for a, b in zip(new.k + new.v, cache.k + cache.v):
-        a[:, :, :cache.pos] = b[:1, :, :cache.pos]
-    new.pos = cache.pos
+def _new_cache(c, rows: int, length: int, device, dtype) -> KVCache:
+    """An uninitialised cache (KVCache zero-fills it; here every slot read is written first)."""
+    new = KVCache.__new__(KVCache)
+    shape = (rows, c.kv_heads, length, c.head_dim)
+    new.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+    new.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+    new.pos, new.length = 0, length
+    return new
+
+
+def _gather(cache: KVCache | None, c, rows: list[int], n: int, length: int, device, dtype) -> KVCache:
+    """A cache whose row i holds the first `n` slots of `cache`'s row rows[i], with room for
+    `length` slots (the K/V of a context expanded to the rows that continue it)."""
+    new = _new_cache(c, len(rows), length, device, dtype)
+    if cache is not None and n:
+        idx = torch.tensor(rows, device=device)
+        for a, b in zip(new.k + new.v, cache.k + cache.v):
+            a[:, :, :n] = b[:, :, :n].index_select(0, idx)
+    new.pos = n
     return new
 
 
 class Scorer:
-    """Sums log P(continuation | context) over token requests for a decoder `model`."""
+    """Sums log P(continuation | context) over token requests for a decoder `model`.
+
+    A batch is limited by new tokens, not rows: at most batch_size x the longest request's
+    length (what a full-sequence scorer such as the harness's forwards per batch) and at most
+    4 x batch_size rows; its K/V memory stays below that scorer's logits (rows x tokens x vocab)."""
 
     def __init__(self, model, batch_size: int = 16, progress: bool = True, logit_chunk: int = 2048):
         if not model.config.causal:
@@ -116,6 +131,7 @@ class Scorer:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.V = model.config.vocab_size
+        self.budget = batch_size
 
     def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """log-softmax over the real vocabulary for hidden states (N, d), in float32, in chunks."""
@@ -123,25 +139,46 @@ class Scorer:
                for i in range(0, h.shape[0], self.logit_chunk)]
         return torch.cat(out) if out else h.new_zeros(0, self.V)
 
-    def _run(self, rows, offsets, conts, cache, first_lp, results, idx, row_of=None):
-        """Forward right-padded `rows` (continuing `cache`, expanded to the rows) and score each
-        `conts[i]`, read from row row_of[i] (default i), whose token j is predicted at row position
-        offsets[i] + j (< 0: by `first_lp`)."""
-        row_of = row_of or list(range(len(conts)))
-        T = max(1, max(map(len, rows)))
-        pad = [r + [0] * (T - len(r)) for r in rows]
-        ids = torch.tensor(pad, device=self.device)
-        start = cache.pos if cache is not None else 0
-        h = None
-        if any(rows):
-            h = self.model(ids, cache=_expand(cache, self.model.config, len(rows), start + T, self.device, self.dtype))
+    def _batches(self, items, width):
+        """Consecutive chunks of `items` (sorted widest first) within the token and row limits; a
+        row shorter than 3/4 of its chunk's widest starts a new one (padding at most a quarter)."""
+        out, cur, w = [], [], 0
+        for it in items:
+            wi = max(w, width(it), 1)
+            if cur and ((len(cur) + 1) * wi > self.budget or len(cur) >= 4 * self.batch_size
+                        or 4 * width(it) < 3 * wi):
+                out.append(cur)
+                cur, wi = [], max(width(it), 1)
+            cur.append(it)
+            w = wi
+        return out + [cur] if cur else out
+
+    def _cache(self, rows: list[list[int]], prefix: KVCache | None, p: int, keep: bool = False) -> KVCache | None:
+        """The prefix's K/V expanded to the rows, with room for them (None: no prefix and `keep`
+        not asked for, a plain forward)."""
+        if prefix is None and not keep:
+            return None
+        return _gather(prefix, self.model.config, [0] * len(rows), p, p + max(map(len, rows), default=0),
+                       self.device, self.dtype)
+
+    def _forward(self, rows: list[list[int]], cache: KVCache | None):
+        """Hidden states of right-padded `rows` continuing `cache` (None when every row is empty).
+        Causal attention never looks right, so the padding needs no mask."""
+        T = max(map(len, rows), default=0)
+        if T == 0:
+            return None
+        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=self.device)
+        return self.model(ids, cache=cache)
+
+    def _score(self, h, reads, results) -> None:
+        """Each read (request, row, offset, continuation, first): continuation token j is predicted
+        at h[row, offset + j], or for offset + j < 0 (the first token) by the log-probabilities `first`."""
         sel_r, sel_t, tgt, owner = [], [], [], []
-        for i, (off, cont) in enumerate(zip(offsets, conts)):
+        for k, (_, row, off, cont, _) in enumerate(reads):
             for j, t in enumerate(cont):
                 if off + j >= 0:
-                    sel_r.append(row_of[i]), sel_t.append(off + j), tgt.append(t), owner.append(i)
-        sums = [0.0] * len(conts)
-        greedy = [True] * len(conts)
+                    sel_r.append(row), sel_t.append(off + j), tgt.append(t), owner.append(k)
+        sums, greedy = [0.0] * len(reads), [True] * len(reads)
         if sel_r:
             lp = self._logprobs(h[torch.tensor(sel_r), torch.tensor(sel_t)])
             t = torch.tensor(tgt, device=lp.device)
@@ -150,11 +187,21 @@ class Scorer:
             for o, g, a in zip(owner, got, arg):
                 sums[o] += g
                 greedy[o] = greedy[o] and a
-        for i, (off, cont) in enumerate(zip(offsets, conts)):
-            if off < 0:  # the first token, predicted from the shared prefix's last position
-                sums[i] += float(first_lp[cont[0]])
-                greedy[i] = greedy[i] and int(first_lp.argmax()) == cont[0]
-            results[idx[i]] = Scored(sums[i], greedy[i], len(cont))
+        for k, (i, _, off, cont, first) in enumerate(reads):
+            if off < 0:  # the first token, predicted at the context's last position
+                sums[k] += float(first[cont[0]])
+                greedy[k] = greedy[k] and int(first.argmax()) == cont[0]
+            results[i] = Scored(sums[k], greedy[k], len(cont))
+
+    def _last(self, h, rows, fallback) -> list:
+        """The log-probabilities at each row's last token (`fallback`, the prefix's, for an empty row)."""
+        at = [(k, len(r) - 1) for k, r in enumerate(rows) if r]
+        lp = self._logprobs(h[torch.tensor([a for a, _ in at]), torch.tensor([b for _, b in at])]) if at else None
+        out, n = [], 0
+        for r in rows:
+            out.append(lp[n] if r else fallback)
+            n += bool(r)
+        return out
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[tuple[list[int], list[int]]]) -> list[Scored]:
@@ -164,61 +211,63 @@ class Scorer:
 
         if not requests:
             return []
-        model = self.model
-        results: list[Scored | None] = [None] * len(requests)
+        model, R = self.model, requests
+        results: list[Scored | None] = [None] * len(R)
+        self.budget = self.batch_size * max(len(c) + len(x) - 1 for c, x in R)
         # 1. the prefix every context shares (the k-shot demonstrations), computed once
-        p = _common_prefix([ctx for ctx, _ in requests])
-        p = min(p, min(len(ctx) for ctx, _ in requests))
-        prefix_cache, prefix_lp = None, None
-        if p >= 2 and len(requests) > 1:
-            prefix_cache = KVCache(model.config, 1, p, self.device, self.dtype)
-            h = model(torch.tensor([requests[0][0][:p]], device=self.device), cache=prefix_cache)
-            prefix_lp = self._logprobs(h[0, -1:])[0]
+        p = _common_prefix([ctx for ctx, _ in R])
+        p = min(p, min(len(ctx) for ctx, _ in R))
+        pc, plp = None, None
+        if p >= 2 and len(R) > 1:
+            pc = _new_cache(model.config, 1, p, self.device, self.dtype)
+            plp = self._logprobs(model(torch.tensor([R[0][0][:p]], device=self.device), cache=pc)[0, -1:])[0]
         else:
             p = 0
+        rest = lambda i: R[i][0][p:]  # noqa: E731  the context after the shared prefix
         # 2. group by context: the choices of one context share its cache
         groups: dict[tuple, list[int]] = {}
-        for i, (ctx, _) in enumerate(requests):
+        for i, (ctx, _) in enumerate(R):
             groups.setdefault(tuple(ctx), []).append(i)
-        singles = sorted((g[0] for g in groups.values() if len(g) == 1),
-                         key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
-        shared = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: -len(requests[g[0]][0]))
-        # choices of one token each (labels, most multiple choice): one row per context, batched,
-        # every choice read at the context's last position
-        one = [g for g in shared if all(len(requests[i][1]) == 1 for i in g)]
-        shared = [g for g in shared if not all(len(requests[i][1]) == 1 for i in g)]
-        bar = tqdm(total=len(requests), desc="scoring", unit="request", disable=not self.progress, leave=False)
-        for b in range(0, len(singles), self.batch_size):  # 3. single requests: sorted, batched
-            idx = singles[b:b + self.batch_size]
-            rows = [(requests[i][0][p:] + requests[i][1])[:-1] for i in idx]
-            offs = [len(requests[i][0]) - p - 1 for i in idx]
-            self._run(rows, offs, [requests[i][1] for i in idx], prefix_cache, prefix_lp, results, idx)
+        singles = sorted((g[0] for g in groups.values() if len(g) == 1), key=lambda i: -(len(R[i][0]) + len(R[i][1])))
+        shared = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: -len(R[g[0]][0]))
+        one = [g for g in shared if all(len(R[i][1]) == 1 for i in g)]
+        multi = [g for g in shared if not all(len(R[i][1]) == 1 for i in g)]
+        bar = tqdm(total=len(R), desc="scoring", unit="request", disable=not self.progress, leave=False)
+        # 3. single requests: sorted by length, batched, context and continuation in one row
+        for idx in self._batches(singles, lambda i: len(rest(i)) + len(R[i][1]) - 1):
+            rows = [(rest(i) + R[i][1])[:-1] for i in idx]
+            h = self._forward(rows, self._cache(rows, pc, p))
+            self._score(h, [(i, k, len(rest(i)) - 1, R[i][1], plp) for k, i in enumerate(idx)], results)
             bar.update(len(idx))
-        for b in range(0, len(one), self.batch_size):
-            gs = one[b:b + self.batch_size]
-            idx = [i for g in gs for i in g]
-            row_of = [k for k, g in enumerate(gs) for _ in g]
-            offs = [len(requests[i][0]) - p - 1 for i in idx]
-            self._run([requests[g[0]][0][p:] for g in gs], offs, [requests[i][1] for i in idx], prefix_cache,
-                      prefix_lp, results, idx, row_of)
-            bar.update(len(idx))
-        for g in shared:  # 4. a context with several continuations: the context once, then the choices
-            ctx = requests[g[0]][0]
-            rest = ctx[p:]
-            cache = KVCache(model.config, 1, len(ctx) + max(len(requests[i][1]) for i in g), self.device, self.dtype)
-            if prefix_cache is not None:
-                for a, s in zip(cache.k + cache.v, prefix_cache.k + prefix_cache.v):
-                    a[:, :, :p] = s[:, :, :p]
-                cache.pos = p
-            lp = prefix_lp
-            if rest:
-                h = model(torch.tensor([rest], device=self.device), cache=cache)
-                lp = self._logprobs(h[0, -1:])[0]
-            for b in range(0, len(g), self.batch_size):
-                idx = g[b:b + self.batch_size]
-                conts = [requests[i][1] for i in idx]
-                self._run([c[:-1] for c in conts], [-1] * len(idx), conts, cache, lp, results, idx)
-                bar.update(len(idx))
+        # 4. choices of one token each (labels, most multiple choice): one row per context, every
+        # choice read at the context's last position
+        for gs in self._batches(one, lambda g: len(rest(g[0]))):
+            rows = [rest(g[0]) for g in gs]
+            h = self._forward(rows, self._cache(rows, pc, p))
+            self._score(h, [(i, k, len(rows[k]) - 1, R[i][1], plp) for k, g in enumerate(gs) for i in g], results)
+            bar.update(sum(map(len, gs)))
+        # 5. contexts with longer choices: the contexts batched, then each context's K/V expanded to
+        # one row per choice and the right-padded choices forwarded on it; contexts of one length
+        # (after sorting, neighbours) share that forward, their choices starting at one position
+        for gs in self._batches(multi, lambda g: len(rest(g[0]))):
+            rows = [rest(g[0]) for g in gs]
+            cache = self._cache(rows, pc, p, keep=True)
+            h = self._forward(rows, cache)
+            if h is None:
+                cache = pc
+            first = self._last(h, rows, plp)
+            by_len: dict[int, list[tuple[int, int]]] = {}
+            for k, g in enumerate(gs):
+                by_len.setdefault(len(rows[k]), []).extend((i, k) for i in g)
+            for n, reqs in by_len.items():
+                reqs.sort(key=lambda r: -len(R[r[0]][1]))
+                for chunk in self._batches(reqs, lambda r: len(R[r[0]][1]) - 1):
+                    conts = [R[i][1][:-1] for i, _ in chunk]
+                    c2 = _gather(cache, model.config, [k if h is not None else 0 for _, k in chunk], p + n,
+                                 p + n + max(map(len, conts)), self.device, self.dtype)
+                    h2 = self._forward(conts, c2)
+                    self._score(h2, [(i, j, -1, R[i][1], first[k]) for j, (i, k) in enumerate(chunk)], results)
+                    bar.update(len(chunk))
         bar.close()
         return results  # type: ignore[return-value]
 
