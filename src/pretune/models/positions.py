@@ -55,6 +55,11 @@ class Position:
         """q, k (B, H, T, hd) as the attention scores them."""
         return q, k
 
+    @classmethod
+    def rotates(cls) -> bool:
+        """Whether `rotate` does anything: the model skips the call per layer when it does not."""
+        return cls.rotate is not Position.rotate
+
     @staticmethod
     def bias(m, c, pos, n_keys: int):
         """An additive attention bias (H or 1, T, n_keys), or None; the same for every layer."""

@@ -116,8 +116,9 @@ class Transformer(nn.Module):
             if c.n_expert and attention_mask.shape == idx.shape:
                 tokens = attention_mask.bool()  # routers skip the padding
         bias = self.position.bias(self.position_module, c, pos, start + T)
+        rotate = self._rotate if self.position.rotates() else None
         for i, block in enumerate(self.blocks):  # h_i = block(h_{i-1})
-            h = block(h, self._rotate, pos, mask, cache, i, tokens, bias)
+            h = block(h, rotate, pos, mask, cache, i, tokens, bias)
         if self.norm_f is not None:
             h = self.norm_f(h)
         if cache is not None:
