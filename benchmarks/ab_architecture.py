@@ -61,6 +61,7 @@ def fresh_rounds(make, rounds, reps=1):
 if __name__ == "__main__":
     ap = parser(__doc__.split("\n")[0], rounds=21)
     ap.add_argument("--train-rounds", type=int, default=7)
+    ap.add_argument("--cases", default="train,bert,b1,b8", help="which of train, bert, b1, b8 to run")
     a = ap.parse_args()
     sys.path.insert(0, str(old_package(Path(__file__).resolve().parents[1])))
     import torch
@@ -105,8 +106,10 @@ if __name__ == "__main__":
     b = {"input_ids": x[:, :-1].contiguous(), "targets": x[:, 1:].contiguous()}
     loss = {"before": lambda m, bb: (old_l1(m, bb["input_ids"], bb["targets"]), {}),
             "after": lambda m, bb: (new_l1(m, bb["input_ids"], bb["targets"]), {})}
-    out["GPT train step, gpt-mini fp32"] = fresh_rounds(
-        {k: (lambda k=k: trainer(k, cfg, sd, b, loss)) for k in ("before", "after")}, a.train_rounds, 2)
+    cases = a.cases.split(",")
+    if "train" in cases:
+        out["GPT train step, gpt-mini fp32"] = fresh_rounds(
+            {k: (lambda k=k: trainer(k, cfg, sd, b, loss)) for k in ("before", "after")}, a.train_rounds, 2)
 
     cfg, B, T = old_config(BERT_SHAPES["mini"], nsp_head=False)
     sd = OldT(cfg).state_dict()
@@ -117,15 +120,16 @@ if __name__ == "__main__":
     seg = torch.zeros_like(ids)
     seg[:, T // 2:] = 1
     bb = {"input_ids": masked, "segment_ids": seg, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels}
-    out["BERT MLM step, bert-mini"] = fresh_rounds(
-        {k: (lambda k=k: trainer(k, cfg, sd, bb, {"before": old_mlm, "after": new_mlm})) for k in ("before", "after")},
-        a.train_rounds, 2)
+    if "bert" in cases:
+        out["BERT MLM step, bert-mini"] = fresh_rounds(
+            {k: (lambda k=k: trainer(k, cfg, sd, bb, {"before": old_mlm, "after": new_mlm})) for k in ("before", "after")},
+            a.train_rounds, 2)
 
     cfg, _, _ = old_config(GPT_SHAPES["mini"])
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, 16 + 128))
     sd = OldT(cfg).state_dict()
     gen = {"before": old_gen, "after": new_gen}
-    for batch in (1, 8):
+    for batch in [b for b in (1, 8) if f"b{b}" in cases]:
         p = torch.randint(cfg.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(1))
         o, n = models(cfg, sd, "before").eval(), models(cfg, sd, "after").eval()
         assert torch.equal(old_gen(o, p, 128, temperature=0.0), new_gen(n, p, 128, temperature=0.0)), "different tokens"
