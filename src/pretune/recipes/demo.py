@@ -35,9 +35,11 @@ MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [M
           "i don't [MASK] what you mean ."]
 
 
-# Budgets sized for about 3.5 minutes each on 2 quiet CPU cores (gpt-mini 0.8M tokens, bert-mini 1M).
+# Budgets sized so `make demo` fits 15 minutes on 2 quiet cores (measured 2026-12-02 at 400 + 1,000
+# steps: 16.7 min, gpt-mini 4.9 and bert-mini 5.1 of it): gpt-mini 250 steps (0.5M tokens; its
+# fine-tuned accuracy did not move from 0.8M to 2.5M tokens, docs/finetuning.md), bert-mini 900 (0.9M).
 # What a budget leaves out (eps, beta1, which parameters decay, the clip) is the preset's recipe.
-GPT_TRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
+GPT_TRAIN = dict(steps=250, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
                  weight_decay=0.1, eval_every=100, eval_batches=8, log_every=10, ckpt_every=100)
 
 
@@ -45,7 +47,7 @@ GPT_TRAIN = dict(steps=400, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_
 # read the neighbours, and what gets it off is the number of updates: for the same 1M tokens,
 # 250 steps of 32 at lr 1e-3 ended at val MLM 6.66 (above the unigram entropy, [CLS] the same for
 # every input), 500 of 16 at 5e-4 at 6.17, 1,000 of 8 at 5e-4 at 5.98 (docs/training.md).
-BERT_TRAIN = dict(steps=1000, batch_size=8, seq_len=128, lr=5e-4, warmup=100, min_lr_ratio=0.1,
+BERT_TRAIN = dict(steps=900, batch_size=8, seq_len=128, lr=5e-4, warmup=100, min_lr_ratio=0.1,
                   decay="linear", beta2=0.98, weight_decay=0.01, eval_every=250, eval_batches=16,
                   log_every=10, ckpt_every=250)
 
