@@ -36,19 +36,41 @@ IMPORTERS: dict[str, tuple[str, Callable, Callable[[Path], bool]]] = {
 SOURCES = tuple(f"{k}:{what}" for k, (what, _, _) in IMPORTERS.items())
 
 
-def load_source(source: str):
-    """(model, tokenizer or None, info) from 'SCHEME:PATH' (IMPORTERS), or a bare path one of them recognises."""
+def source_kind(source: str) -> tuple[str, str]:
+    """(scheme, path) of 'SCHEME:PATH' (IMPORTERS), or of a bare path one of them recognises."""
     kind, sep, rest = source.partition(":")
     if not sep or kind not in IMPORTERS:
         kind = next((k for k, (_, _, owns) in IMPORTERS.items() if owns(Path(source))), None)
         if kind is None:
             raise PretuneError(f"unknown source '{source}'", None, f"write {' or '.join(SOURCES)}")
         rest = source
+    return kind, rest
+
+
+def load_source(source: str):
+    """(model, tokenizer or None, info) from 'SCHEME:PATH' (IMPORTERS), or a bare path one of them recognises."""
+    kind, rest = source_kind(source)
     return IMPORTERS[kind][1](rest)
 
 
-def write_run(out: str | Path, model, tok, source: dict) -> Path:
-    """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place."""
+# What `import --weights` can keep in the run: the floats, or a GGUF file's 4-bit blocks as int4
+# packs (models/packed.py). bf16 and int8 are cheap to make at load (`--weights` on the verbs).
+IMPORT_WEIGHTS = ("fp32", "int4")
+
+
+def _check_import_weights(weights: str, kind: str, where: str) -> None:
+    if weights not in IMPORT_WEIGHTS:
+        raise PretuneError(f"import --weights {weights} is not kept in a run (it keeps {' or '.join(IMPORT_WEIGHTS)})",
+                           where, f"import as fp32 and pass --weights {weights} to generate, evaluate or serve")
+    if weights == "int4" and kind != "gguf":
+        raise PretuneError(f"import --weights int4 keeps a GGUF file's 4-bit blocks, and a {kind}: source holds "
+                           "floats", where, "import it as fp32 and pass --weights int4 to generate, evaluate "
+                           "or serve (they quantize at load)")
+
+
+def write_run(out: str | Path, model, tok, source: dict, packed: tuple | None = None) -> Path:
+    """A run directory holding `model` as step 0, built in a temporary sibling and renamed into place.
+    `packed`: (ModelConfig, tensors) of int4 packs (models/packed.py) written instead; `model` None."""
     from ..runs.checkpoint import save_checkpoint
     from ..fileio import atomic_dir, make_dir
     from ..runs.layout import RunDir
@@ -58,35 +80,53 @@ def write_run(out: str | Path, model, tok, source: dict) -> Path:
         raise PretuneError("the run directory exists and is not empty", str(out),
                            "choose a new --out, or delete the folder")
     make_dir(out.parent, "the run directory", where=out)
-    cfg = model.config
+    cfg = packed[0] if packed else model.config
     if tok is not None and cfg.tokenizer in ("run",):
         # the run's own tokenizer.json; load_tokenizer() accepts a path
         cfg = cfg.replace(tokenizer=RunDir.TOKENIZER)  # relative to the run: the run's own file
-        model.config = cfg
+        if model is not None:
+            model.config = cfg
     with atomic_dir(out, replace=False, what="the run directory") as tmp:
-        RunDir(tmp).write_config({"model": cfg.to_dict(), "source": source})
+        RunDir(tmp).write_config({"model": cfg.to_dict(), "source": source,
+                                  **({"weights": "int4"} if packed else {})})
         if tok is not None:
             tok.save(tmp)
-        save_checkpoint(tmp, 0, model)
+        if packed:
+            from ..models.packed import METADATA
+            save_checkpoint(tmp, 0, None, tensors=(packed[1], METADATA))
+        else:
+            save_checkpoint(tmp, 0, model)
     return out
 
 
-def import_cmd(source: str, out: Path | None = None) -> Path:
+def import_cmd(source: str, out: Path | None = None, weights: str = "fp32") -> Path:
     """Import pretrained weights (a Hugging Face folder or a GGUF file) as a pretune run directory.
 
     Args:
         source: hf:DIR (config.json + model.safetensors) or gguf:FILE
         out: the run directory to create (default: runs/<source name>)
+        weights: fp32 (dequantized, trainable), or int4: a GGUF file's Q4_1 blocks kept as int4 packs, for generate/evaluate/serve --weights int4 (docs/interop.md)
     """
-    model, tok, info = load_source(source)
+    kind, path = source_kind(source)
+    _check_import_weights(weights, kind, source)
+    if weights == "int4":
+        from ..models.counting import count_params
+        from .gguf_int4 import gguf_int4_state
+
+        state, c, tok, info = gguf_int4_state(path)
+        n_params = count_params(c)["total"]
+        model = None
+    else:
+        model, tok, info = IMPORTERS[kind][1](path)
+        c, n_params = model.config, model.num_params()
     if out is None:
-        out = Path("runs") / Path(info["path"]).stem.replace(".", "-")
-    run = write_run(out, model, tok, info)
-    c = model.config
+        out = Path("runs") / (Path(info["path"]).stem.replace(".", "-") + ("-int4" if model is None else ""))
+    run = write_run(out, model, tok, info, packed=None if model is not None else (c, state))
     kind = "decoder" if c.causal else "encoder"
     print(f"imported {info['architecture']} {kind}: {c.n_layer} layers, d={c.d_model}, {c.n_head} heads"
           f"{f' ({c.kv_heads} KV)' if c.kv_heads != c.n_head else ''}, vocab {c.vocab_size}, "
-          f"{model.num_params() / 1e6:.1f}M parameters -> {run}")
+          f"{n_params / 1e6:.1f}M parameters"
+          f"{f', int4 packs {sum(t.nbytes for t in state.values()) / 1e6:.0f} MB' if model is None else ''} -> {run}")
     if info.get("ignored"):
         print(f"ignored (nothing the model uses): {', '.join(info['ignored'])}")
     return run

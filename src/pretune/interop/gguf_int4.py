@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
+from ..errors import PretuneError
 from .gguf import dequantized, gguf_tokenizer, open_gguf, unpermute
 
 CHUNK_ROWS = 8192  # the embedding's float32 rows held at once
@@ -63,53 +65,73 @@ def _int8_rows(t, pad: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(qs), torch.cat(ss)
 
 
-def load_gguf_int4(path: str | Path):
-    """(model, tokenizer, info) from a Llama GGUF file, its block matrices int4 from the file's
-    blocks, the embedding and head int8 per channel, the norms bf16 (quantize_model's "int4")."""
-    from ..models.quantize import ACT, Int4Linear, Int8Embedding, Int8Linear, _int4_ok
-    from ..models.transformer import Transformer
+def gguf_int4_state(path: str | Path):
+    """(tensors in models/packed.py's format, ModelConfig, tokenizer, info) of a Llama GGUF file whose
+    block matrices are Q4_1: their blocks kept as they are, the embedding and head int8 per channel,
+    the norms bf16 (quantize_model's "int4"). A file with no Q4_1 block matrix is refused: its
+    weights would be rounded to 4 bits here, which `--weights int4` at load does as well."""
+    from ..models.packed import int4_tensors, int8_tensors
+    from ..models.quantize import ACT, _int4_ok, dequantize_int4, int8_per_channel
 
     path = Path(path)
     where = str(path)
     reader, tensors, c = open_gguf(path)
-    with torch.device("meta"):
-        model = Transformer(c)
+    blocks = sorted({t.tensor_type.name for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2})
+    if "Q4_1" not in blocks:
+        raise PretuneError(f"--weights int4 keeps a file's Q4_1 blocks, and this file's block matrices are "
+                           f"{', '.join(blocks) or 'absent'}", where,
+                           "import it without --weights int4 (the verbs' --weights int4 then rounds it at load)")
+    used: set[str] = set()
+
+    def get(name: str):
+        if name not in tensors:
+            raise PretuneError(f"missing tensor '{name}'", where, "the file is not a complete Llama model")
+        used.add(name)
+        return tensors[name]
+
     pad = c.padded_vocab_size - c.vocab_size
-    emb = _int8_rows(tensors["token_embd.weight"], pad, where)
-    model.wte = Int8Embedding(*emb)
-    model.lm_head = Int8Linear(*(emb if c.tie_embeddings else _int8_rows(tensors["output.weight"], pad, where)), None)
+    state = int8_tensors("wte", *_int8_rows(get("token_embd.weight"), pad, where))
+    if not c.tie_embeddings:
+        state.update(int8_tensors("lm_head", *_int8_rows(get("output.weight"), pad, where)))
 
-    def norm(mod, name):
-        mod.weight = nn.Parameter(dequantized(tensors[name], where).to(ACT))
+    def norm(key, name):
+        state[key] = dequantized(get(name), where).to(ACT)
 
-    def linear(names, heads=None):
+    def linear(key, names, heads=None):
         parts = []
         for i, n in enumerate(names):
-            g = _groups(tensors[n], where)
+            g = _groups(get(n), where)
             parts.append(tuple(unpermute(x, heads[i]) for x in g) if heads and heads[i] else g)
         q, d, m = (torch.cat(x) for x in zip(*parts))
         probe = nn.Linear(q.shape[1], q.shape[0], bias=False, device="meta")
         if not _int4_ok(probe):  # the CPU pack's constraints; quantize_model keeps such a matrix int8
-            from ..models.quantize import dequantize_int4, int8_per_channel
-            return Int8Linear(*int8_per_channel(dequantize_int4(q, d, m)), None)
-        return Int4Linear(q, d, m, None)
+            state.update(int8_tensors(key, *int8_per_channel(dequantize_int4(q, d, m))))
+        else:
+            state.update(int4_tensors(key, q, d, m))
 
-    norm(model.norm_f, "output_norm.weight")
-    for i, blk in enumerate(model.blocks):
-        b = f"blk.{i}"
-        blk.attn.qkv = linear([f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight"],
-                              [c.n_head, c.kv_heads, None])
-        blk.attn.proj = linear([f"{b}.attn_output.weight"])
-        blk.mlp.fc = linear([f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight"])
-        blk.mlp.proj = linear([f"{b}.ffn_down.weight"])
-        norm(blk.norm1, f"{b}.attn_norm.weight")
-        norm(blk.norm2, f"{b}.ffn_norm.weight")
-    if model.position.attribute:  # the rotary tables: computed, not read
-        setattr(model, model.position.attribute, model.position.build(c))
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"not filled from the file: {left[:4]}")
-    model.weights_kind = "int4"
+    norm("norm_f.weight", "output_norm.weight")
+    for i in tqdm(range(c.n_layer), desc=f"int4 packs of {path.name}", unit="block", leave=False):
+        b, o = f"blk.{i}", f"blocks.{i}"
+        linear(f"{o}.attn.qkv", [f"{b}.attn_q.weight", f"{b}.attn_k.weight", f"{b}.attn_v.weight"],
+               [c.n_head, c.kv_heads, None])
+        linear(f"{o}.attn.proj", [f"{b}.attn_output.weight"])
+        linear(f"{o}.mlp.fc", [f"{b}.ffn_gate.weight", f"{b}.ffn_up.weight"])
+        linear(f"{o}.mlp.proj", [f"{b}.ffn_down.weight"])
+        norm(f"{o}.norm1.weight", f"{b}.attn_norm.weight")
+        norm(f"{o}.norm2.weight", f"{b}.ffn_norm.weight")
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise PretuneError(f"unexpected tensor '{extra[0]}'", where,
+                           "the file holds a part pretune's Llama mapping does not know")
     info = {"format": "gguf", "path": str(path.resolve()), "architecture": "llama", "weights": "int4",
             "quantization": sorted({t.tensor_type.name for t in reader.tensors}), "ignored": []}
-    return model.eval(), gguf_tokenizer(reader, where), info
+    return state, c, gguf_tokenizer(reader, where), info
+
+
+def load_gguf_int4(path: str | Path):
+    """(model, tokenizer, info) from a Llama GGUF file, its Q4_1 block matrices int4 from the file's
+    blocks, the embedding and head int8 per channel, the norms bf16 (quantize_model's "int4")."""
+    from ..models.packed import build_packed
+
+    state, c, tok, info = gguf_int4_state(path)
+    return build_packed(c, state, str(path)), tok, info

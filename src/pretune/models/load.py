@@ -36,23 +36,48 @@ def _with_weights(model, weights: str, device: str, where: str):
     return quantize_model(model.to(device).eval(), weights)
 
 
-def load_model(run_dir: str | Path, device: str = "cpu", weights: str = "fp32"):
+def _packed(ck: Path, cfg: ModelConfig, weights: str | None, device: str, where: str):
+    """The int4 model of a checkpoint holding int4 packs (`import --weights int4`, models/packed.py),
+    built from them (no fp32 copy); None for an ordinary checkpoint. Other weights are refused:
+    making them would mean dequantizing the packs, which the fp32 import does exactly."""
+    stored = ckpt.stored_weights(ck)
+    if stored == "fp32":
+        return None
+    if weights not in (None, stored):
+        raise PretuneError(f"the run holds {stored} weights (imported with --weights {stored}), not the "
+                           f"floats {'--weights ' + weights if weights != 'fp32' else 'training or export'} "
+                           "needs", where, f"pass --weights {stored} to generate, evaluate or serve; import the "
+                           f"file again without --weights {stored} to fine-tune or export it")
+    if str(device) != "cpu":
+        raise PretuneError(f"--weights {stored} runs on the CPU kernels only", where, "run on the CPU")
+    from .packed import load_packed
+    return load_packed(cfg, ck)
+
+
+def load_model(run_dir: str | Path, device: str = "cpu", weights: str | None = "fp32"):
     """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint, or from one
     checkpoint folder (self-contained: its model.json and tokenizer.json, else its run's).
-    `weights`: fp32 (as trained), bf16, int8 or int4 (models/quantize.py; the CPU only)."""
+    `weights`: fp32 (as trained), bf16, int8 or int4 (models/quantize.py; the CPU only); a run
+    imported with `--weights int4` holds int4 packs and loads them, with weights int4 (or None:
+    the run's own, fp32 for any other run)."""
     from .quantize import check_weights
     from .transformer import Transformer
 
-    check_weights(weights, str(run_dir))  # before any weights are read
+    if weights is not None:
+        check_weights(weights, str(run_dir))  # before any weights are read
     rd = RunDir(run_dir)
     cfg_d = rd.read_config()
     if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (tasks/finetune.py)
-        clf, cfg, tok, _ = load_classifier(run_dir, device, weights)
+        clf, cfg, tok, _ = load_classifier(run_dir, device, weights or "fp32")
         return clf.body, cfg, tok
     cfg = resolve_model_config(rd.root)
+    ck = _weights_of(rd, "train the run first, or import weights into it")
+    packed = _packed(ck, cfg, weights, device, str(rd.root))
+    if packed is not None:
+        return packed, cfg, rd.tokenizer()
     model = Transformer(cfg)
-    load_weights(model, _weights_of(rd, "train the run first, or import weights into it"))
-    return _with_weights(model, weights, device, str(rd.root)), cfg, rd.tokenizer()
+    load_weights(model, ck)
+    return _with_weights(model, weights or "fp32", device, str(rd.root)), cfg, rd.tokenizer()
 
 
 # ---- building and loading ----------------------------------------------------------

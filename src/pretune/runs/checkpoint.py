@@ -157,9 +157,12 @@ def restore_rng(t: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: dict | None = None,
-                    keep_last: int = 3, keep: set[int] | None = None) -> Path:
+                    keep_last: int = 3, keep: set[int] | None = None,
+                    tensors: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoints/step-NNNNNN atomically and prune all but the newest
-    `keep_last` (and the steps in `keep`, e.g. the best by validation loss)."""
+    `keep_last` (and the steps in `keep`, e.g. the best by validation loss). `tensors`:
+    (name -> tensor, metadata) written as model.safetensors instead of `model`'s state
+    (an import's int4 packs, models/packed.py; `model` may then be None)."""
     ckdir = Path(run_dir) / "checkpoints"
     final = ckdir / f"step-{step:06d}"
     tmp = ckdir / f".tmp-step-{step:06d}"
@@ -169,7 +172,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         clean_partial(run_dir)
         # a re-save of the same step: the old copy (moved aside as .old-step-N) stays until the new one is in place
         with atomic_dir(final, tmp_name=tmp.name, old_name=old.name, what="the checkpoint") as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
+            if tensors is not None:
+                save_file(tensors[0], str(tmp / "model.safetensors"), metadata=tensors[1])
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
             fault_point("after_weights")
             if optimizer is not None:
                 tensors, meta = optimizer_to_tensors(optimizer)
@@ -341,8 +347,29 @@ def require_checkpoint(run_dir: str | Path, fix: str) -> Path:
     return ck
 
 
+PACKED_FORMAT = "pretune-int4/1"  # model.safetensors' metadata "format" of int4 packs (models/packed.py)
+
+
+def stored_weights(ckpt: str | Path) -> str:
+    """What a checkpoint's model.safetensors holds: "int4" for packs (`import --weights int4`),
+    else "fp32" (the model's own state); reads the header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(ckpt) / "model.safetensors"), "pt") as s:
+            meta = s.metadata() or {}
+    except Exception:  # a missing or damaged file: the loader names what is wrong with it
+        return "fp32"
+    return meta.get("weights", "int4") if meta.get("format") == PACKED_FORMAT else "fp32"
+
+
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     check_safetensors(Path(ckpt) / "model.safetensors")
+    if stored_weights(ckpt) != "fp32":  # fine-tuning, resuming, export: they need the trained floats
+        raise PretuneError(f"the checkpoint holds {stored_weights(ckpt)} inference weights (imported with "
+                           f"--weights {stored_weights(ckpt)}), not the model's floats", str(ckpt),
+                           "run it with --weights int4 (generate, evaluate, serve), or import the file "
+                           "again without --weights int4 to train or export it")
     try:
         missing, unexpected = load_safetensors_into(model, str(Path(ckpt) / "model.safetensors"), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:  # safetensors raises its own types for corrupt files
