@@ -75,6 +75,17 @@ def _file(tmp, name, content):
     return p
 
 
+def _q4_gguf(tmp, matrices):
+    """A tiny Llama GGUF, its block matrices Q4_1 or F32 (tests/test_gguf_int4_cli.py)."""
+    from test_gguf_int4_cli import write_q4_1_gguf
+    return write_q4_1_gguf(tmp / f"tiny-{matrices}.gguf", matrices)
+
+
+def _int4_run(tmp):
+    assert main(["import", f"gguf:{_q4_gguf(tmp, 'Q4_1')}", "--weights", "int4", "--out", str(tmp / "int4")]) == 0
+    return tmp / "int4"
+
+
 def _gpt(w, tmp, *extra):
     return ["pretrain", "--model", "gpt-mini", "--data", str(w / "data-bpe"), "--out", str(tmp / "run"), *TINY,
             *TRAIN, *extra]
@@ -342,6 +353,15 @@ CASES = [
     ("import-pickle-only", _only_pickle_hf, "never unpickles"),
     ("import-not-gguf", lambda w, t: ["import", f"gguf:{_file(t, 'm.gguf', b'not a gguf file at all')}",
                                       "--out", str(t / "run")], "m.gguf"),
+    ("import-int4-not-4bit", lambda w, t: ["import", f"gguf:{_q4_gguf(t, 'F32')}", "--weights", "int4",
+                                           "--out", str(t / "run")], "keeps a file's Q4_1 blocks"),
+    ("import-int4-hf", lambda w, t: ["import", f"hf:{w / 'hf'}", "--weights", "int4", "--out", str(t / "run")],
+     "a hf: source holds floats"),
+    ("import-weights-int8", lambda w, t: ["import", f"gguf:{_q4_gguf(t, 'Q4_1')}", "--weights", "int8",
+                                          "--out", str(t / "run")], "is not kept in a run"),
+    ("int4-run-fp32", lambda w, t: ["generate", "AB", "--run", str(_int4_run(t))], "the run holds int4 weights"),
+    ("int4-run-finetune", lambda w, t: ["finetune", "--init", str(_int4_run(t)), "--task", str(w / "task.csv"),
+                                        "--out", str(t / "ft")], "to fine-tune or export it"),
     ("export-no-out", lambda w, t: ["export", str(w / "gpt")], "missing --out"),
     ("bench-dtype", lambda w, t: ["bench", "--peak", "--dtypes", "fp7", "--seconds", "0.1"], "unknown dtype 'fp7'"),
     ("bench-device", lambda w, t: ["bench", "--peak", "--device", "cuda", "--seconds", "0.1"], "no CUDA device"),

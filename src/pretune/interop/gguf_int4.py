@@ -78,7 +78,7 @@ def gguf_int4_state(path: str | Path):
     reader, tensors, c = open_gguf(path)
     blocks = sorted({t.tensor_type.name for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2})
     if "Q4_1" not in blocks:
-        raise PretuneError(f"--weights int4 keeps a file's Q4_1 blocks, and this file's block matrices are "
+        raise PretuneError(f"import --weights int4 keeps a file's Q4_1 blocks, and this file's block matrices are "
                            f"{', '.join(blocks) or 'absent'}", where,
                            "import it without --weights int4 (the verbs' --weights int4 then rounds it at load)")
     used: set[str] = set()

@@ -44,10 +44,10 @@ def _packed(ck: Path, cfg: ModelConfig, weights: str | None, device: str, where:
     if stored == "fp32":
         return None
     if weights not in (None, stored):
-        raise PretuneError(f"the run holds {stored} weights (imported with --weights {stored}), not the "
-                           f"floats {'--weights ' + weights if weights != 'fp32' else 'training or export'} "
-                           "needs", where, f"pass --weights {stored} to generate, evaluate or serve; import the "
-                           f"file again without --weights {stored} to fine-tune or export it")
+        need = f"--weights {weights} needs" if weights != "fp32" else "fp32 weights, training and export need"
+        raise PretuneError(f"the run holds {stored} weights (imported with --weights {stored}), not the floats "
+                           f"{need}", where, f"pass --weights {stored} to generate, evaluate or serve; import "
+                           f"the file again without --weights {stored} to fine-tune or export it")
     if str(device) != "cpu":
         raise PretuneError(f"--weights {stored} runs on the CPU kernels only", where, "run on the CPU")
     from .packed import load_packed
