@@ -4,12 +4,15 @@
 `quantize_model(..., "int4")` re-finds the 4-bit groups from those floats. Here each
 Q4_1 tensor's raw blocks (ggml's block_q4_1: fp16 d, fp16 m, 16 bytes of nibbles, the low
 nibbles weights 0..15 of the block, the high ones 16..31; x = d q + m) become the
-(q, d, m) that `models.quantize.Int4Linear` packs, tensor by tensor, so the load holds one
+(q, d, m) of models/packed.py's stored form, tensor by tensor, so the load holds one
 tensor in float32 at most (the token embedding, row chunks of it, into int8 per channel as
 `quantize_model` does). A matrix in another format is dequantized alone and grouped as
 `quantize_model` groups it, so the packs are those of `quantize_model(load_gguf(path), "int4")`
-(tests/test_quantize.py checks them equal).
-"""
+(tests/test_quantize.py, tests/test_gguf_int4_cli.py check them equal).
+
+`gguf_int4_state` is what `pretune import gguf:FILE --weights int4` writes into the run (the
+run then loads with `models.packed`, below interop in the layers); `load_gguf_int4` builds the
+model from the same tensors in memory."""
 
 from __future__ import annotations
 

@@ -106,8 +106,27 @@ def build_packed(c: ModelConfig, state: dict[str, torch.Tensor], where: str):
 
 
 def load_packed(c: ModelConfig, ckpt: str | Path):
-    """The int4 Transformer of a checkpoint folder in this format (its header checked first)."""
-    from ..safety import load_safetensors
+    """The int4 Transformer of a checkpoint folder in this format (its header checked first), read
+    one tensor at a time (safe_open), so the load holds the packs and one tensor in flight."""
+    from safetensors import SafetensorError, safe_open
 
-    return build_packed(c, load_safetensors(Path(ckpt) / "model.safetensors"), str(ckpt))
+    from ..safety import check_safetensors
 
+    f = Path(ckpt) / "model.safetensors"
+    check_safetensors(f)
+    try:
+        with safe_open(str(f), "pt") as s:
+            return build_packed(c, _Lazy(s), str(ckpt))
+    except (SafetensorError, OSError) as e:
+        raise PretuneError(f"cannot read {f.name}: {e}", str(f), "the file is damaged") from e
+
+
+class _Lazy(dict):
+    """The names of a safe_open file, each tensor read when taken."""
+
+    def __init__(self, handle):
+        super().__init__((k, None) for k in handle.keys())
+        self._h = handle
+
+    def __getitem__(self, key):
+        return self._h.get_tensor(key)
