@@ -97,7 +97,8 @@ def build_packed(c: ModelConfig, state: dict[str, torch.Tensor], where: str):
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     extra = sorted(set(state) - used)
     if left or extra:
-        raise PretuneError(f"the int4 weights do not fit the model ({'missing ' + left[0] if left else 'unexpected ' + extra[0]})",
+        what = f"missing {left[0]}" if left else f"unexpected {extra[0]}"
+        raise PretuneError(f"the int4 weights do not fit the model ({what})",
                            where, "the checkpoint was written by a different model config")
     for prm in model.parameters():
         prm.requires_grad_(False)
