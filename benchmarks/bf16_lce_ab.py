@@ -4,6 +4,8 @@ with transformers beside them, alternating in one process.
 
     git show 3aa8276:src/pretune/objectives/linear_cross_entropy.py > /tmp/lce_old.py
     python benchmarks/bf16_lce_ab.py 1 5 bf16 /tmp/lce_old.py     # threads, rounds, precision, OLD
+    python benchmarks/bf16_lce_ab.py 1 2 bf16 /tmp/lce_old.py gpt2   # the GPT-2-small shape (third round:
+    # OLD from `git show 856ae34:src/pretune/objectives/linear_cross_entropy.py`)
 """
 import sys, torch, statistics, importlib.util
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
@@ -14,7 +16,7 @@ import pretune.objectives.losses as L
 from pretune.objectives.losses import l1_loss
 spec = importlib.util.spec_from_file_location("lce_old", sys.argv[4] if len(sys.argv) > 4 else "/tmp/lce_old.py"); old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
 new_fn = L.linear_cross_entropy
-cfg,B,T = harness._config(harness.GPT_SHAPES["mini"])
+cfg,B,T = harness._config(harness.GPT_SHAPES[sys.argv[5] if len(sys.argv) > 5 else "mini"])
 torch.manual_seed(0)
 m1 = Transformer(cfg); m2 = Transformer(cfg); m2.load_state_dict(m1.state_dict())
 hf = cases.hf_gpt2(m1).train()

@@ -1,6 +1,7 @@
 """Does `_weight_int8pack_mm` itself cap int8 decoding? GPT-2-small shape, batch 1, alternating in
-one process: transformers fp32 `generate`, pretune int8 `generate`, the int8 matrix products of a
-token alone (nothing else), the output head's alone, and a copy for the bandwidth.
+one process: transformers fp32 `generate`, pretune int8 `generate` (its lean decoder step,
+inference/decode.py), the same with the step turned off (`Transformer.forward` per token), the int8
+matrix products of a token alone (nothing else), the output head's alone, and a copy for the bandwidth.
 
     python benchmarks/int8_cap.py --threads 1 --new-tokens 32
 """
@@ -15,6 +16,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     import torch
 
+    from pretune.inference import decode
     from pretune.inference.generate import generate
     from pretune.models.quantize import Int8Linear, quantize_model
     from pretune.models.transformer import Transformer
@@ -42,6 +44,13 @@ if __name__ == "__main__":
     def ours():
         generate(model, x, NT, temperature=0.0)
 
+    def ours_forward():
+        decode.ENABLED = False
+        try:
+            generate(model, x, NT, temperature=0.0)
+        finally:
+            decode.ENABLED = True
+
     @torch.no_grad()
     def theirs():
         hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NT, min_new_tokens=NT, do_sample=False,
@@ -55,6 +64,7 @@ if __name__ == "__main__":
             dst.copy_(src)
 
     fns = {"transformers fp32 generate": theirs, "pretune int8 generate": ours,
+           "  model.forward per token": ours_forward,
            "int8 products alone": products(lins), "the head's alone": products(head), "copy": copy}
     t = harness.alternate(fns, a.rounds, a.warmup)
     med = {k: statistics.median(v["wall"]) for k, v in t.items()}

@@ -52,34 +52,39 @@ def _suite(as_json: bool, only, quick: bool, rounds, threads, out=None, docs=Non
 # The suite, as `pretune bench` runs it
 # ---------------------------------------------------------------------------
 
+# rounds of `--quick`: every benchmark still runs, each with fewer A/B rounds (the GPT-2-small
+# training rows one round: a round is 3 steps of 3-7 s on the quiet 2-core machine)
+QUICK_ROUNDS = {"mini": 3, "gpt2": 1}
+
+
 def suite_plan(quick: bool = False) -> list[tuple[str, Callable, dict]]:
-    """(label, function, kwargs) of the standard suite. GPT-2-small steps take tens of
-    seconds on two cores, so that shape runs few rounds; `quick` drops it."""
+    """(label, function, kwargs) of the standard suite, every benchmark; GPT-2-small steps take
+    seconds on two cores, so that shape runs few rounds. `quick`: the same benchmarks, fewer rounds
+    (QUICK_ROUNDS); the full plan is about 35-45 minutes on the quiet 2-core machine, quick about 15."""
     plan = [
         ("gpt_train mini fp32", gpt_train, dict(shape="mini", precision="fp32", rounds=7)),
         ("gpt_train mini bf16", gpt_train, dict(shape="mini", precision="bf16", rounds=7)),
+        ("gpt_train gpt2 fp32", gpt_train, dict(shape="gpt2", precision="fp32", rounds=3)),
+        ("gpt_train gpt2 bf16", gpt_train, dict(shape="gpt2", precision="bf16", rounds=3)),
+        ("bf16 gain gpt2", variant_gain, dict(shape="gpt2", variant="bf16", rounds=3)),
         ("bf16 gain mini", variant_gain, dict(shape="mini", variant="bf16", rounds=5)),
         ("bert_mlm mini", bert_mlm, dict(shape="mini", rounds=7)),
         ("generate mini b1", generation, dict(shape="mini", batch=1, rounds=3)),
         ("generate mini b8", generation, dict(shape="mini", batch=8, rounds=3)),
         *[(f"generate mini b1 {w}", generation, dict(shape="mini", batch=1, rounds=3, weights=w))
           for w in ("bf16", "int8", "int4")],
+        ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
+        ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
+        *[(f"generate gpt2 b1 {w}", generation, dict(shape="gpt2", batch=1, rounds=2, weights=w))
+          for w in ("bf16", "int8", "int4")],
+        ("harness smollm2 4-shot", harness_mc, dict(model="smollm2", shots=4, limit=40, rounds=3)),
         ("tokenize gpt2", tokenization, dict(rounds=3)),
         ("loader 16x256", loader, dict(rounds=3)),
     ]
-    if not quick:
-        plan[2:2] = [
-            ("gpt_train gpt2 fp32", gpt_train, dict(shape="gpt2", precision="fp32", rounds=3)),
-            ("gpt_train gpt2 bf16", gpt_train, dict(shape="gpt2", precision="bf16", rounds=3)),
-            ("bf16 gain gpt2", variant_gain, dict(shape="gpt2", variant="bf16", rounds=3)),
-        ]
-        plan[-2:-2] = [
-            ("generate gpt2 b1", generation, dict(shape="gpt2", batch=1, rounds=2)),
-            ("generate gpt2 b8", generation, dict(shape="gpt2", batch=8, rounds=2)),
-            *[(f"generate gpt2 b1 {w}", generation, dict(shape="gpt2", batch=1, rounds=2, weights=w))
-              for w in ("bf16", "int8", "int4")],
-            ("harness smollm2 4-shot", harness_mc, dict(model="smollm2", shots=4, limit=40, rounds=3)),
-        ]
+    if quick:
+        def few(fn, kw):  # the GPT-2-small shape and the lm-eval run: one round; the rest three
+            return QUICK_ROUNDS["gpt2" if kw.get("shape") == "gpt2" or fn is harness_mc else "mini"]
+        plan = [(label, fn, {**kw, "rounds": min(kw["rounds"], few(fn, kw))}) for label, fn, kw in plan]
     return plan
 
 

@@ -26,7 +26,7 @@ def bench_cmd(peak: bool = False, device: str = "cpu", dtypes: list[str] | None 
         seconds: time budget for all dtypes together
         json: print JSON instead of a table
         only: suite benchmarks whose label contains one of these (e.g. gpt_train,generate mini)
-        quick: leave out the GPT-2-small shape (its steps take tens of seconds on two cores)
+        quick: every benchmark with fewer rounds (about 15 minutes on 2 quiet cores; the full suite 35-45)
         rounds: A/B rounds per benchmark (default: each benchmark's own)
         threads: torch threads for both sides (default: torch's)
         out: write the results, with the date and the machine, as JSON to this file

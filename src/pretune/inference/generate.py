@@ -11,6 +11,7 @@ import torch
 from ..errors import PretuneError
 from ..models.layers import KVCache
 from ..models.transformer import Transformer
+from . import decode
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -84,6 +85,8 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
     # inference_mode: no autograd bookkeeping at all, ~10% faster per token than no_grad here
     with gemv_layout(model), torch.inference_mode():
         logits = model.logits(model(prompt_ids, cache=cache)[:, -1])[:, :V]
+        # each new token: the decoder step in half the PyTorch calls (decode.py), same numbers
+        step = decode.decoder_step(model) if decode.ENABLED else None
         for _ in range(max_new_tokens):
             nxt = sample_next(logits.float(), temperature, top_k, top_p, gen)
             if eos_id is not None:
@@ -94,7 +97,7 @@ def generate(model: Transformer, prompt_ids: torch.Tensor, max_new_tokens: int, 
                 break
             if cache.pos >= cache.length:
                 break
-            logits = model.logits(model(nxt, cache=cache)[:, -1])[:, :V]
+            logits = (step(nxt, cache) if step else model.logits(model(nxt, cache=cache)[:, -1]))[:, :V]
     return torch.cat(out, 1)
 
 

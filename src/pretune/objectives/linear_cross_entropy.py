@@ -9,16 +9,18 @@ logits, its loss and, at once, its gradients
     dL/dz = (softmax(z) - onehot(y)) / n,   dL/dh = dL/dz W,   dL/dW += dL/dz^T h
 
 while the chunk is still in cache, and the backward pass only scales the
-stored gradients by the incoming one. Same matrix products, no (N, V) tensor,
-about 20% less time for the head and loss on a CPU (docs/performance.md). The
+stored gradients by the incoming one. Same matrix products, no (N, V) tensor in
+fp32 (under bf16 one, in bf16, for W's gradient: below), about 20% less time for
+the head and loss on a CPU (docs/performance.md). The
 idea is Liger Kernel's fused linear cross-entropy (Hsu et al. 2024) and the
 chunked loss of torchtune; this is plain PyTorch.
 
 Used by `objectives.next_token_loss` for fp32, and under bf16 autocast with h and W
 cast to bf16 once: the products in bf16 as autocast would run them (logits rounded
 to bf16, as autocast's matmul outputs are), the softmax, its log and the loss in fp32
-per chunk, W's gradient summed over the chunks in fp32 and rounded to bf16 once, as
-the plain path's one bf16 product is. At gpt-mini under bf16 the plain path's
+per chunk, and W's gradient one bf16 product over all rows at the end (the chunks' dL/dz
+kept in bf16, (N, V): fp32 accumulation inside the kernel, rounded to bf16 once, as the plain
+path's one bf16 product is). At gpt-mini under bf16 the plain path's
 log-softmax, its backward and the (N, V) casts to fp32 were about a fifth of a step
 (torch.profiler, docs/performance.md).
 """
@@ -48,8 +50,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         yv = torch.where(valid, y, 0)[:, None]
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         gh = torch.empty_like(h) if want_grad else None
-        gW = torch.zeros_like(W, dtype=torch.float32) if want_grad else None  # fp32 sum, also for bf16
         half = h.dtype != torch.float32
+        # fp32: W's gradient summed chunk by chunk. bf16: each chunk's dL/dz kept, (N, V) in bf16, for
+        # one product dL/dz^T h at the end (fp32 accumulation inside the kernel, rounded to bf16 once,
+        # as autocast's one product is): per chunk, a product over only `rows` rows ran at 33 GFLOP/s
+        # against 45 over all 1,024 (GPT-2's V, one loaded core), and summing the chunks' bf16 products
+        # into an fp32 (V, d) cast and added 77 MB a chunk (profile: 10% of the GPT-2-small bf16 step)
+        gW = torch.zeros_like(W, dtype=torch.float32) if want_grad and not half else None
+        dz = h.new_empty((h.shape[0], W.shape[0])) if want_grad and half else None
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], rows):
             hc, yc, vc = h[s:s + rows], yv[s:s + rows], valid[s:s + rows]
@@ -63,14 +71,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 z.scatter_add_(1, yc, -vc[:, None].to(z.dtype))  # - onehot(y) at counted rows
                 z.mul_(vc[:, None] / n)                      # ignored rows: 0; mean over n
                 if half:
-                    z = z.to(h.dtype)
-                    torch.mm(z, W, out=gh[s:s + rows])
-                    gW.add_(z.t() @ hc)
+                    zc = dz[s:s + rows]
+                    zc.copy_(z)
+                    torch.mm(zc, W, out=gh[s:s + rows])
                 else:
                     torch.mm(z, W, out=gh[s:s + rows])
                     gW.addmm_(z.t(), hc)
         if want_grad:
-            ctx.save_for_backward(gh, gW.to(W.dtype))
+            ctx.save_for_backward(gh, dz.t() @ h if half else gW.to(W.dtype))
         return total / n
 
     @staticmethod
