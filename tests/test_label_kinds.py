@@ -291,3 +291,41 @@ def test_a_lora_run_exports_merged_and_transformers_agrees_on_real_text(tok, tmp
         with torch.no_grad():
             q = ref(input_ids=torch.tensor([ids])).logits.softmax(-1)[0]
         assert abs(q[1].item() - p["pos"]) <= 1e-4  # classify rounds to 4 places
+
+
+def test_a_gpt2_export_pads_with_its_own_token_and_transformers_agrees_on_a_padded_batch(tmp_path):
+    """GPT-2's BPE has only <|endoftext|>, the extract token that ends every text: the export adds
+    <|padding|> (one more embedding row) as pad_token_id, so transformers' GPT2ForSequenceClassification
+    reads the last real token of every row of a right-padded batch, and its probabilities equal
+    pretune's on each text alone (1e-5)."""
+    transformers = pytest.importorskip("transformers")
+    from pretune.interop.hf_classifier import PAD, export_classifier
+    from pretune.models.heads import Classifier
+    from pretune.tokenizer.vocabularies import gpt2_tokenizer
+    tok = gpt2_tokenizer()
+    c = _small(vocab_size=tok.vocab_size)
+    torch.manual_seed(5)
+    model = Classifier(Transformer(c), 2, pool="last", kind="single", bias=False)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    texts = ["a fine film", "the plot was dull, slow and far too long for anyone", "bad"]
+    rows_ = [tok.encode(t, add_special_tokens=False) + [tok.eos_id] for t in texts]
+    with torch.no_grad():
+        ours = torch.cat([model.head.predictions(model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.bool),
+                                                       torch.tensor([len(r)]), None)[0]) for r in rows_])
+    out = export_classifier(model, tok, tmp_path / "hf", {"name": "t", "labels": ["neg", "pos"], "kind": "single"})
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    pid = ref.config.pad_token_id
+    assert type(ref).__name__ == "GPT2ForSequenceClassification" and pid == tok.vocab_size != tok.eos_id
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    assert hf_tok.convert_tokens_to_ids(PAD) == pid and ref.config.vocab_size == tok.vocab_size + 1
+    n = max(map(len, rows_))
+    ids = torch.tensor([r + [pid] * (n - len(r)) for r in rows_])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows_])
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert "pad" in (out / "README.md").read_text()
