@@ -329,3 +329,43 @@ def test_a_gpt2_export_pads_with_its_own_token_and_transformers_agrees_on_a_padd
         theirs = ref(input_ids=ids, attention_mask=mask).logits.softmax(-1)
     assert (ours - theirs).abs().max().item() <= 1e-5
     assert "pad" in (out / "README.md").read_text()
+
+
+# ---- the defaults from measurements ------------------------------------------------------
+
+def _defaults_table():
+    """docs/finetuning.md's "Resolved defaults" table: (family, band) -> (pool, lr, batch, epochs)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finetuning.md").read_text()
+    section = text.split("#### Resolved defaults", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0] in ("encoder", "decoder"):
+            rows[(cells[0], cells[1])] = (cells[2], float(cells[3]), int(cells[4]), float(cells[5]))
+    return rows
+
+
+@pytest.mark.parametrize("name, band, has_pooler, pool", [
+    ("minilm", "10M-100M", False, "mean"),   # all-MiniLM-L6-v2's shape: 22.6M, no NSP pooler
+    ("bert-mini", "10M-100M", True, "cls"),  # 11.2M, pre-trained with NSP
+    ("bert-base", "other", True, "cls"),     # 110M: BERT's published recipe
+    ("tiny-bert", "other", False, "cls"),    # below every band
+    ("gpt-mini", "any", False, "last"),
+    ("gpt2", "any", False, "last")])
+def test_the_resolved_fine_tuning_defaults_are_the_documented_table(name, band, has_pooler, pool):
+    from pretune.config.presets import preset
+    from pretune.config.training_recipes import recipe_for
+    from pretune.models.heads import default_pooling
+    from pretune.tasks.config import default_pool, resolved_recipe
+    cfgs = {"minilm": ModelConfig(name="minilm", causal=False, vocab_size=30522, max_seq_len=512, n_layer=6, n_head=12,
+                                  d_model=384, d_ff=1536, type_vocab_size=2, norm_placement="post", embedding_norm=True,
+                                  mlp="gelu", lm_head=False),
+            "tiny-bert": _small(**_BERT)}
+    cfg = cfgs[name] if name in cfgs else preset(name)
+    family = "decoder" if cfg.causal else "encoder"
+    want = _defaults_table()[(family, band)]
+    r = resolved_recipe(cfg, recipe_for(cfg, "finetune"))
+    got_pool = default_pool(cfg, has_pooler) or default_pooling(cfg.causal, "classify")
+    assert (got_pool, r["lr"], r["batch_size"], r["epochs"]) == (pool, *want[1:])
+    assert pool in want[0]  # the table's pool cell names it ("mean without an NSP pooler, else cls")

@@ -3,7 +3,7 @@
 Those classes fix the readout, so only a head that is the same function exports:
 
     BertForSequenceClassification   tanh pooler on [CLS], dropout, `classifier` (with a bias):
-                                    pretune's `--finetune.pool cls` (an encoder's default)
+                                    pretune's `--finetune.pool cls` (an encoder's default with an NSP pooler)
     GPT2ForSequenceClassification,  `score` (no bias) on h_n at the last token that is not
     LlamaForSequenceClassification  `pad_token_id`: pretune's `--finetune.pool last` with
                                     `--finetune.head-bias false`
@@ -45,7 +45,7 @@ def check_exportable(cfg, ft: dict, where: str) -> str:
     pool, bias = ft.get("head", "cls" if not cfg.causal else "last"), ft.get("head_bias", True)
     if fam == "bert" and pool != "cls":
         raise PretuneError(f"BertForSequenceClassification reads the pooled [CLS]; this run's head reads "
-                           f"'{pool}'", where, "fine-tune with --finetune.pool cls (the encoder's default) to export")
+                           f"'{pool}'", where, "fine-tune with --finetune.pool cls to export")
     if fam != "bert" and (pool != "last" or bias):
         what = f"reads '{pool}'" if pool != "last" else "has a bias in W_y"
         raise PretuneError(f"{CLASSES[fam]} reads the last token with no bias in `score`; this run's head {what}",
