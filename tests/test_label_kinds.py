@@ -291,3 +291,81 @@ def test_a_lora_run_exports_merged_and_transformers_agrees_on_real_text(tok, tmp
         with torch.no_grad():
             q = ref(input_ids=torch.tensor([ids])).logits.softmax(-1)[0]
         assert abs(q[1].item() - p["pos"]) <= 1e-4  # classify rounds to 4 places
+
+
+def test_a_gpt2_export_pads_with_its_own_token_and_transformers_agrees_on_a_padded_batch(tmp_path):
+    """GPT-2's BPE has only <|endoftext|>, the extract token that ends every text: the export adds
+    <|padding|> (one more embedding row) as pad_token_id, so transformers' GPT2ForSequenceClassification
+    reads the last real token of every row of a right-padded batch, and its probabilities equal
+    pretune's on each text alone (1e-5)."""
+    transformers = pytest.importorskip("transformers")
+    from pretune.interop.hf_classifier import PAD, export_classifier
+    from pretune.models.heads import Classifier
+    from pretune.tokenizer.vocabularies import gpt2_tokenizer
+    tok = gpt2_tokenizer()
+    c = _small(vocab_size=tok.vocab_size)
+    torch.manual_seed(5)
+    model = Classifier(Transformer(c), 2, pool="last", kind="single", bias=False)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    texts = ["a fine film", "the plot was dull, slow and far too long for anyone", "bad"]
+    rows_ = [tok.encode(t, add_special_tokens=False) + [tok.eos_id] for t in texts]
+    with torch.no_grad():
+        ours = torch.cat([model.head.predictions(model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.bool),
+                                                       torch.tensor([len(r)]), None)[0]) for r in rows_])
+    out = export_classifier(model, tok, tmp_path / "hf", {"name": "t", "labels": ["neg", "pos"], "kind": "single"})
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    pid = ref.config.pad_token_id
+    assert type(ref).__name__ == "GPT2ForSequenceClassification" and pid == tok.vocab_size != tok.eos_id
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    assert hf_tok.convert_tokens_to_ids(PAD) == pid and ref.config.vocab_size == tok.vocab_size + 1
+    n = max(map(len, rows_))
+    ids = torch.tensor([r + [pid] * (n - len(r)) for r in rows_])
+    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows_])
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, attention_mask=mask).logits.softmax(-1)
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert "pad" in (out / "README.md").read_text()
+
+
+# ---- the defaults from measurements ------------------------------------------------------
+
+def _defaults_table():
+    """docs/finetuning.md's "Resolved defaults" table: (family, band) -> (pool, lr, batch, epochs)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finetuning.md").read_text()
+    section = text.split("#### Resolved defaults", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0] in ("encoder", "decoder"):
+            rows[(cells[0], cells[1])] = (cells[2], float(cells[3]), int(cells[4]), float(cells[5]))
+    return rows
+
+
+@pytest.mark.parametrize("name, band, has_pooler, pool", [
+    ("minilm", "10M-100M", False, "mean"),   # all-MiniLM-L6-v2's shape: 22.6M, no NSP pooler
+    ("bert-mini", "10M-100M", True, "cls"),  # 11.2M, pre-trained with NSP
+    ("bert-base", "other", True, "cls"),     # 110M: BERT's published recipe
+    ("tiny-bert", "other", False, "cls"),    # below every band
+    ("gpt-mini", "any", False, "last"),
+    ("gpt2", "any", False, "last")])
+def test_the_resolved_fine_tuning_defaults_are_the_documented_table(name, band, has_pooler, pool):
+    from pretune.config.presets import preset
+    from pretune.config.training_recipes import recipe_for
+    from pretune.models.heads import default_pooling
+    from pretune.tasks.config import default_pool, resolved_recipe
+    cfgs = {"minilm": ModelConfig(name="minilm", causal=False, vocab_size=30522, max_seq_len=512, n_layer=6, n_head=12,
+                                  d_model=384, d_ff=1536, type_vocab_size=2, norm_placement="post", embedding_norm=True,
+                                  mlp="gelu", lm_head=False),
+            "tiny-bert": _small(**_BERT)}
+    cfg = cfgs[name] if name in cfgs else preset(name)
+    family = "decoder" if cfg.causal else "encoder"
+    want = _defaults_table()[(family, band)]
+    r = resolved_recipe(cfg, recipe_for(cfg, "finetune"))
+    got_pool = default_pool(cfg, has_pooler) or default_pooling(cfg.causal, "classify")
+    assert (got_pool, r["lr"], r["batch_size"], r["epochs"]) == (pool, *want[1:])
+    assert pool in want[0]  # the table's pool cell names it ("mean without an NSP pooler, else cls")

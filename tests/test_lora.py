@@ -207,3 +207,52 @@ def test_an_adapted_matrix_saves_one_copy_of_its_input_for_backward():
     assert sum(saved.values()) <= x.numel() * 4 + small
     y.square().sum().backward()
     assert x.grad is not None and all(p.grad is not None for p in m.lora_A.values())
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_activation_checkpointing_under_lora_same_loss_and_gradients_fewer_saved_tensors(family):
+    """--train.activation-checkpointing in a LoRA fine-tuning (training/memory.py's checkpoint_blocks):
+    with the body's dropout and the adapters' on, the loss and every adapter gradient equal those
+    without it (the recomputation replays the RNG, so it draws the same masks, the adapters' seeds
+    included), and what backward keeps (saved-tensor hooks, plus the block inputs the checkpoints
+    hold) is under half."""
+    from pretune.objectives.registry import pretrain_loss
+    from pretune.training.memory import checkpoint_blocks
+    kw = dict(dropout=0.1, lm_head=True, n_layer=3)
+    cfg = _small(**kw) if family == "gpt" else _small(**_BERT, **kw, nsp_head=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(5, 300, (4, 25), generator=g)
+    if family == "gpt":
+        batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    else:
+        labels = torch.full((4, 24), -100)
+        labels[:, 3:9] = x[:, 3:9]
+        batch = {"input_ids": x[:, :-1], "attention_mask": torch.ones(4, 24, dtype=torch.bool), "labels": labels,
+                 "segment_ids": torch.zeros(4, 24, dtype=torch.long)}
+    out = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        m = _randomize(Transformer(cfg)).train()
+        apply_lora(m, rank=4, alpha=8.0, dropout=0.2, targets="all")
+        for _, mod in lora_modules(m):  # non-zero B: the adapters' gradients reach A and the body's input
+            torch.nn.init.normal_(next(iter(mod.lora_B.values())), std=0.1)
+        if ckpt:
+            assert checkpoint_blocks(m) == 3
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        saved = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        torch.manual_seed(2)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = pretrain_loss(m, batch)
+        loss.backward()
+        kept = sum(saved.values()) + (3 * 4 * 24 * cfg.d_model * 4 if ckpt else 0)  # each block's input
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}, kept))
+    torch.testing.assert_close(out[0][0], out[1][0])
+    assert out[0][1] and out[0][1].keys() == out[1][1].keys()
+    for n in out[0][1]:
+        torch.testing.assert_close(out[0][1][n], out[1][1][n], msg=n)
+    assert out[1][2] < 0.5 * out[0][2], (out[0][2], out[1][2])

@@ -50,7 +50,8 @@ def source_run(model: str, cache: Path) -> Path:
     return run
 
 
-def one(model: str, method: str, seed: int, train_examples: int | None, init: Path, out: Path) -> dict:
+def one(model: str, method: str, seed: int, train_examples: int | None, init: Path, out: Path,
+        checkpointing: bool | None = None) -> dict:
     """One fine-tuning in this process; its figures."""
     import torch
 
@@ -82,10 +83,14 @@ def one(model: str, method: str, seed: int, train_examples: int | None, init: Pa
             "--train.seed", str(seed), *COMMON, *POOL[model], *METHODS[method]]
     if train_examples:
         argv += ["--finetune.train-examples", str(train_examples)]
+    if checkpointing is not None:  # None: fine-tuning's own default for the method
+        argv += ["--train.activation-checkpointing", str(checkpointing).lower()]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     steps = marks["steps"] - marks["steps0"]
+    tc = json.loads((out / "run.json").read_text())["train"]
     return {"model": model, "method": method, "seed": seed, "train_examples": res["train_examples"],
+            "activation_checkpointing": tc["activation_checkpointing"],
             "trainable_params": res["trainable_params"], "optimizer_state_mb": marks["opt_bytes"] / 2**20,
             "peak_minus_loaded_mb": (marks["peak"] - marks["rss_loaded"]) / 2**20,
             "s_per_step_incl_evals": (marks["t1"] - marks["t0"]) / max(1, steps),
@@ -100,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="full,lora")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pretune-bench-lora")
     ap.add_argument("--out", type=Path, default=None, help="a JSON file for the rows")
+    ap.add_argument("--checkpointing", default=None,
+                    help="comma-separated methods run with --train.activation-checkpointing true, the others "
+                         "with false ('none': all false; default: each method's own default)")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.cache.mkdir(parents=True, exist_ok=True)
@@ -110,13 +118,15 @@ def main(argv=None) -> int:
         out = a.cache / f"{a.model}-{method}-{n or 'all'}-{seed}"
         import shutil
         shutil.rmtree(out, ignore_errors=True)
-        print("ROW " + json.dumps(one(a.model, method, seed, n, init, out)), flush=True)
+        ck = None if a.checkpointing is None else method in a.checkpointing.split(",")
+        print("ROW " + json.dumps(one(a.model, method, seed, n, init, out, ck)), flush=True)
         return 0
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         for method in a.methods.split(","):  # alternating sides
             p = subprocess.run([sys.executable, "-m", "pretune_bench.lora", "--model", a.model, "--train-examples",
-                                str(a.train_examples), "--cache", str(a.cache), "--one", method, str(seed)],
+                                str(a.train_examples), "--cache", str(a.cache), "--one", method, str(seed),
+                                *(["--checkpointing", a.checkpointing] if a.checkpointing is not None else [])],
                                capture_output=True, text=True)
             row = next((json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")), None)
             if row is None:
@@ -135,7 +145,8 @@ def summary(rows) -> None:
     for method in sorted({r["method"] for r in rows}):
         rs = [r for r in rows if r["method"] == method]
         acc = [r["test_accuracy"] for r in rs]
-        print(f"{method:5s} trainable {rs[0]['trainable_params']:>11,}  optimizer state "
+        ck = "+ckpt" if rs[0].get("activation_checkpointing") else ""
+        print(f"{method + ck:10s} trainable {rs[0]['trainable_params']:>11,}  optimizer state "
               f"{st.mean(r['optimizer_state_mb'] for r in rs):8.2f} MB  peak-loaded "
               f"{st.mean(r['peak_minus_loaded_mb'] for r in rs):7.1f} MB  {st.mean(r['s_per_step_incl_evals'] for r in rs):.3f}"
               f" s/step  test acc {st.mean(acc):.1%} (" + ", ".join(f"{x:.1%}" for x in acc) + ")")

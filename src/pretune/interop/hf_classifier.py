@@ -3,7 +3,7 @@
 Those classes fix the readout, so only a head that is the same function exports:
 
     BertForSequenceClassification   tanh pooler on [CLS], dropout, `classifier` (with a bias):
-                                    pretune's `--finetune.pool cls` (an encoder's default)
+                                    pretune's `--finetune.pool cls` (an encoder's default with an NSP pooler)
     GPT2ForSequenceClassification,  `score` (no bias) on h_n at the last token that is not
     LlamaForSequenceClassification  `pad_token_id`: pretune's `--finetune.pool last` with
                                     `--finetune.head-bias false`
@@ -11,9 +11,11 @@ Those classes fix the readout, so only a head that is the same function exports:
 LoRA adapters are merged into the body first (`load_classifier` does). `pad_token_id` of a
 decoder must not be the extract token that ends every text (`<e>`, data/encoding.py), or HF
 would read the token before it: a special token other than it is used, and where the
-vocabulary has none (GPT-2's byte-level BPE holds only <|endoftext|>) it is left unset, so
-HF reads the last token of every row (unpadded inputs, or one text at a time). The
-config's `id2label`, `label2id` and `problem_type` come from the run; a model card
+vocabulary has none (GPT-2's byte-level BPE holds only <|endoftext|>) the export adds one,
+`<|padding|>` (GPT-NeoX's name, which pretune's tokenizer knows as a pad), with one more
+embedding row (zeros: HF never reads a pad's output, and a causal model's real tokens never
+attend to the pads after them), so batches of texts of any length classify as one at a time.
+The config's `id2label`, `label2id` and `problem_type` come from the run; a model card
 (README.md) is written beside the weights.
 """
 
@@ -43,7 +45,7 @@ def check_exportable(cfg, ft: dict, where: str) -> str:
     pool, bias = ft.get("head", "cls" if not cfg.causal else "last"), ft.get("head_bias", True)
     if fam == "bert" and pool != "cls":
         raise PretuneError(f"BertForSequenceClassification reads the pooled [CLS]; this run's head reads "
-                           f"'{pool}'", where, "fine-tune with --finetune.pool cls (the encoder's default) to export")
+                           f"'{pool}'", where, "fine-tune with --finetune.pool cls to export")
     if fam != "bert" and (pool != "last" or bias):
         what = f"reads '{pool}'" if pool != "last" else "has a bias in W_y"
         raise PretuneError(f"{CLASSES[fam]} reads the last token with no bias in `score`; this run's head {what}",
@@ -61,6 +63,29 @@ def _pad_token_id(tok, fam: str):
         if i is not None and i != extract:
             return i
     return None
+
+
+PAD = "<|padding|>"
+
+
+def with_pad_token(tok, tensors: dict, cfg: dict) -> tuple:
+    """(tokenizer, tensors, config) with a dedicated pad token where a decoder's vocabulary has none
+    but its extract token: `PAD` added to a copy of the tokenizer, the embedding grown to hold its
+    id (unless the model's rows already do), `vocab_size` and `pad_token_id` set."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from ..tokenizer.core import Tokenizer
+    if tok is None or cfg.get("pad_token_id") is not None:
+        return tok, tensors, cfg
+    raw = HFTokenizer.from_str(tok._tok.to_str())
+    raw.add_special_tokens([PAD])
+    tok2 = Tokenizer(raw, tok.name)
+    pid = tok2.pad_id
+    key = next(k for k in tensors if k.endswith("wte.weight") or k.endswith("embed_tokens.weight"))
+    W = tensors[key]
+    if pid >= W.shape[0]:
+        tensors = {**tensors, key: torch.cat([W, W.new_zeros(pid + 1 - W.shape[0], W.shape[1])]).contiguous()}
+    return tok2, tensors, {**cfg, "vocab_size": max(cfg["vocab_size"], pid + 1), "pad_token_id": pid}
 
 
 def classifier_tensors(model, fam: str) -> dict[str, torch.Tensor]:
@@ -106,6 +131,8 @@ def export_classifier(model, tok, out_dir: str | Path, info: dict, results: dict
     kind = info.get("kind", "single")
     tensors = classifier_tensors(model, fam)
     cfg = classifier_config(model, fam, info["labels"], kind, tok)
+    if fam != "bert":
+        tok, tensors, cfg = with_pad_token(tok, tensors, cfg)
     return write_hf_folder(out_dir, tensors, cfg, tok, fam, source,
                            {"README.md": model_card(cfg, info, results or {}, source or {})})
 
@@ -118,9 +145,14 @@ def model_card(cfg: dict, info: dict, results: dict, source: dict) -> str:
     test = {k: v for k, v in (results.get("test") or {}).items() if k not in ("confusion", "per_label_f1")}
     read = {"single": "probs = out.logits.softmax(-1)", "regression": "value = out.logits[:, 0]",
             "multi": f"probs = out.logits.sigmoid()  # labels: probs >= {results.get('threshold') or 0.5}"}[kind]
-    pad = ("" if cfg.get("pad_token_id") is not None or cls.startswith("Bert") else
-           "\nThe tokenizer has no token to pad with besides the one that ends every text, so `pad_token_id` is "
-           "unset: classify one text at a time, or a batch of texts of one length.\n")
+    if cls.startswith("Bert"):
+        pad = ""
+    elif cfg.get("pad_token_id") is not None:
+        pad = (f"\nBatches: pad each row on the right with `pad_token_id` {cfg['pad_token_id']} and pass "
+               "`attention_mask`; the score is read at the last token that is not the pad.\n")
+    else:
+        pad = ("\nThe tokenizer has no token to pad with besides the one that ends every text, so `pad_token_id` is "
+               "unset: classify one text at a time, or a batch of texts of one length.\n")
     lines = [
         f"# {info.get('name', 'classifier')}: a pretune fine-tuned {cls}", "",
         f"A {cfg['model_type']} classifier fine-tuned with pretune ({source.get('objective', results.get('objective', ''))}"

@@ -61,3 +61,37 @@ def finetune_train_defaults(recipe: dict) -> dict:
     fine-tuning recipe (config/training_recipes.py) for lr, batch size, warmup (a fraction of the
     steps if < 1) and weight decay, and FINETUNE_SEED."""
     return {**{k: recipe[k] for k in ("lr", "batch_size", "warmup", "weight_decay")}, "seed": FINETUNE_SEED}
+
+
+# ---- defaults from measurements ----------------------------------------------------------
+# The published recipes (config/training_recipes.py) were made for BERT-base/large and GPT-1 (110M+
+# parameters) on tens of thousands of labels. Where a size band was measured here, its settings
+# replace the recipe's for what the user leaves unset (docs/finetuning.md, "Defaults from
+# measurements": 3 seeds, the table and its command). A band is (family, smallest, largest
+# parameter count); outside every band the family's published recipe stands.
+MEASURED_BANDS = [
+    # all-MiniLM-L6-v2 (22.6M) on movie-sentiment, 1,000 labels, 3 seeds: see the docs' table
+    ("encoder", 10_000_000, 100_000_000, dict(lr=1e-4, batch_size=16, epochs=2.0)),
+]
+
+
+def measured_band(cfg) -> dict:
+    """The measured settings for `cfg`'s family and size ({} where none was measured)."""
+    from ..models.counting import count_params
+    family, n = ("decoder" if cfg.causal else "encoder"), count_params(cfg)["total"]
+    return next((dict(s) for f, lo, hi, s in MEASURED_BANDS if f == family and lo <= n < hi), {})
+
+
+def default_pool(cfg, has_pooler: bool) -> str | None:
+    """The readout a classifier of `cfg` gets when --finetune.pool is unset. An encoder whose
+    checkpoint has no NSP pooler (a sentence encoder such as all-MiniLM: its [CLS] was never
+    trained as a summary) in a measured band reads the mean of its tokens, the readout it was
+    trained with; else None, the paper's own (models/heads.py: default_pooling)."""
+    if not cfg.causal and not has_pooler and measured_band(cfg):
+        return "mean"
+    return None
+
+
+def resolved_recipe(cfg, recipe: dict) -> dict:
+    """The family's fine-tuning recipe with the measured band's settings over it."""
+    return {**recipe, **measured_band(cfg)}

@@ -63,7 +63,7 @@ from ..training.resume import check_resume
 from .heap import return_freed_memory
 from .build import ADAPTER_FILE, attach_lora, build_classifier, check_lora_spec, freeze, load_init
 from ..models.lora import DEFAULT_LR, save_adapter
-from .config import FINETUNE_SEED, FinetuneConfig, finetune_train_defaults
+from .config import FINETUNE_SEED, FinetuneConfig, default_pool, finetune_train_defaults, resolved_recipe
 
 
 # ---- fine-tuning ----------------------------------------------------------------
@@ -107,7 +107,10 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     body, cfg, tok, pooler, origin = load_init(init, spec.scratch, spec.tokenizer, seed)
     pre = body_objective(cfg, RunDir(init).read_config() if RunDir(init).exists() else None)
     from ..config.training_recipes import recipe_for
-    recipe = recipe_for(cfg, "finetune")  # GPT-1's for a decoder, BERT's for an encoder
+    # GPT-1's for a decoder, BERT's for an encoder; a measured size band's settings over it (tasks/config.py)
+    recipe = resolved_recipe(cfg, recipe_for(cfg, "finetune"))
+    if pool is None:
+        pool = default_pool(cfg, pooler is not None)
     epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
     batch_size = train.get("batch_size", recipe["batch_size"])
     if pool is not None:
@@ -298,8 +301,10 @@ def finetune_cmd(init: str = "runs/gpt-mini", task: str = "movie-sentiment", fin
     """Fine-tune a pre-trained run on a labelled task (L2 or L3) and report test accuracy, macro-F1, confusion.
 
     The optimiser and schedule are the body's fine-tuning recipe (GPT-1's for a decoder: lr 6.25e-5,
-    warmup 0.2%; BERT's for an encoder: lr 5e-5, warmup 10%; batch 32, 3 epochs), seed 0, one
-    evaluation per epoch; --train.* overrides any (--train.warmup < 1 is a fraction of the steps).
+    warmup 0.2%; BERT's for an encoder: lr 5e-5, warmup 10%; batch 32, 3 epochs), with a measured
+    size band's settings over it (an encoder of 10M-100M parameters: lr 1e-4, batch 16, 2 epochs,
+    mean pooling without an NSP pooler; docs/finetuning.md, "Defaults from measurements"), seed 0,
+    one evaluation per epoch; --train.* overrides any (--train.warmup < 1 is a fraction of the steps).
 
     Args:
         init: the run directory (pretrain, import, finetune) or the preset (random init: the baseline) whose
