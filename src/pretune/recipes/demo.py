@@ -35,13 +35,15 @@ MASKED = ["Washington is the [MASK] of the US.", "and god said , let there be [M
           "i don't [MASK] what you mean ."]
 
 
-# Budgets sized so `make demo` fits 15 minutes on 2 quiet cores (measured 2026-12-02 at 400 + 1,000
-# steps: 16.7 min, gpt-mini 4.9 and bert-mini 5.1 of it; at 250 + 900: 14.1 min, gpt-mini 2.7): gpt-mini
-# 175 steps (0.36M tokens; its fine-tuned accuracy did not move from 0.8M to 2.5M tokens and its
-# pre-training bought -0.2 / -1.0 points over 3 seeds at 0.8M, docs/finetuning.md), so the ~50 s it
-# gives back pay for MiniLM from scratch at 1,000 labels (issue 20, item 1); bert-mini 900 (0.9M).
+# Budgets sized so `make demo` fits 15 minutes on 2 quiet cores (measured 2026-12-02 on fresh clones:
+# 400 + 1,000 steps 16.7 min, gpt-mini 4.9 and bert-mini 5.1 of it; 250 + 900 14.1 min; 175 + 900,
+# with MiniLM from scratch at 1,000 labels added to the grid, 16.2 min: gpt-mini 2.2, bert-mini 5.8,
+# the grid 7.0, the machine running 15-25% slower per step than for the 14.1-min run). So gpt-mini
+# 150 steps (0.31M tokens; its fine-tuned accuracy did not move from 0.8M to 2.5M tokens and its
+# pre-training bought -0.2 / -1.0 points over 3 seeds at 0.8M, docs/finetuning.md) and bert-mini
+# 650 (0.67M tokens), which leave about a minute and a half of margin for a slower machine.
 # What a budget leaves out (eps, beta1, which parameters decay, the clip) is the preset's recipe.
-GPT_TRAIN = dict(steps=175, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
+GPT_TRAIN = dict(steps=150, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_lr_ratio=0.1,
                  weight_decay=0.1, eval_every=100, eval_batches=8, log_every=10, ckpt_every=100)
 
 
@@ -49,7 +51,7 @@ GPT_TRAIN = dict(steps=175, batch_size=16, seq_len=128, lr=2e-3, warmup=40, min_
 # read the neighbours, and what gets it off is the number of updates: for the same 1M tokens,
 # 250 steps of 32 at lr 1e-3 ended at val MLM 6.66 (above the unigram entropy, [CLS] the same for
 # every input), 500 of 16 at 5e-4 at 6.17, 1,000 of 8 at 5e-4 at 5.98 (docs/training.md).
-BERT_TRAIN = dict(steps=900, batch_size=8, seq_len=128, lr=5e-4, warmup=100, min_lr_ratio=0.1,
+BERT_TRAIN = dict(steps=650, batch_size=8, seq_len=128, lr=5e-4, warmup=100, min_lr_ratio=0.1,
                   decay="linear", beta2=0.98, weight_decay=0.01, eval_every=250, eval_batches=16,
                   log_every=10, ckpt_every=250)
 
