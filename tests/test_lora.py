@@ -186,6 +186,19 @@ def test_dropout_adapter_gradients_match_finite_differences():
     assert torch.allclose(h, xd @ A.t())
 
 
+def _saved_bytes(module, saved: dict):
+    """Saved-tensor hooks that record, by storage, the bytes autograd keeps for backward, the
+    module's own parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+
 def test_an_adapted_matrix_saves_one_copy_of_its_input_for_backward():
     """Peak memory: with the base frozen and dropout on, backward keeps x itself (and the small
     rank-r projections), not dropout's float mask and a dropped copy besides (docs/finetuning.md)."""
@@ -194,14 +207,8 @@ def test_an_adapted_matrix_saves_one_copy_of_its_input_for_backward():
     lin.requires_grad_(False)
     m = LoRALinear(lin, {"q": (0, 32), "k": (32, 64), "v": (64, 96)}, rank=4, alpha=8.0, dropout=0.1)
     x = torch.randn(8, 16, 64, requires_grad=True)
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _saved_bytes(m, saved):
         y = m(x)
     small = 8 * 16 * 12 * 4 + 12 * 64 * 4  # the (tokens, 3r) projection and q,k,v's A stacked
     assert sum(saved.values()) <= x.numel() * 4 + small
@@ -238,15 +245,9 @@ def test_activation_checkpointing_under_lora_same_loss_and_gradients_fewer_saved
             torch.nn.init.normal_(next(iter(mod.lora_B.values())), std=0.1)
         if ckpt:
             assert checkpoint_blocks(m) == 3
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
         saved = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
         torch.manual_seed(2)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _saved_bytes(m, saved):
             loss, _ = pretrain_loss(m, batch)
         loss.backward()
         kept = sum(saved.values()) + (3 * 4 * 24 * cfg.d_model * 4 if ckpt else 0)  # each block's input
