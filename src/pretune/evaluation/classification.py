@@ -164,7 +164,7 @@ def plot_confusion(cm, labels, path: Path, title: str) -> None:
 
 def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), task: str | None = None, split: str = "test", text_column: str | None = None,
                  label_column: str | None = None, data: Path | None = None, json_out: bool = False,
-                 weights: str = "fp32", tasks: list[str] | None = None,
+                 weights: str = "auto", tasks: list[str] | None = None,
                  options: Annotated[TaskOptions, "tasks"] = None) -> dict:
     """Evaluate a run: a fine-tuned one on a task (accuracy, macro-F1, confusion), a pre-trained LM on held-out text.
 
@@ -176,7 +176,7 @@ def evaluate_cmd(run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"), tas
         label_column: a file's label column (default: the run's, else 'label')
         data: for a pre-trained run: a folder made by `pretune prepare` (default: the run's own data)
         json_out: print JSON instead of a table
-        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
+        weights: auto (the run's own: int4 for a run imported with --weights int4, else fp32), fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
         tasks: evaluate on these tasks instead (comma-separated): perplexity[:FILE|DATA], cloze, mc:FILE.jsonl, a built-in labelled task prompted (movie-sentiment, ...), prompt:FILE; options --tasks.* (docs/evaluation.md)
     """
     from ..models.quantize import check_weights

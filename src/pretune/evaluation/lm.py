@@ -10,10 +10,11 @@ import torch
 
 from ..errors import PretuneError
 from ..models.load import load_model
+from ..models.quantize import weights_of
 from ..runs.layout import RunDir
 
 
-def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool, weights: str = "fp32") -> dict:
+def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool, weights: str = "auto") -> dict:
     """Validation loss (and perplexity, for L1) of a pre-trained run on a prepared data folder."""
     from ..data.loaders import validation_batches
     from ..objectives.registry import body_objective
@@ -38,7 +39,7 @@ def _evaluate_lm(run: Path, d: dict, data: Path | None, json_out: bool, weights:
             aux_sum += float(model.moe_losses())
             n += 1
     val = losses / max(n, 1)
-    m = {"val_loss": val, "batches": n, "data": str(data), "weights": weights}
+    m = {"val_loss": val, "batches": n, "data": str(data), "weights": weights_of(model)}
     if cfg.n_expert:
         m["val_moe_aux"] = aux_sum / max(n, 1)
     if obj.perplexity:

@@ -142,10 +142,11 @@ def plot_shots(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_tasks(run: Path, tasks: list[str], o: TaskOptions | None = None, weights: str = "fp32") -> dict:
+def run_tasks(run: Path, tasks: list[str], o: TaskOptions | None = None, weights: str = "auto") -> dict:
     """Evaluate a run (or checkpoint folder) on task names; print a table, write --tasks.json/.plot."""
     from ..fileio import atomic_write_json, check_creatable
     from ..models.load import load_model
+    from ..models.quantize import weights_of
     o = o or TaskOptions()
     names = [t for t in tasks if t]
     kinds = [_kind(t) for t in names]  # every name checked before any model is loaded
@@ -160,7 +161,7 @@ def run_tasks(run: Path, tasks: list[str], o: TaskOptions | None = None, weights
     rows = [r for n in names for r in run_one(model, tok, n, o)]
     for r in rows:
         print(format_row(r))
-    out = {"run": str(run), "model": cfg.name, "weights": weights, "options": {k: (str(v) if isinstance(v, Path) else v)
+    out = {"run": str(run), "model": cfg.name, "weights": weights_of(model), "options": {k: (str(v) if isinstance(v, Path) else v)
                                                             for k, v in vars(o).items()}, "results": rows}
     if o.json is not None:
         atomic_write_json(o.json, out)

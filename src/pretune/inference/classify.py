@@ -34,7 +34,7 @@ def _pairs(texts: list[str], pair: bool, text_columns) -> list[tuple[str, str | 
 
 
 def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentiment-gpt-mini"),
-                 json_out: bool = False, batch_size: int = 64, weights: str = "fp32") -> list[dict]:
+                 json_out: bool = False, batch_size: int = 64, weights: str = "auto") -> list[dict]:
     """Classify texts with a fine-tuned run: the label and the probability of each label.
 
     Args:
@@ -42,7 +42,7 @@ def classify_cmd(texts: list[str], run: Path = Path("runs/finetune/movie-sentime
         run: a run directory made by `pretune finetune`
         json_out: print JSON lines instead of a table
         batch_size: texts per forward pass
-        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
+        weights: auto (the run's own: int4 for a run imported with --weights int4, else fp32), fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
     """
     model, cfg, tok, info = load_classifier(run, weights=weights)
     pairs = _pairs(texts, info.get("pair", False), info.get("text_columns"))

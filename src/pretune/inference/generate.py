@@ -133,7 +133,7 @@ def gemv_layout(model: torch.nn.Module):
                 w.data = w.data.contiguous()
 
 
-def _load(run: Path, weights: str = "fp32"):
+def _load(run: Path, weights: str = "auto"):
     from ..models.load import load_model
 
     model, cfg, tok = load_model(run, weights=weights)
@@ -144,7 +144,7 @@ def _load(run: Path, weights: str = "fp32"):
 
 def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens: int = 100,
                  temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, num_samples: int = 1,
-                 seed: int = 1337, weights: str = "fp32") -> list[str]:
+                 seed: int = 1337, weights: str = "auto") -> list[str]:
     """Continue a prompt with a decoder (temperature, top-k, top-p sampling, KV cache).
 
     Args:
@@ -156,7 +156,7 @@ def generate_cmd(prompt: str, run: Path = Path("runs/gpt-mini"), max_new_tokens:
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         num_samples: independent continuations
         seed: sampling seed
-        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32): docs/performance.md
+        weights: auto (the run's own: int4 for a run imported with --weights int4, else fp32), fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32): docs/performance.md
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if num_samples < 1:
@@ -212,7 +212,7 @@ def fill_mask(model: Transformer, tok, text: str, top_k: int = 5) -> list[list[t
 
 
 def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5, json_out: bool = False,
-                  weights: str = "fp32"):
+                  weights: str = "auto"):
     """Fill each [MASK] in a text with an encoder's most likely tokens and their probabilities.
 
     Args:
@@ -220,7 +220,7 @@ def fill_mask_cmd(text: str, run: Path = Path("runs/bert-mini"), top_k: int = 5,
         run: a BERT run directory with an MLM head
         top_k: candidates per [MASK]
         json_out: print JSON instead of a table
-        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
+        weights: auto (the run's own: int4 for a run imported with --weights int4, else fp32), fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32)
     """
     model, cfg, tok = _load(run, weights)
     answers = fill_mask(model, tok, text, top_k)

@@ -58,13 +58,15 @@ def load_model(run_dir: str | Path, device: str = "cpu", weights: str | None = "
     """(model, ModelConfig, tokenizer) from a run directory's latest good checkpoint, or from one
     checkpoint folder (self-contained: its model.json and tokenizer.json, else its run's).
     `weights`: fp32 (as trained), bf16, int8 or int4 (models/quantize.py; the CPU only); a run
-    imported with `--weights int4` holds int4 packs and loads them, with weights int4 (or None:
-    the run's own, fp32 for any other run)."""
+    imported with `--weights int4` holds int4 packs and loads them, with weights int4 (or auto /
+    None: the run's own, fp32 for any other run; the verbs' default). The default here is fp32:
+    the library's other callers (fine-tuning, export, resuming) need the floats."""
     from .quantize import check_weights
     from .transformer import Transformer
 
     if weights is not None:
         check_weights(weights, str(run_dir))  # before any weights are read
+    weights = None if weights == "auto" else weights
     rd = RunDir(run_dir)
     cfg_d = rd.read_config()
     if "task" in cfg_d:  # a fine-tuned run: the Transformer is its classifier's body (tasks/finetune.py)
@@ -110,11 +112,12 @@ def _best_checkpoint(rd: RunDir | str | Path) -> Path | None:
 def load_classifier(run_dir: str | Path, device: str = "cpu", weights: str = "fp32", merge: bool = True):
     """(Classifier, ModelConfig, tokenizer, task info) of a fine-tuned run, at its best checkpoint
     (or of one checkpoint folder of it), its weights in `weights` (see load_model); a LoRA run's
-    adapters merged into the body unless `merge` is False (then only in fp32)."""
+    adapters merged into the body unless `merge` is False (then only in fp32). A fine-tuned run
+    holds floats (training refuses int4 packs), so auto is fp32."""
     from .quantize import check_weights
     from .transformer import Transformer
 
-    check_weights(weights, str(run_dir))
+    weights = "fp32" if check_weights(weights, str(run_dir)) == "auto" else weights
     rd = RunDir(run_dir)
     d = rd.read_config()
     if "task" not in d:

@@ -33,6 +33,9 @@ import torch.nn as nn
 from ..errors import PretuneError
 
 WEIGHTS = ("fp32", "bf16", "int8", "int4")
+# `--weights auto`, the verbs' default: the weights the run stores -- int4 packs for a run imported
+# with `--weights int4` (models/packed.py), fp32 for every other run (trained or imported as floats)
+AUTO = "auto"
 GROUP = 32          # int4 group size (Q4_0 / Q4_1 blocks are 32 weights)
 INNER_K_TILES = 2   # the CPU int4 pack's tiling; K must be a multiple of 16 * this
 ACT = torch.bfloat16
@@ -41,10 +44,10 @@ DEQUANT_ROWS = 64   # int8: rows from which a dequantized bf16 GEMM beats the in
 
 def check_weights(weights: str, where: str | None = None) -> str:
     """One line for an unknown `--weights` value, naming the near one."""
-    if weights not in WEIGHTS:
-        near = difflib.get_close_matches(str(weights), WEIGHTS, n=1)
+    if weights not in (AUTO, *WEIGHTS):
+        near = difflib.get_close_matches(str(weights), (AUTO, *WEIGHTS), n=1)
         raise PretuneError(f"unknown --weights '{weights}'" + (f" (did you mean '{near[0]}'?)" if near else ""),
-                           where, f"use one of {', '.join(WEIGHTS)}")
+                           where, f"use one of {', '.join((AUTO, *WEIGHTS))}")
     return weights
 
 
@@ -167,15 +170,15 @@ def _matrices(model: nn.Module):
 
 def quantize_model(model: nn.Module, weights: str = "fp32") -> nn.Module:
     """`model` (a Transformer or a Classifier, eval mode, on the CPU) with its weights in
-    `weights` (WEIGHTS), in place; returned for chaining. fp32 leaves it as it is."""
-    check_weights(weights)
-    if weights == "fp32":
+    `weights` (WEIGHTS), in place; returned for chaining. fp32 (and auto: what it holds) leaves it
+    as it is."""
+    if check_weights(weights) in ("fp32", AUTO):
         return model
     model.eval()
     if weights == "bf16":
         for p in model.parameters():
             p.data = p.data.to(ACT)
-        model.weights_kind = "bf16"
+        model.weights_kind = getattr(model, "body", model).weights_kind = "bf16"
         return model
     body = getattr(model, "body", model)
     tied = getattr(body, "wte", None)
@@ -200,7 +203,7 @@ def quantize_model(model: nn.Module, weights: str = "fp32") -> nn.Module:
         setattr(parent, name, new)
     for p in model.parameters():  # what is left: norms, biases of the heads, position tables
         p.data = p.data.to(ACT)
-    model.weights_kind = weights
+    model.weights_kind = body.weights_kind = weights
     return model
 
 

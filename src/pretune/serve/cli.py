@@ -29,7 +29,7 @@ def _loopback(host: str) -> bool:
 
 
 def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-              weights: str = "fp32") -> None:
+              weights: str = "auto") -> None:
     """Serve runs as a local web page and JSON API: fill-mask, streamed generation, classification, similarity, cost, live curves.
 
     Args:
@@ -37,7 +37,7 @@ def serve_cmd(runs: list[Path], host: str = "127.0.0.1", port: int = 8000, max_b
         host: the address to listen on; anything but loopback exposes the models to the network
         port: the TCP port (0: any free one)
         max_batch: concurrent generation requests decoded together (1: one at a time)
-        weights: fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32) for every run: docs/performance.md
+        weights: auto (the run's own: int4 for a run imported with --weights int4, else fp32), fp32 (as trained), bf16, int8 (per channel) or int4 (groups of 32) for every run: docs/performance.md
     """
     require_serve_deps()
     from ..models.quantize import check_weights

@@ -57,9 +57,9 @@ class Loaded:
         return self.model.body if self.kind == "classifier" else self.model
 
 
-def load_runs(paths: list[Path], weights: str = "fp32") -> dict[str, Loaded]:
+def load_runs(paths: list[Path], weights: str = "auto") -> dict[str, Loaded]:
     """name -> Loaded, in the order given; a second run of the same folder name gets '-2', '-3'.
-    `weights`: fp32, bf16, int8 or int4 for every run (models/quantize.py), as `generate --weights`."""
+    `weights`: auto (each run's own), fp32, bf16, int8 or int4 for every run (models/quantize.py), as `generate --weights`."""
     from ..models.load import load_classifier, load_model
 
     if not paths:
