@@ -354,7 +354,7 @@ CASES = [
     ("import-not-gguf", lambda w, t: ["import", f"gguf:{_file(t, 'm.gguf', b'not a gguf file at all')}",
                                       "--out", str(t / "run")], "m.gguf"),
     ("import-int4-not-4bit", lambda w, t: ["import", f"gguf:{_q4_gguf(t, 'F32')}", "--weights", "int4",
-                                           "--out", str(t / "run")], "keeps a file's Q4_1 blocks"),
+                                           "--out", str(t / "run")], "keeps a file's Q4_0 or Q4_1 blocks"),
     ("import-int4-hf", lambda w, t: ["import", f"hf:{w / 'hf'}", "--weights", "int4", "--out", str(t / "run")],
      "a hf: source holds floats"),
     ("import-weights-int8", lambda w, t: ["import", f"gguf:{_q4_gguf(t, 'Q4_1')}", "--weights", "int8",

@@ -1,4 +1,4 @@
-"""`pretune import gguf:FILE --weights int4`: a Q4_1 file's blocks kept in the run as int4 packs
+"""`pretune import gguf:FILE --weights int4`: a Q4_1 (or Q4_0) file's blocks kept in the run as int4 packs
 (models/packed.py), loaded by generate / evaluate / serve without an fp32 model.
 
 The file is a tiny Llama GGUF written here with the `gguf` package's own Q4_1 quantizer, so the
@@ -122,6 +122,41 @@ def test_int4_run_is_quantize_model_of_the_fp32_import_bit_for_bit(runs):
     assert not any(t.dtype == torch.float32 for t in a.values())  # no fp32 weight held (rotary tables aside)
 
 
+def test_a_q4_0_file_keeps_its_blocks_where_rounding_at_load_would_round_again(tmp_path, capsys):
+    """Q4_0 (x = d (q - 8), no minimum): the packs hold the file's own nibbles and, to the bf16 of
+    d, gguf's own dequantized weights; quantize_model's min/max groups of those floats would not."""
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    from pretune.models import quantize as Q
+
+    f = write_q4_1_gguf(tmp_path / "tiny.Q4_0.gguf", matrices="Q4_0", seed=3)
+    assert main(["import", f"gguf:{f}", "--weights", "int4", "--out", str(tmp_path / "int4")]) == 0
+    t = next(t for t in gguf.GGUFReader(str(f)).tensors if t.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type.name == "Q4_0"
+    ref = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(D, FF))
+    raw = np.asarray(t.data).reshape(-1, 18)[:, 2:]  # block_q4_0: fp16 d, then 16 bytes of nibbles
+    nibbles = np.concatenate([raw & 0x0F, raw >> 4], axis=1).reshape(D, FF)
+    with safe_open(str(tmp_path / "int4" / "checkpoints" / "step-000000" / "model.safetensors"), "pt") as s:
+        q2, sc, ze = (s.get_tensor(f"blocks.0.mlp.proj.{k}") for k in ("qweight", "scales", "zeros"))
+    q = torch.stack([q2 & 0x0F, q2 >> 4], -1).reshape(D, FF)
+    assert np.array_equal(q.numpy(), nibbles) and not ze.float().any()
+    got = (q.float() - 8) * sc.float().repeat_interleave(32, 1) + ze.float().repeat_interleave(32, 1)
+    d = ref.abs().reshape(D, -1, 32).amax(-1).repeat_interleave(32, 1) / 8  # |d| of each block
+    assert ((got - ref).abs() <= 8 * d * 2.0 ** -8 + 1e-7).all()  # bf16 rounding of d: 2^-9 relative
+    again = Q.dequantize_int4(*Q.int4_groups(ref))  # Q4_1's min/max groups would round it again,
+    assert (again - ref).abs().max() > 10 * (got - ref).abs().max()
+    # so `--weights int4` on the fp32 import finds the Q4_0 grid: the same model, bit for bit
+    assert main(["import", f"gguf:{f}", "--out", str(tmp_path / "fp32")]) == 0
+    from pretune.models.load import load_model
+    a = load_model(tmp_path / "int4", weights="int4")[0].state_dict()
+    b = load_model(tmp_path / "fp32", weights="int4")[0].state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert main(["generate", "ABC", "--run", str(tmp_path / "int4"), "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0 and capsys.readouterr().out.startswith("ABC")
+
+
 def test_generate_evaluate_and_serve_run_the_packs_as_the_fp32_run_quantized(runs, tmp_path, capsys):
     f, r4, r32 = runs
     out = {}
@@ -171,7 +206,7 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys):
     f, r4, r32 = runs
     floats = write_q4_1_gguf(tmp_path / "f32.gguf", matrices="F32")
     err = _one_line(capsys, ["import", f"gguf:{floats}", "--weights", "int4", "--out", str(tmp_path / "a")])
-    assert "keeps a file's Q4_1 blocks" in err and "F32" in err and not (tmp_path / "a").exists()
+    assert "keeps a file's Q4_0 or Q4_1 blocks" in err and "F32" in err and not (tmp_path / "a").exists()
     err = _one_line(capsys, ["import", f"hf:{tmp_path}", "--weights", "int4", "--out", str(tmp_path / "b")])
     assert "a hf: source holds floats" in err
     err = _one_line(capsys, ["import", f"gguf:{f}", "--weights", "int8", "--out", str(tmp_path / "c")])

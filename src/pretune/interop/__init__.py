@@ -105,7 +105,7 @@ def import_cmd(source: str, out: Path | None = None, weights: str = "fp32") -> P
     Args:
         source: hf:DIR (config.json + model.safetensors) or gguf:FILE
         out: the run directory to create (default: runs/<source name>)
-        weights: fp32 (dequantized, trainable), or int4: a GGUF file's Q4_1 blocks kept as int4 packs, for generate/evaluate/serve --weights int4 (docs/interop.md)
+        weights: fp32 (dequantized, trainable), or int4: a GGUF file's Q4_0 / Q4_1 blocks kept as int4 packs, for generate/evaluate/serve --weights int4 (docs/interop.md)
     """
     kind, path = source_kind(source)
     _check_import_weights(weights, kind, source)

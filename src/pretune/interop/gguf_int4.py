@@ -1,10 +1,11 @@
-"""A GGUF file's Q4_1 blocks straight into int4 packs: no fp32 model on the way.
+"""A GGUF file's Q4_0 / Q4_1 blocks straight into int4 packs: no fp32 model on the way.
 
 `load_gguf` dequantizes every tensor to float32 (SmolLM2-135M: 540 MB) and
 `quantize_model(..., "int4")` re-finds the 4-bit groups from those floats. Here each
 Q4_1 tensor's raw blocks (ggml's block_q4_1: fp16 d, fp16 m, 16 bytes of nibbles, the low
 nibbles weights 0..15 of the block, the high ones 16..31; x = d q + m) become the
-(q, d, m) of models/packed.py's stored form, tensor by tensor, so the load holds one
+(q, d, m) of models/packed.py's stored form, tensor by tensor (a Q4_0 block, fp16 d and the same
+nibbles, is x = d (q - 8): m = -8 d, so the pack's zero m + 8 d is 0), so the load holds one
 tensor in float32 at most (the token embedding, row chunks of it, into int8 per channel as
 `quantize_model` does). A matrix in another format is dequantized alone and grouped as
 `quantize_model` groups it, so the packs are those of `quantize_model(load_gguf(path), "int4")`
@@ -40,10 +41,29 @@ def q4_1_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
 
 
-def _groups(t, where: str):
-    from ..models.quantize import int4_groups
+def q4_0_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, d, m) as q4_1_blocks from a Q4_0 tensor's raw bytes (ggml-common.h block_q4_0: fp16 d,
+    16 bytes of nibbles; x = d (q - 8)): m = -8 d. The min/max regrouping of quantize_model would
+    not find these groups (a Q4_0 block need not reach both q = 0 and 15) and would round again."""
+    K = int(t.shape[0])
+    raw = np.asarray(t.data).reshape(-1, K // 32, 18)
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = raw[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], K)
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(-8.0 * d)
 
-    return q4_1_blocks(t) if t.tensor_type.name == "Q4_1" else int4_groups(dequantized(t, where))
+
+BLOCKS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks}  # the 4-bit formats kept as they are
+
+
+def _groups(t, where: str):
+    from ..models.quantize import int4_groups, on_4bit_grid
+
+    read = BLOCKS.get(t.tensor_type.name)
+    if read:
+        return read(t)
+    w = dequantized(t, where)
+    return on_4bit_grid(w) or int4_groups(w)  # as quantize_model groups it
 
 
 def _int8_rows(t, pad: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +90,9 @@ def _int8_rows(t, pad: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gguf_int4_state(path: str | Path):
     """(tensors in models/packed.py's format, ModelConfig, tokenizer, info) of a Llama GGUF file whose
-    block matrices are Q4_1: their blocks kept as they are, the embedding and head int8 per channel,
-    the norms bf16 (quantize_model's "int4"). A file with no Q4_1 block matrix is refused: its
-    weights would be rounded to 4 bits here, which `--weights int4` at load does as well."""
+    block matrices are Q4_0 or Q4_1: their blocks kept as they are, the embedding and head int8 per
+    channel, the norms bf16 (quantize_model's "int4"). A file with no such block matrix is refused:
+    its weights would be rounded to 4 bits here, which `--weights int4` at load does as well."""
     from ..models.packed import int4_tensors, int8_tensors
     from ..models.quantize import ACT, _int4_ok, dequantize_int4, int8_per_channel
 
@@ -80,8 +100,8 @@ def gguf_int4_state(path: str | Path):
     where = str(path)
     reader, tensors, c = open_gguf(path)
     blocks = sorted({t.tensor_type.name for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2})
-    if "Q4_1" not in blocks:
-        raise PretuneError(f"import --weights int4 keeps a file's Q4_1 blocks, and this file's block matrices are "
+    if not set(BLOCKS) & set(blocks):
+        raise PretuneError(f"import --weights int4 keeps a file's Q4_0 or Q4_1 blocks, and this file's block matrices are "
                            f"{', '.join(blocks) or 'absent'}", where,
                            "import it without --weights int4 (the verbs' --weights int4 then rounds it at load)")
     used: set[str] = set()

@@ -13,7 +13,8 @@ in fp32 inside PyTorch's CPU kernels:
   included: a tied W_e is one int8 table, gathered for the input and multiplied for the output.
   A block matrix already on a 4-bit grid (a Q4 GGUF's, `on_4bit_grid`) keeps its 4-bit groups.
 * `int4`: the blocks' matrices in 4 bits, groups of 32 along the input dimension with a scale and
-  a minimum each -- llama.cpp's Q4_1 (x = d q + m, q in 0..15) -- multiplied by
+  a minimum each -- llama.cpp's Q4_1 (x = d q + m, q in 0..15; a matrix already on Q4_0's grid,
+  x = d (q - 8), keeps it: m = -8 d) -- multiplied by
   `torch._weight_int4pack_mm_for_cpu`, whose groups are x = (q - 8) scale + zero, so scale = d
   and zero = m + 8 d. The min/max rounding reproduces a Q4_1 file's blocks exactly from its
   dequantized weights (tests/test_quantize.py checks it on SmolLM2's GGUF). The embedding and
@@ -74,15 +75,31 @@ def int4_groups(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torc
     return q.reshape(N, K), d, lo
 
 
+def int4_groups_symmetric(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, d, m) as int4_groups on llama.cpp's Q4_0 grid (quantize_row_q4_0_ref): x = d (q - 8), d
+    the group's value of largest magnitude over -8, so m = -8 d. A Q4_0 block need not reach both
+    q = 0 and 15, so int4_groups' min/max would not find its grid; this does."""
+    w = w.detach().float()
+    N, K = w.shape
+    g = w.reshape(N, K // group, group)
+    d = g.gather(-1, g.abs().argmax(-1, keepdim=True))[..., 0] / -8.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(g * inv[..., None] + 8.0).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(N, K), d, -8.0 * d
+
+
 def on_4bit_grid(w: torch.Tensor, group: int = GROUP):
-    """int4_groups(w) when they give w back (to fp32 rounding: the matrix came from 4-bit groups, a
-    Q4_0/Q4_1 GGUF's), else None. int8 per channel would round such a matrix a second time (SmolLM2
-    Q4_1: +1.09% perplexity); its own groups hold it exactly, in fewer bytes."""
+    """The 4-bit groups that give w back (to fp32 rounding: the matrix came from a Q4_1 or a Q4_0
+    GGUF's blocks), else None. int8 per channel would round such a matrix a second time (SmolLM2
+    Q4_1: +1.09% perplexity), and so would the other grid's groups; its own hold it exactly."""
     if w.shape[1] % group:
         return None
-    g = int4_groups(w, group)
-    err = (dequantize_int4(*g, group) - w.detach().float()).abs().amax()
-    return g if err <= 1e-5 * float(w.detach().abs().amax()) else None
+    for grid in (int4_groups, int4_groups_symmetric):
+        g = grid(w, group)
+        err = (dequantize_int4(*g, group) - w.detach().float()).abs().amax()
+        if err <= 1e-5 * float(w.detach().abs().amax()):
+            return g
+    return None
 
 
 def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -193,7 +210,7 @@ def quantize_model(model: nn.Module, weights: str = "fp32") -> nn.Module:
                 done[id(w)] = int8_per_channel(w)
             new = Int8Embedding(*done[id(w)])
         elif weights == "int4" and not is_head_or_embedding and _int4_ok(m):
-            new = Int4Linear(*int4_groups(w), m.bias)
+            new = Int4Linear(*(on_4bit_grid(w) or int4_groups(w)), m.bias)  # a Q4 file's own grid, if it is one
         elif weights == "int8" and not is_head_or_embedding and _int4_ok(m) and (g := on_4bit_grid(w)) is not None:
             new = Int4Linear(*g, m.bias)  # already 4-bit (a Q4 GGUF's matrix): exact, where int8 re-rounds
         else:
