@@ -278,6 +278,7 @@ def test_a_lora_run_exports_merged_and_transformers_agrees_on_real_text(tok, tmp
     task = write_csv(tmp_path / "t.csv", ("text", "label"), data)
     out = tmp_path / "lora"
     assert _ft(init, task, out, "--finetune.adapter", "lora", "--finetune.epochs", "1") == 0
+    assert json.loads((out / "run.json").read_text())["train"]["lr"] == 3e-3  # a given --train.lr wins
     assert main(["export", str(out), "--out", str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     texts = ["great fun film", "the plot was dull and bad"]
@@ -369,3 +370,50 @@ def test_the_resolved_fine_tuning_defaults_are_the_documented_table(name, band, 
     got_pool = default_pool(cfg, has_pooler) or default_pooling(cfg.causal, "classify")
     assert (got_pool, r["lr"], r["batch_size"], r["epochs"]) == (pool, *want[1:])
     assert pool in want[0]  # the table's pool cell names it ("mean without an NSP pooler, else cls")
+
+
+def test_a_lora_run_without_lr_takes_loras_own(tok, tmp_path):
+    """No --train.lr: a tiny encoder is in no band, so BERT's recipe (batch 32, 3 epochs) with Hu et
+    al.'s LoRA lr 5e-4 (full fine-tuning of it: BERT's 5e-5)."""
+    init = make_run(tmp_path / "bert", tok)
+    task = write_csv(tmp_path / "t.csv", ("text", "label"), [(t, "pos" if y > 0 else "neg") for t, y, _ in rows(60)])
+    out = tmp_path / "lora"
+    assert main(["finetune", "--init", str(init), "--task", str(task), "--out", str(out), "--train.device", "cpu",
+                 "--finetune.adapter", "lora", "--finetune.train-examples", "32"]) == 0
+    tc = json.loads((out / "run.json").read_text())["train"]
+    assert (tc["lr"], tc["batch_size"], json.loads((out / "run.json").read_text())["finetune"]["epochs"]) == (5e-4, 32, 3)
+
+
+def _lora_table():
+    """docs/finetuning.md's "Resolved LoRA defaults": (family, band) -> (lr, batch, epochs)."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "finetuning.md").read_text()
+    section = text.split("#### Resolved LoRA defaults", 1)[1].split("\n#", 1)[0].split("\n\n(", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0] in ("encoder", "decoder"):
+            rows[(cells[0], cells[1])] = (float(cells[2]), int(cells[3]), float(cells[4]))
+    return rows
+
+
+@pytest.mark.parametrize("name, band", [
+    ("minilm", "10M-100M"), ("bert-base", "other"), ("gpt-mini", "other"),
+    ("gpt2", "100M-400M"),      # 124M: the band is by family and size, not by name
+    ("smollm2", "100M-400M"),   # SmolLM2-135M's shape: the measured model
+    ("gpt2-medium", "100M-400M"), ("gpt2-large", "other")])  # 355M in, 774M out
+def test_the_resolved_lora_defaults_are_the_documented_table(name, band):
+    from pretune.config.presets import preset
+    from pretune.config.training_recipes import recipe_for
+    from pretune.tasks.config import resolved_recipe
+    cfgs = {"minilm": ModelConfig(name="minilm", causal=False, vocab_size=30522, max_seq_len=512, n_layer=6, n_head=12,
+                                  d_model=384, d_ff=1536, type_vocab_size=2, norm_placement="post", embedding_norm=True,
+                                  mlp="gelu", lm_head=False),
+            "smollm2": ModelConfig(name="smollm2", vocab_size=49152, max_seq_len=2048, n_layer=30, n_head=9,
+                                   n_kv_head=3, d_model=576, d_ff=1536, norm="rmsnorm", mlp="swiglu", position="rotary",
+                                   bias=False, tie_embeddings=True)}
+    cfg = cfgs[name] if name in cfgs else preset(name)
+    want = _lora_table()[("decoder" if cfg.causal else "encoder", band)]
+    r = resolved_recipe(cfg, recipe_for(cfg, "finetune"), "lora")
+    assert (r["lr"], r["batch_size"], r["epochs"]) == want
+    assert resolved_recipe(cfg, recipe_for(cfg, "finetune"))["lr"] != r["lr"]  # full fine-tuning keeps its own

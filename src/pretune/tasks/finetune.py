@@ -62,7 +62,7 @@ from ..training.loop import Trainer
 from ..training.resume import check_resume
 from .heap import return_freed_memory
 from .build import ADAPTER_FILE, attach_lora, build_classifier, check_lora_spec, freeze, load_init
-from ..models.lora import DEFAULT_LR, save_adapter
+from ..models.lora import save_adapter
 from .config import FINETUNE_SEED, FinetuneConfig, default_pool, finetune_train_defaults, resolved_recipe
 
 
@@ -108,7 +108,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     pre = body_objective(cfg, RunDir(init).read_config() if RunDir(init).exists() else None)
     from ..config.training_recipes import recipe_for
     # GPT-1's for a decoder, BERT's for an encoder; a measured size band's settings over it (tasks/config.py)
-    recipe = resolved_recipe(cfg, recipe_for(cfg, "finetune"))
+    recipe = resolved_recipe(cfg, recipe_for(cfg, "finetune"), spec.adapter)  # LoRA: its lr and band
     if pool is None:
         pool = default_pool(cfg, pooler is not None)
     epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
@@ -158,7 +158,6 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     if spec.adapter is not None:
         lora = attach_lora(model, spec, init_sha)
         frozen = f"the body, but for LoRA adapters on {','.join(lora['adapted'])} (rank {lora['rank']})"
-        train.setdefault("lr", DEFAULT_LR)
     # an epoch is counted in global batches: micro-batch x accumulation x world (training/distributed.py)
     per_step = train.get("global_batch") or batch_size * train.get("grad_accum", 1) * distributed.env_world()
     steps_per_epoch = math.ceil(len(enc_train) / per_step)
