@@ -30,15 +30,18 @@ from .gguf import dequantized, gguf_tokenizer, open_gguf, unpermute
 CHUNK_ROWS = 8192  # the embedding's float32 rows held at once
 
 
+def _nibbles(qs: np.ndarray, rows: int, K: int) -> torch.Tensor:
+    """q (rows, K) from a block's 16 bytes: low nibbles weights 0..15, high ones 16..31."""
+    return torch.from_numpy(np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, K))
+
+
 def q4_1_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q uint8 (N, K), d (N, K/32), m (N, K/32)) fp32 from a Q4_1 tensor's raw bytes."""
     K = int(t.shape[0])  # innermost first
     raw = np.asarray(t.data).reshape(-1, K // 32, 20)
     d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = raw[..., 4:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], K)
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(m)
+    return _nibbles(raw[..., 4:], raw.shape[0], K), torch.from_numpy(d), torch.from_numpy(m)
 
 
 def q4_0_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,22 +51,17 @@ def q4_0_blocks(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     K = int(t.shape[0])
     raw = np.asarray(t.data).reshape(-1, K // 32, 18)
     d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = raw[..., 2:]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], K)
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(-8.0 * d)
+    return _nibbles(raw[..., 2:], raw.shape[0], K), torch.from_numpy(d), torch.from_numpy(-8.0 * d)
 
 
 BLOCKS = {"Q4_0": q4_0_blocks, "Q4_1": q4_1_blocks}  # the 4-bit formats kept as they are
 
 
 def _groups(t, where: str):
-    from ..models.quantize import int4_groups, on_4bit_grid
+    from ..models.quantize import int4_groups_of
 
     read = BLOCKS.get(t.tensor_type.name)
-    if read:
-        return read(t)
-    w = dequantized(t, where)
-    return on_4bit_grid(w) or int4_groups(w)  # as quantize_model groups it
+    return read(t) if read else int4_groups_of(dequantized(t, where))  # as quantize_model groups it
 
 
 def _int8_rows(t, pad: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,18 +88,31 @@ def int4_groups_symmetric(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Te
     return q.reshape(N, K), d, -8.0 * d
 
 
+def _groups_and_exact(w: torch.Tensor, group: int = GROUP):
+    """(groups, exact): the first of Q4_1's and Q4_0's groups that gives w back (to fp32 rounding),
+    else Q4_1's min/max groups and False. Each grid is computed once."""
+    first = None
+    for grid in (int4_groups, int4_groups_symmetric):
+        g = grid(w, group)
+        if (dequantize_int4(*g, group) - w.detach().float()).abs().amax() <= 1e-5 * float(w.detach().abs().amax()):
+            return g, True
+        first = first or g
+    return first, False
+
+
 def on_4bit_grid(w: torch.Tensor, group: int = GROUP):
     """The 4-bit groups that give w back (to fp32 rounding: the matrix came from a Q4_1 or a Q4_0
     GGUF's blocks), else None. int8 per channel would round such a matrix a second time (SmolLM2
     Q4_1: +1.09% perplexity), and so would the other grid's groups; its own hold it exactly."""
     if w.shape[1] % group:
         return None
-    for grid in (int4_groups, int4_groups_symmetric):
-        g = grid(w, group)
-        err = (dequantize_int4(*g, group) - w.detach().float()).abs().amax()
-        if err <= 1e-5 * float(w.detach().abs().amax()):
-            return g
-    return None
+    g, exact = _groups_and_exact(w, group)
+    return g if exact else None
+
+
+def int4_groups_of(w: torch.Tensor, group: int = GROUP):
+    """A matrix's int4 groups: its own grid if it is on one (on_4bit_grid), else int4_groups'."""
+    return _groups_and_exact(w, group)[0]
 
 
 def dequantize_int4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -210,7 +223,7 @@ def quantize_model(model: nn.Module, weights: str = "fp32") -> nn.Module:
                 done[id(w)] = int8_per_channel(w)
             new = Int8Embedding(*done[id(w)])
         elif weights == "int4" and not is_head_or_embedding and _int4_ok(m):
-            new = Int4Linear(*(on_4bit_grid(w) or int4_groups(w)), m.bias)  # a Q4 file's own grid, if it is one
+            new = Int4Linear(*int4_groups_of(w), m.bias)  # a Q4 file's own grid, if it is one
         elif weights == "int8" and not is_head_or_embedding and _int4_ok(m) and (g := on_4bit_grid(w)) is not None:
             new = Int4Linear(*g, m.bias)  # already 4-bit (a Q4 GGUF's matrix): exact, where int8 re-rounds
         else:

@@ -108,7 +108,8 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     pre = body_objective(cfg, RunDir(init).read_config() if RunDir(init).exists() else None)
     from ..config.training_recipes import recipe_for
     # GPT-1's for a decoder, BERT's for an encoder; a measured size band's settings over it (tasks/config.py)
-    recipe = resolved_recipe(cfg, recipe_for(cfg, "finetune"), spec.adapter)  # LoRA: its lr and band
+    # LoRA (new, or continued from an adapter file): its lr and band
+    recipe = resolved_recipe(cfg, recipe_for(cfg, "finetune"), None if spec.adapter is None else "lora")
     if pool is None:
         pool = default_pool(cfg, pooler is not None)
     epochs = recipe["epochs"] if spec.epochs is None else spec.epochs
