@@ -286,22 +286,6 @@ def test_freeze_embeddings_and_lowest_blocks(toks):
             assert not torch.equal(p, before[n]), n
 
 
-def test_early_stopping_hook():
-    class T:
-        step, best_step, stop_requested = 0, 0, False
-
-    h, t = EarlyStopping(patience=2), T()
-    for v in (1.0, 0.8, 0.9):
-        h.on_eval(t, {"val_loss": v})
-    assert not t.stop_requested
-    h.on_eval(t, {"val_loss": 0.85})
-    assert t.stop_requested
-    again, t2 = EarlyStopping(patience=2), T()  # a rerun of the stopped run stays stopped
-    again.load_state_dict(json.loads(json.dumps(h.state_dict())))
-    again.on_start(t2)
-    assert t2.stop_requested
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_finetune_resume_is_bit_identical(toks, tmp_path, causal):
     """20 steps straight == 10 steps, a new process state, resume, 10 more (L3, with
@@ -363,6 +347,11 @@ def test_finetune_learns_then_classify_and_evaluate(toks, tmp_path, toy_csv, cap
     res = json.loads((out / "results.json").read_text())
     assert res["test"]["accuracy"] >= 0.9, res["test"]
     assert res["majority_baseline"]["accuracy"] == pytest.approx(0.5)
+    # the kept step: the highest validation accuracy, the lowest loss among those (training/selection.py)
+    vals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_acc" in r]
+    want = min(vals, key=lambda r: (-r["val_acc"], r["val_loss"], r["step"]))
+    assert (res["best_step"], res["best_val_acc"]) == (want["step"], want["val_acc"])
+    assert res["selected_by"] == "validation accuracy, then loss"
     assert (out / "confusion.png").stat().st_size > 0
     cfg = json.loads((out / "run.json").read_text())
     assert cfg["task"]["labels"] == ["neg", "pos"] and cfg["objective"] == "L2"

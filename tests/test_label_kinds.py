@@ -149,6 +149,9 @@ def test_regression_and_multi_label_fine_tune_with_l2_and_l3_and_evaluate(tok, t
                    "--finetune.epochs", "3" if objective == "L2" else "1") == 0
         res = json.loads((out / "results.json").read_text())
         assert res["kind"] == "regression" and set(res["test"]) >= {"mse", "pearson", "spearman"}
+        vals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+        assert res["best_step"] == min(vals, key=lambda r: (r["val_loss"], r["step"]))["step"]  # no accuracy: the loss
+        assert res["selected_by"] == "validation loss" and res["best_val_acc"] is None
         if objective == "L2":  # the score is a word count: learnt well above chance
             assert res["test"]["pearson"] > 0.5, res["test"]
         capsys.readouterr()

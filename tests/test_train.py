@@ -101,6 +101,58 @@ def test_rerunning_a_finished_run_logs_its_final_evaluation_once(tmp_path):
     assert again["val_loss"] == first["val_loss"] == 1.5
 
 
+# Scripted validations, by step (by hand): the accuracy rises while the loss rises too, as in
+# MiniLM's epoch 2 (docs/finetuning.md, "Defaults that work"), then a tie on accuracy, then decline.
+SCRIPT = {2: (0.30, 0.85), 4: (0.33, 0.89), 6: (0.31, 0.89), 8: (0.35, 0.88), 10: (0.36, 0.87),
+          12: (0.29, 0.86), 14: (float("nan"), 0.95), 16: (0.40, 0.80)}
+
+
+def _scripted(d, select, hooks=(), steps=16, patience=3):
+    from pretune.training.hooks import EarlyStopping
+    torch.manual_seed(0)
+    box = {}
+
+    def eval_fn():
+        loss, acc = SCRIPT[box["t"].step]
+        return {"val_loss": loss, "val_acc": acc}
+    t = box["t"] = Trainer(Transformer(cfg(True)), TrainConfig(steps=steps, batch_size=4, log_every=100, eval_every=2,
+                                                               ckpt_every=2, keep_last=1), Synthetic(True),
+                           pretrain_loss, d, eval_fn=eval_fn, hooks=[EarlyStopping(patience), *hooks], progress=False,
+                           select=select)
+    return t
+
+
+@pytest.mark.parametrize("select, best, stop", [("accuracy", 6, 12), ("loss", 2, 8)])
+def test_the_best_step_and_early_stopping_follow_the_selection(tmp_path, select, best, stop):
+    """By accuracy, then loss: step 4 beats 2 (0.89 > 0.85, though its loss is higher), 6 beats 4 (the
+    same accuracy, a lower loss); 8, 10, 12 do not improve, so patience 3 stops at 12. By loss: 2 is
+    the lowest until 12, so patience 3 stops at 8. The kept checkpoint survives keep_last=1."""
+    from pretune.training.selection import BY_ACCURACY, BY_LOSS
+    t = _scripted(tmp_path, {"accuracy": BY_ACCURACY, "loss": BY_LOSS}[select])
+    t.fit()
+    assert (t.best_step, t.step) == (best, stop)
+    assert t.best_val == SCRIPT[best][0]
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} >= {f"step-{best:06d}"}
+
+
+def test_a_resumed_run_keeps_the_best_it_had(tmp_path):
+    """Stopped at step 8 and resumed: the best (6, by accuracy) is restored, so step 8's 0.88 does not
+    replace it, and a non-finite loss (step 14's NaN, with the highest accuracy) never becomes the best."""
+    from pretune.training.selection import BY_ACCURACY
+
+    class StopAt(Hook):
+        def after_step(self, trainer, loss, parts):
+            if trainer.step == 8:
+                trainer.stop_requested = True
+
+    first = _scripted(tmp_path, BY_ACCURACY, [StopAt()])
+    first.fit()
+    assert first.best_step == 6
+    second = _scripted(tmp_path, BY_ACCURACY, patience=None)  # no patience: it reaches 14 and 16
+    second.fit()
+    assert (second.best_step, second.step) == (6, 16)
+
+
 def test_lr_schedule_by_hand():
     tc = TrainConfig(steps=110, lr=1.0, warmup=10, min_lr_ratio=0.1, decay="cosine")
     assert lr_at(0, tc) == pytest.approx(0.1)

@@ -37,6 +37,7 @@ from ..fileio import atomic_write_json, atomic_write_text, make_dir
 from ..packages import pip_install
 from ..tasks.config import FinetuneConfig
 from ..training.hooks import KeepBest
+from ..training.selection import BY_ACCURACY
 from ..runs.layout import RunDir
 from ..runs.resolve import resolve_model_config
 from ..models.heads import default_pooling
@@ -174,14 +175,16 @@ def _kept_cells(variants_of: dict, sizes, seeds) -> set:
 
 
 def _best_kept(out_dir: Path, kept: set, models: list) -> dict[str, str]:
-    """{model: the kept cell with the lowest validation loss (the lowest seed on a tie)}, in grid order."""
+    """{model: the kept cell with the best validation, by fine-tuning's own selection (accuracy,
+    then loss: training/selection.py; the lowest seed on a tie)}, in grid order."""
     best: dict[str, tuple] = {}
     for m, v, n, s in sorted(kept, key=lambda c: (models.index(c[0]), c[3])):
         d = _cell_dir(out_dir, m, v, n, s)
-        val = RunDir(d).results().get("best_val_loss")
-        val = math.inf if val is None else val
-        if m not in best or val < best[m][0]:
-            best[m] = (val, str(d))
+        res = RunDir(d).results()
+        score = BY_ACCURACY.score({"val_acc": res.get("best_val_acc"), "val_loss": res.get("best_val_loss")})
+        score = score or (math.inf, math.inf)
+        if m not in best or score < best[m][0]:
+            best[m] = (score, str(d))
     return {m: d for m, (_, d) in best.items()}
 
 

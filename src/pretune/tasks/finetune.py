@@ -58,6 +58,7 @@ from ..runs.layout import RunDir
 from ..training import distributed
 from ..training.config import TrainConfig
 from ..training.hooks import Hook, KeepBest, default_hooks
+from ..training.selection import BY_ACCURACY, BY_LOSS
 from ..training.loop import Trainer
 from ..training.resume import check_resume
 from .heap import return_freed_memory
@@ -218,7 +219,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
                           n_labels=len(t.labels) if single else None)
     keep = next((h for h in hooks if isinstance(h, KeepBest)), None)
     trainer = Trainer(model, tc, batches, loss_fn, out, eval_fn=eval_fn, hooks=hooks,
-                      run_config=run_config, progress=progress)
+                      run_config=run_config, progress=progress, select=BY_ACCURACY if single else BY_LOSS)
     return_freed_memory()  # the peak RSS is then what the step holds, not glibc's kept heap (tasks/heap.py)
     trainer.fit()
     best = trainer.best_step
@@ -238,6 +239,8 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
     res = {"task": t.name, "labels": t.labels, "kind": kind, "test": test, "best_step": best, "steps": trainer.step,
            "trainable_params": trainable, "threshold": threshold,
            "best_val_loss": trainer.best_val if math.isfinite(trainer.best_val) else None,
+           "best_val_acc": -trainer.best_score[0] if single and trainer.best_score else None,
+           "selected_by": trainer.select.describe(),
            "majority_baseline": {"label": maj_label, "accuracy": maj_acc},
            "train_examples": len(enc_train), "truncated": cut,
            "objective": objective, "lam": lam, "origin": origin, "seconds": time.time() - t0}
@@ -245,7 +248,7 @@ def finetune(spec: FinetuneConfig, train: dict | None, init: str | Path, out: st
         return res
     rd.write_results(res)
     say(f"test {metrics_line(kind, test)}  ({test['n']:,} examples"
-        + (f"; majority class '{maj_label}' {maj_acc:.1%}" if single else "") + f"); best step {best} of {trainer.step}")
+        + (f"; majority class '{maj_label}' {maj_acc:.1%}" if single else "") + f"); best step {best} of {trainer.step}, by {trainer.select.describe()}")
     if not single:
         return res
     try:

@@ -125,7 +125,7 @@ class MFUHook(Hook):
 
 
 class KeepBest(Hook):
-    """The weights at the best validation loss, kept in memory: for runs that keep no checkpoints
+    """The weights at the best validation (the trainer's selection), kept in memory: for runs that keep no checkpoints
     (the transfer experiment), where writing one per evaluation would cost more than the run."""
 
     def __init__(self):
@@ -143,34 +143,31 @@ class KeepBest(Hook):
 
 
 class EarlyStopping(Hook):
-    """Stop when the validation loss has not improved for `patience` evaluations in a row.
-    Its state is saved with each checkpoint, so a rerun of a stopped run stays stopped."""
+    """Stop when `patience` evaluations in a row have not become the best (the trainer's selection:
+    training/selection.py). Its state is saved with each checkpoint, so a rerun of a stopped run
+    stays stopped."""
 
     def __init__(self, patience: int | None):
-        self.patience, self.best, self.bad, self.stopped = patience, float("inf"), 0, False
+        self.patience, self.bad, self.stopped = patience, 0, False
 
     def on_start(self, trainer):
         if self.stopped:
             trainer.stop_requested = True
 
     def on_eval(self, trainer, metrics):
-        v = metrics.get("val_loss")
-        if v is None:
+        if trainer.improved:
+            self.bad = 0
             return
-        if v < self.best:
-            self.best, self.bad = v, 0
-        else:
-            self.bad += 1
-            if self.patience and self.bad >= self.patience:
-                self.stopped = trainer.stop_requested = True
-                print(f"early stop at step {trainer.step}: validation loss has not improved for {self.bad} "
-                      f"evaluations (best {self.best:.4f} at step {trainer.best_step})", file=sys.stderr)
+        self.bad += 1
+        if self.patience and self.bad >= self.patience:
+            self.stopped = trainer.stop_requested = True
+            print(f"early stop at step {trainer.step}: the {trainer.select.describe()} has not improved "
+                  f"for {self.bad} evaluations (best at step {trainer.best_step})", file=sys.stderr)
 
     def state_dict(self):
-        return {"best": self.best if math.isfinite(self.best) else None, "bad": self.bad, "stopped": self.stopped}
+        return {"bad": self.bad, "stopped": self.stopped}
 
     def load_state_dict(self, d):
-        self.best = d.get("best") if d.get("best") is not None else float("inf")
         self.bad, self.stopped = d.get("bad", 0), d.get("stopped", False)
 
 

@@ -26,6 +26,7 @@ from ..runs.layout import RunDir
 from . import distributed
 from .config import TrainConfig, lr_at, make_optimizer, resolve_device
 from .hooks import Hook
+from .selection import BY_LOSS, Selection
 
 
 class Trainer:
@@ -34,7 +35,7 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, tc: TrainConfig, batches, loss_fn: Callable,
                  run_dir: str | Path, eval_fn: Callable[[], dict] | None = None,
                  hooks: list[Hook] | None = None, run_config: dict | None = None,
-                 progress: bool = True, tokens_per_batch: int | None = None):
+                 progress: bool = True, tokens_per_batch: int | None = None, select: Selection = BY_LOSS):
         self.tc, self.run_dir = tc, Path(run_dir)
         self.dp = distributed.current()  # the process group, or the one-process no-op (training/distributed.py)
         self.device = self.dp.device if self.dp.active else resolve_device(tc.device)
@@ -56,8 +57,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.step = 0
         self.tokens = 0
-        self.best_val = float("inf")
+        self.select = select  # which validation is the best (training/selection.py)
+        self.best_score: tuple[float, ...] | None = None
+        self.best_val = float("inf")  # the validation loss at best_step
         self.best_step: int | None = None
+        self.improved = False  # the last evaluation became the best
         self.skipped_steps = 0  # fp16 steps GradScaler skipped; counted on the device (see the property)
         self.found_inf: torch.Tensor | None = None  # fp16: this step's overflow flag, 1.0 or 0.0 on the device
         self.stop_requested = False
@@ -154,6 +158,10 @@ class Trainer:
         self.tokens = state.get("tokens", 0)
         self.best_val = state.get("best_val", float("inf"))
         self.best_step = state.get("best_step")
+        score = state.get("best_score")  # before selections, the best was the lowest loss alone
+        if score is None and self.select == BY_LOSS and self.best_step is not None:
+            score = [self.best_val]
+        self.best_score = None if score is None else tuple(score)
         self.skipped_steps = state.get("skipped_steps", 0)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -203,6 +211,7 @@ class Trainer:
     def save(self) -> Path:
         state = {
             "tokens": self.tokens, "best_val": self.best_val, "best_step": self.best_step,
+            "best_score": None if self.best_score is None else list(self.best_score),
             "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "data": self.batches.state_dict() if hasattr(self.batches, "state_dict") else None,
@@ -228,9 +237,11 @@ class Trainer:
         with self.autocast():
             metrics = self.eval_fn()
         self.model.train()
-        val = metrics.get("val_loss")
-        if val is not None and val < self.best_val:
-            self.best_val, self.best_step = val, self.step
+        score = self.select.score(metrics)
+        self.improved = score is not None and (self.best_score is None or score < self.best_score)
+        if self.improved:
+            self.best_score, self.best_step = score, self.step
+            self.best_val = metrics.get("val_loss", float("inf"))
         for h in self.hooks:
             h.on_eval(self, metrics)
         self.last_eval = metrics
