@@ -1,6 +1,6 @@
 #!/bin/sh
 # Issue 19's figures on a quiet machine, one command (run from the repository root):
-#     sh benchmarks/quiet_window.sh            # about 40-50 minutes on the 2-core machine (estimated)
+#     sh benchmarks/quiet_window.sh            # about 45-55 minutes on the 2-core machine (estimated)
 #     sh benchmarks/quiet_window.sh --quick    # every benchmark, fewer rounds: about 15-20 minutes
 # 1. whether int8 decoding at the GPT-2-small shape reaches 3x transformers fp32 at 2 threads, with
 #    the lean decoder step against Transformer.forward per token and the int8 products alone (~1 min);
@@ -11,7 +11,7 @@
 #    precision, generation with every --weights and its roofline, gpt-mini bf16 against transformers).
 # Each part prints its start and end (UTC), so the window's length is on record.
 set -e
-PY="${PY:-/work/main/.venv/bin/python}"
+PY="${PY:-$PWD/.venv/bin/python}"  # the repository's own environment (make install)
 STAMP=$(date -u +%Y%m%d-%H%M)
 QUICK=""
 [ "$1" = "--quick" ] && QUICK="--quick"
